@@ -1,0 +1,1 @@
+"""The `kdcache` command line: a thin typer layer over the library."""

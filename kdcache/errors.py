@@ -1,0 +1,47 @@
+"""The few named errors kdcache raises at its boundaries.
+
+Each message says what was found, what was expected and, where it helps, what to do.
+The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class KdcacheError(Exception):
+    """Base class: a problem a user can act on (never a bug in kdcache)."""
+
+    exit_code = 2
+
+
+class ConfigError(KdcacheError):
+    """An option or a configuration value is invalid or inconsistent."""
+
+
+class SourceError(KdcacheError):
+    """A dataset source is missing, empty or unreadable."""
+
+
+class FormatError(KdcacheError):
+    """A cache is structurally wrong: missing files, bad manifest, unknown format version."""
+
+    exit_code = 3
+
+
+class ChecksumError(FormatError):
+    """Stored bytes do not match the checksum recorded when they were committed."""
+
+
+class IncompleteCacheError(FormatError):
+    """A unit the caller needs has not been committed (or is missing from the store)."""
+
+
+class MismatchError(KdcacheError):
+    """Two things that must agree do not: a dataset, teacher or spec differs from the cache's."""
+
+    exit_code = 4
+
+
+class VerifyError(KdcacheError):
+    """`kdcache verify` found a view that does not reproduce the stored teacher record."""
+
+    exit_code = 5
