@@ -20,6 +20,7 @@ All functions here are pure tensor functions (no I/O, no RNG).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +29,49 @@ import torch
 TAIL_BETAS: tuple[float, float] = (1.0, 0.25)
 #: Temperatures over which the reconstruction error is measured and documented.
 TEMPERATURE_RANGE: tuple[float, float] = (0.5, 10.0)
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """The teacher records of a batch of views, as tensors on one device.
+
+    ``values`` fp16 ``[B, k]`` (sorted descending), ``indices`` integer ``[B, k]``,
+    ``tail`` fp16 ``[B, 2]`` (see the module docstring), ``num_classes`` C.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+    num_classes: int
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def to(self, device) -> "TeacherRecord":
+        return TeacherRecord(
+            values=self.values.to(device, non_blocking=True),
+            indices=self.indices.to(device, non_blocking=True).long(),
+            tail=self.tail.to(device, non_blocking=True),
+            num_classes=self.num_classes,
+        )
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> "TeacherRecord":
+        values, indices, tail = make_records(logits, k)
+        return cls(values=values, indices=indices, tail=tail, num_classes=logits.shape[-1])
+
+    def log_probs(self, temperature) -> torch.Tensor:
+        """Tempered teacher log-probabilities over the k stored classes and the tail bucket: ``[B, k+1]``."""
+        return teacher_log_probs(self.values, self.tail, self.num_classes, temperature)
+
+    def dense_log_probs(self, temperature) -> torch.Tensor:
+        """Tempered teacher log-probabilities over all C classes, tail spread evenly: ``[B, C]``."""
+        return dense_log_probs(self.values, self.indices, self.tail, self.num_classes, temperature)
+
+    def tail_log_mass(self, beta) -> torch.Tensor:
+        """``log sum_{c in tail} exp(beta * v_c)`` per view: ``[B]``."""
+        return tail_log_mass(self.values, self.tail, self.num_classes, beta)
 
 
 def index_dtype(num_classes: int) -> np.dtype:
