@@ -1,0 +1,349 @@
+"""The augmentation spec and the sampling of per-view augmentation parameters.
+
+An :class:`AugSpec` is a declarative, versioned description of the pipeline (ops, ranges,
+probabilities, output size, interpolation, mean/std). It is stored in every cache, and
+training rebuilds the pipeline from it, never from flags.
+
+Parameters are drawn from a counter-based generator (Philox) keyed by
+``(seed, epoch, sample id, stream)``: there is no hidden sequence state, so any view can be
+drawn alone, in any order, on any rank. The drawn values are then stored explicitly (one
+float32 row per view, fields named by :func:`param_fields`), so replay never depends on an
+RNG implementation. The sampling algorithms follow timm's transforms
+(``RandomResizedCropAndInterpolation.get_params``, ``RandAugment``/``AugmentOp``,
+``RandomErasing``, ``Mixup``'s ``rand_bbox``); replay (:mod:`kdcache.replay`) applies the
+stored values with timm's and torchvision's functional ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.errors import ConfigError
+
+#: Version of the spec's schema and of the parameter layout it implies.
+AUG_SPEC_VERSION = 1
+
+PRESETS = ("none", "light", "strong", "funmatch", "cutmix")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+MIX_MODES = ("none", "mixup", "cutmix")
+CROP_MODES = ("center", "rrc")
+
+#: timm's RandAugment op set (``_RAND_TRANSFORMS``), the default for ``randaug_ops``.
+DEFAULT_RANDAUG_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+#: Ops whose timm level function draws a random sign; kdcache draws that sign itself.
+SIGNED_OPS = frozenset({
+    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+})
+#: Ops whose timm level function returns an integer argument.
+INTEGER_OPS = frozenset({
+    "Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize", "SolarizeIncreasing", "SolarizeAdd",
+})
+
+# Streams of the counter-based generator.
+_STREAM_VIEW = 0
+_STREAM_PAIRS = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugSpec:
+    """A declarative augmentation pipeline (see docs/format.md, "Augmentation spec")."""
+
+    name: str = "custom"
+    version: int = AUG_SPEC_VERSION
+    output_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop: str = "rrc"
+    crop_pct: float = 0.875
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.0
+    color_jitter: float = 0.0
+    randaug_n: int = 0
+    randaug_m: float = 9.0
+    randaug_mstd: float = 0.5
+    randaug_prob: float = 0.5
+    randaug_ops: tuple[str, ...] = DEFAULT_RANDAUG_OPS
+    erase_prob: float = 0.0
+    erase_scale: tuple[float, float] = (0.02, 1 / 3)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+    mix: str = "none"
+    mix_alpha: float = 1.0
+    mix_prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "crop_scale", "crop_ratio", "erase_scale", "erase_ratio", "randaug_ops"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.version != AUG_SPEC_VERSION:
+            raise ConfigError(f"augmentation spec version {self.version} is not supported; expected {AUG_SPEC_VERSION}")
+        if not isinstance(self.output_size, int) or self.output_size < 1:
+            raise ConfigError(f"augmentation spec output_size={self.output_size!r}; expected a positive integer")
+        _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        _check_choice("crop", self.crop, CROP_MODES)
+        _check_choice("mix", self.mix, MIX_MODES)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"augmentation spec mean={self.mean}, std={self.std}; expected 3 values each, std > 0")
+        for name in ("hflip", "randaug_prob", "erase_prob", "mix_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augmentation spec {name}={value}; expected a probability in [0, 1]")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"augmentation spec crop_pct={self.crop_pct}; expected a value in (0, 1]")
+        for name in ("crop_scale", "crop_ratio", "erase_scale", "erase_ratio"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"augmentation spec {name}={getattr(self, name)}; expected 0 < low <= high")
+        if self.randaug_n < 0 or not 0 <= self.randaug_m <= 10 or self.randaug_mstd < 0:
+            raise ConfigError(
+                f"augmentation spec randaug_n={self.randaug_n}, randaug_m={self.randaug_m}, "
+                f"randaug_mstd={self.randaug_mstd}; expected n >= 0, 0 <= m <= 10, mstd >= 0"
+            )
+        from timm.data.auto_augment import NAME_TO_OP
+
+        unknown = [op for op in self.randaug_ops if op not in NAME_TO_OP]
+        if unknown:
+            raise ConfigError(f"augmentation spec randaug_ops has unknown ops {unknown}; known: {sorted(NAME_TO_OP)}")
+        if self.color_jitter < 0 or self.mix_alpha <= 0:
+            raise ConfigError(
+                f"augmentation spec color_jitter={self.color_jitter}, mix_alpha={self.mix_alpha}; expected >= 0 and > 0"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AugSpec":
+        if not isinstance(data, dict):
+            raise ConfigError(f"augmentation spec must be a JSON object, found {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ConfigError(f"augmentation spec has unknown fields {extra}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"augmentation spec is incomplete or malformed: {exc}") from None
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix != "none"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"augmentation spec {name}={value!r}; expected one of {', '.join(choices)}")
+
+
+def preset(name: str, *, output_size: int, mean, std, interpolation: str = "bilinear") -> AugSpec:
+    """One of the named pipelines in :data:`PRESETS`, sized and normalised for a teacher."""
+    common = dict(name=name, output_size=output_size, mean=tuple(mean), std=tuple(std), interpolation=interpolation)
+    if name == "none":
+        return AugSpec(crop="center", **common)
+    if name == "light":
+        return AugSpec(crop="rrc", hflip=0.5, **common)
+    if name == "strong":
+        return AugSpec(crop="rrc", hflip=0.5, randaug_n=2, randaug_m=9.0, randaug_mstd=0.5, erase_prob=0.25, **common)
+    if name == "funmatch":
+        return AugSpec(crop="rrc", hflip=0.5, mix="mixup", mix_alpha=1.0, **common)
+    if name == "cutmix":
+        return AugSpec(crop="rrc", hflip=0.5, mix="cutmix", mix_alpha=1.0, **common)
+    raise ConfigError(f"unknown augmentation preset {name!r}; expected one of {', '.join(PRESETS)} or a JSON spec file")
+
+
+def resolve_spec(value: str, *, output_size: int, mean, std, interpolation: str) -> AugSpec:
+    """A preset name, or the path of a JSON spec file."""
+    if value in PRESETS:
+        return preset(value, output_size=output_size, mean=mean, std=std, interpolation=interpolation)
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"augmentation {value!r} is neither a preset ({', '.join(PRESETS)}) nor a spec file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"augmentation spec file {path}: cannot read JSON: {exc}") from None
+    return AugSpec.from_dict(data)
+
+
+def param_fields(spec: AugSpec) -> tuple[str, ...]:
+    """Names of the stored parameter columns for views of this spec, in order."""
+    names = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]
+    if spec.color_jitter > 0:
+        names += ["jitter_brightness", "jitter_contrast", "jitter_saturation"]
+    for slot in range(spec.randaug_n):
+        names += [f"ra{slot}_op", f"ra{slot}_arg"]
+    if spec.erase_prob > 0:
+        names += ["erase", "erase_top", "erase_left", "erase_height", "erase_width"]
+    if spec.mixes:
+        names += ["mix_partner", "mix_lam", "mix_top", "mix_left", "mix_bottom", "mix_right"]
+    return tuple(names)
+
+
+def view_generator(seed: int, epoch: int, sample_id: int, stream: int = _STREAM_VIEW) -> np.random.Generator:
+    """The counter-based generator of one view: Philox keyed by (seed, epoch, sample, stream)."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, sample_id, stream])))
+
+
+def sample_crop(rng: np.random.Generator, spec: AugSpec, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the crop in source pixels."""
+    if spec.crop == "center":
+        h = max(1, int(round(height * spec.crop_pct)))
+        w = max(1, int(round(width * spec.crop_pct)))
+        return (height - h) // 2, (width - w) // 2, h, w
+    # timm RandomResizedCropAndInterpolation.get_params, drawn from the view's generator.
+    area = height * width
+    log_ratio = (math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]))
+    for _ in range(10):
+        target_area = rng.uniform(*spec.crop_scale) * area
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(spec.crop_ratio):
+        w, h = width, int(round(width / min(spec.crop_ratio)))
+    elif in_ratio > max(spec.crop_ratio):
+        h, w = height, int(round(height * max(spec.crop_ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def randaug_hparams(spec: AugSpec) -> dict:
+    """The hparams timm's RandAugment ops get: fill colour from the mean, fixed interpolation."""
+    from timm.data.auto_augment import _HPARAMS_DEFAULT
+
+    hparams = dict(_HPARAMS_DEFAULT)
+    hparams["img_mean"] = tuple(int(round(255 * m)) for m in spec.mean)
+    return hparams
+
+
+def op_argument(op: str, magnitude: float, hparams: dict) -> float | None:
+    """The unsigned argument timm's level function gives ``op`` at ``magnitude`` (None: no argument)."""
+    from timm.data.auto_augment import LEVEL_TO_ARG
+
+    level_fn = LEVEL_TO_ARG[op]
+    if level_fn is None:
+        return None
+    state = random.getstate()  # timm's level functions draw their sign from the global RNG
+    try:
+        (arg,) = level_fn(magnitude, hparams)
+    finally:
+        random.setstate(state)
+    return abs(float(arg))
+
+
+def _sample_randaug(rng: np.random.Generator, spec: AugSpec, hparams: dict) -> list[float]:
+    out: list[float] = []
+    for _ in range(spec.randaug_n):
+        op_id = int(rng.integers(0, len(spec.randaug_ops)))
+        applied = rng.uniform() <= spec.randaug_prob
+        magnitude = rng.normal(spec.randaug_m, spec.randaug_mstd) if spec.randaug_mstd > 0 else spec.randaug_m
+        magnitude = min(max(float(magnitude), 0.0), 10.0)
+        negate = rng.uniform() > 0.5
+        if not applied:
+            out += [-1.0, 0.0]
+            continue
+        op = spec.randaug_ops[op_id]
+        arg = op_argument(op, magnitude, hparams)
+        arg = 0.0 if arg is None else arg
+        if op in SIGNED_OPS and negate:
+            arg = -arg
+        out += [float(op_id), arg]
+    return out
+
+
+def _sample_erase(rng: np.random.Generator, spec: AugSpec) -> list[float]:
+    size = spec.output_size
+    applied = rng.uniform() < spec.erase_prob
+    log_ratio = (math.log(spec.erase_ratio[0]), math.log(spec.erase_ratio[1]))
+    for _ in range(10):
+        target_area = rng.uniform(*spec.erase_scale) * size * size
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if h < size and w < size:
+            top = int(rng.integers(0, size - h + 1))
+            left = int(rng.integers(0, size - w + 1))
+            return [1.0 if applied else 0.0, top, left, h, w]
+    return [0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def _sample_mix(rng: np.random.Generator, spec: AugSpec, partner: int) -> list[float]:
+    size = spec.output_size
+    lam = float(rng.beta(spec.mix_alpha, spec.mix_alpha))
+    if rng.uniform() >= spec.mix_prob or partner < 0:
+        return [-1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    if spec.mix == "mixup":
+        return [float(partner), lam, 0.0, 0.0, 0.0, 0.0]
+    # timm.data.mixup.rand_bbox + correct_lam
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(size * ratio), int(size * ratio)
+    cy, cx = int(rng.integers(0, size)), int(rng.integers(0, size))
+    top, bottom = int(np.clip(cy - cut_h // 2, 0, size)), int(np.clip(cy + cut_h // 2, 0, size))
+    left, right = int(np.clip(cx - cut_w // 2, 0, size)), int(np.clip(cx + cut_w // 2, 0, size))
+    lam = 1.0 - (bottom - top) * (right - left) / float(size * size)
+    return [float(partner), lam, top, left, bottom, right]
+
+
+def mix_partners(seed: int, epoch: int, block_id: int, n: int) -> np.ndarray:
+    """Partner position (within the block) of each position: a seeded pairing, -1 for an odd one out."""
+    order = view_generator(seed, epoch, block_id, _STREAM_PAIRS).permutation(n)
+    partners = np.full(n, -1, dtype=np.int64)
+    partners[order[0:-1:2]] = order[1::2]
+    partners[order[1::2]] = order[0:-1:2]
+    return partners
+
+
+def sample_view_params(
+    spec: AugSpec,
+    *,
+    seed: int,
+    epoch: int,
+    block_id: int,
+    sample_ids: np.ndarray,
+    image_sizes: list[tuple[int, int]],
+) -> np.ndarray:
+    """Parameters ``float32 [n, len(param_fields(spec))]`` of the views of one block in one epoch.
+
+    ``sample_ids`` are the samples' stable ids (source positions); ``image_sizes`` their (height, width).
+    """
+    n = len(sample_ids)
+    partners = mix_partners(seed, epoch, block_id, n) if spec.mixes else None
+    hparams = randaug_hparams(spec) if spec.randaug_n else {}
+    rows = []
+    for pos in range(n):
+        rng = view_generator(seed, epoch, int(sample_ids[pos]))
+        height, width = image_sizes[pos]
+        row: list[float] = list(sample_crop(rng, spec, height, width))
+        row.append(1.0 if rng.uniform() < spec.hflip else 0.0)
+        if spec.color_jitter > 0:
+            lo, hi = max(0.0, 1 - spec.color_jitter), 1 + spec.color_jitter
+            row += [float(rng.uniform(lo, hi)) for _ in range(3)]
+        row += _sample_randaug(rng, spec, hparams)
+        if spec.erase_prob > 0:
+            row += _sample_erase(rng, spec)
+        if spec.mixes:
+            row += _sample_mix(rng, spec, int(partners[pos]))
+        rows.append(row)
+    params = np.asarray(rows, dtype=np.float32).reshape(n, len(param_fields(spec)))
+    return params
+
+
+def spec_field(spec: AugSpec, params: np.ndarray, name: str) -> np.ndarray:
+    """One named column of a parameter array."""
+    return params[..., param_fields(spec).index(name)]

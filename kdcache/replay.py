@@ -1,0 +1,253 @@
+"""Replay: rebuild a view's tensor from its stored augmentation parameters.
+
+``replay`` is a pure, deterministic function of (spec, stored parameters, decoded images);
+precompute, train-student and verify all call this module, so the student sees the very
+tensor the teacher scored. Two paths:
+
+- ``pil`` (reference, CPU): timm's and torchvision's PIL functional ops, exactly what timm's
+  own transforms do with the same parameters.
+- ``tensor`` (batched-friendly, any device): torchvision ``transforms.v2.functional`` ops on
+  uint8 tensors; pixels differ from ``pil`` by interpolation details, which `kdcache verify`
+  measures against the teacher.
+
+The path and the versions of the libraries that shape the pixels are recorded in the cache
+(:func:`replay_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdcache.augment import AugSpec, param_fields, randaug_hparams
+from kdcache.errors import ConfigError
+
+PATHS = ("pil", "tensor")
+
+
+def replay_fingerprint(path: str) -> dict:
+    """What determines the replayed pixels besides the parameters: the path and library versions."""
+    import PIL
+    import timm
+    import torchvision
+
+    if path not in PATHS:
+        raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
+    return {
+        "path": path,
+        "torch": torch.__version__.split("+")[0],
+        "torchvision": torchvision.__version__.split("+")[0],
+        "timm": timm.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def _columns(spec: AugSpec) -> dict[str, int]:
+    return {name: i for i, name in enumerate(param_fields(spec))}
+
+
+def _interpolation(spec: AugSpec):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(spec.interpolation)
+
+
+def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.Image) -> torch.Tensor:
+    import torchvision.transforms.functional as F
+    from timm.data.auto_augment import NAME_TO_OP
+
+    top, left, height, width = (int(row[cols[c]]) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
+    img = F.resized_crop(img, top, left, height, width, [spec.output_size, spec.output_size], _interpolation(spec))
+    if row[cols["flip"]] > 0.5:
+        img = F.hflip(img)
+    if spec.color_jitter > 0:
+        img = F.adjust_brightness(img, float(row[cols["jitter_brightness"]]))
+        img = F.adjust_contrast(img, float(row[cols["jitter_contrast"]]))
+        img = F.adjust_saturation(img, float(row[cols["jitter_saturation"]]))
+    if spec.randaug_n:
+        hparams = randaug_hparams(spec)
+        kwargs = {"fillcolor": hparams["img_mean"], "resample": _pil_resample(spec)}
+        for slot in range(spec.randaug_n):
+            op_id = int(row[cols[f"ra{slot}_op"]])
+            if op_id < 0:
+                continue
+            name = spec.randaug_ops[op_id]
+            arg = _op_value(name, float(row[cols[f"ra{slot}_arg"]]))
+            img = NAME_TO_OP[name](img, **kwargs) if arg is None else NAME_TO_OP[name](img, arg, **kwargs)
+    tensor = F.normalize(F.to_tensor(img), spec.mean, spec.std)
+    return _erase(spec, row, cols, tensor)
+
+
+def _pil_resample(spec: AugSpec) -> int:
+    return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[spec.interpolation]
+
+
+def _op_value(name: str, arg: float):
+    from timm.data.auto_augment import LEVEL_TO_ARG
+
+    from kdcache.augment import INTEGER_OPS
+
+    if LEVEL_TO_ARG[name] is None:
+        return None
+    return int(round(arg)) if name in INTEGER_OPS else arg
+
+
+def _erase(spec: AugSpec, row: np.ndarray, cols: dict[str, int], tensor: torch.Tensor) -> torch.Tensor:
+    if spec.erase_prob > 0 and row[cols["erase"]] > 0.5:
+        from torchvision.transforms.v2.functional import erase
+
+        top, left, height, width = (int(row[cols[c]]) for c in ("erase_top", "erase_left", "erase_height", "erase_width"))
+        tensor = erase(tensor, top, left, height, width, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    return tensor
+
+
+# ---- tensor path -------------------------------------------------------------------------
+
+
+def _tensor_op(name: str, img: torch.Tensor, arg, fill: list[float], interpolation) -> torch.Tensor:
+    import torchvision.transforms.v2.functional as F
+
+    if name == "AutoContrast":
+        return F.autocontrast(img)
+    if name == "Equalize":
+        return F.equalize(img)
+    if name == "Invert":
+        return F.invert(img)
+    if name == "Rotate":
+        return F.rotate(img, arg, interpolation=interpolation, fill=fill)
+    if name.startswith("Posterize"):
+        return F.posterize(img, max(0, min(8, int(arg)))) if arg < 8 else img
+    if name.startswith("SolarizeAdd"):
+        added = (img.int() + int(arg)).clamp(max=255).to(img.dtype)
+        return torch.where(img < 128, added, img)
+    if name.startswith("Solarize"):
+        return F.solarize(img, float(arg))
+    if name.startswith("Color"):
+        return F.adjust_saturation(img, arg)
+    if name.startswith("Contrast"):
+        return F.adjust_contrast(img, arg)
+    if name.startswith("Brightness"):
+        return F.adjust_brightness(img, arg)
+    if name.startswith("Sharpness"):
+        return F.adjust_sharpness(img, arg)
+    size = img.shape[-1]
+    if name in ("ShearX", "ShearY"):
+        shear = [math.degrees(math.atan(arg)), 0.0] if name == "ShearX" else [0.0, math.degrees(math.atan(arg))]
+        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=interpolation, fill=fill, center=[0, 0])
+    if name in ("TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY"):
+        pixels = arg * size if name.endswith("Rel") else arg
+        translate = [-pixels, 0] if name.startswith("TranslateX") else [0, -pixels]
+        return F.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation, fill=fill)
+    raise ConfigError(f"RandAugment op {name!r} has no tensor-path replay; use --replay-path pil")
+
+
+def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torch.Tensor) -> torch.Tensor:
+    import torchvision.transforms.v2.functional as F
+
+    interpolation = _interpolation(spec)
+    top, left, height, width = (int(row[cols[c]]) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
+    img = F.resized_crop(img, top, left, height, width, [spec.output_size, spec.output_size], interpolation, antialias=True)
+    if row[cols["flip"]] > 0.5:
+        img = F.horizontal_flip(img)
+    if spec.color_jitter > 0:
+        img = F.adjust_brightness(img, float(row[cols["jitter_brightness"]]))
+        img = F.adjust_contrast(img, float(row[cols["jitter_contrast"]]))
+        img = F.adjust_saturation(img, float(row[cols["jitter_saturation"]]))
+    if spec.randaug_n:
+        fill = [float(v) for v in randaug_hparams(spec)["img_mean"]]
+        for slot in range(spec.randaug_n):
+            op_id = int(row[cols[f"ra{slot}_op"]])
+            if op_id >= 0:
+                name = spec.randaug_ops[op_id]
+                img = _tensor_op(name, img, _op_value(name, float(row[cols[f"ra{slot}_arg"]])), fill, interpolation)
+    tensor = F.normalize(img.float() / 255.0, list(spec.mean), list(spec.std))
+    return _erase(spec, row, cols, tensor)
+
+
+def to_uint8_tensor(img: Image.Image, device="cpu") -> torch.Tensor:
+    """An RGB PIL image as a uint8 ``[3, H, W]`` tensor on ``device``."""
+    array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(device)
+
+
+# ---- block-level replay ------------------------------------------------------------------
+
+
+def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> torch.Tensor:
+    """The view of one sample before mixing: float32 ``[3, S, S]``, normalised."""
+    cols = _columns(spec)
+    if path == "pil":
+        return _pil_base(spec, row, cols, img)
+    if path == "tensor":
+        if isinstance(img, Image.Image):
+            img = to_uint8_tensor(img)
+        return _tensor_base(spec, row, cols, img)
+    raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
+
+
+def mix_pair(spec: AugSpec, row: np.ndarray, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """Mix a view with its partner's view as the stored parameters say (mixup blend or cutmix box)."""
+    cols = _columns(spec)
+    if int(row[cols["mix_partner"]]) < 0:
+        return own
+    lam = float(row[cols["mix_lam"]])
+    if spec.mix == "mixup":
+        return own * lam + partner * (1.0 - lam)
+    top, left, bottom, right = (int(row[cols[c]]) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
+    mixed = own.clone()
+    mixed[:, top:bottom, left:right] = partner[:, top:bottom, left:right]
+    return mixed
+
+
+def replay_block(
+    spec: AugSpec,
+    params: np.ndarray,
+    images: list,
+    *,
+    positions=None,
+    path: str = "pil",
+) -> torch.Tensor:
+    """Views ``[m, 3, S, S]`` of a block at ``positions`` (default: all), mixing with partners in the block.
+
+    ``params`` are the block's stored parameters ``[n, P]`` for one epoch; ``images`` the block's
+    decoded images in block order (PIL images for ``pil``; PIL or uint8 tensors for ``tensor``).
+    Only the images of the requested views and their partners are touched.
+    """
+    n = params.shape[0]
+    positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
+    cols = _columns(spec)
+    needed = set(int(p) for p in positions)
+    if spec.mixes:
+        partners = params[positions, cols["mix_partner"]].astype(np.int64)
+        needed |= {int(p) for p in partners if p >= 0}
+    base = {p: replay_base(spec, params[p], images[p], path=path) for p in sorted(needed)}
+    views = []
+    for p in positions:
+        view = base[int(p)]
+        if spec.mixes:
+            partner = int(params[p, cols["mix_partner"]])
+            if partner >= 0:
+                view = mix_pair(spec, params[p], view, base[partner])
+        views.append(view)
+    return torch.stack(views)
+
+
+def view_targets(spec: AugSpec, params: np.ndarray, labels: np.ndarray, num_classes: int, positions=None) -> torch.Tensor:
+    """Soft targets ``[m, C]`` of views: one-hot, or ``lam*y_i + (1-lam)*y_j`` for mixed views."""
+    n = params.shape[0]
+    positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    target = torch.nn.functional.one_hot(labels[positions], num_classes).float()
+    if spec.mixes:
+        cols = _columns(spec)
+        partners = params[positions, cols["mix_partner"]].astype(np.int64)
+        lam = torch.as_tensor(params[positions, cols["mix_lam"]], dtype=torch.float32)
+        has = torch.as_tensor(partners >= 0)
+        partner_labels = labels[np.where(partners >= 0, partners, positions)]
+        other = torch.nn.functional.one_hot(partner_labels, num_classes).float()
+        lam = torch.where(has, lam, torch.ones_like(lam)).unsqueeze(-1)
+        target = lam * target + (1 - lam) * other
+    return target
