@@ -1,0 +1,634 @@
+"""The on-disk cache format (v1): the only reader and writer of kdcache stores.
+
+Layout (a zarr v3 hierarchy; docs/format.md is the spec):
+
+    CACHE/zarr.json                  root group; attributes["kdcache"] = the manifest (written last, atomically)
+    CACHE/values/                    fp16   [epochs, slots, k]   top-k teacher logits, sorted descending
+    CACHE/indices/                   uint*  [epochs, slots, k]   their class indices
+    CACHE/tail/                      fp16   [epochs, slots, 2]   tail summary (kdcache.record)
+    CACHE/params/                    fp32   [epochs, slots, P]   augmentation parameters (manifest "param_fields")
+    CACHE/samples/{source_index,label,digest,key}   [slots]      the plan: which sample sits in each slot
+    CACHE/ledger/e{E:06d}-u{U:06d}.json                          one file per committed unit, with sha256 per shard file
+
+Slots: block b occupies slots [b * block_capacity, b * block_capacity + size_b); the rest of
+its capacity is padding (never read, compressed away). One inner zarr chunk holds one
+(epoch, block); one zarr shard file holds one *unit* = (epoch, ``blocks_per_unit`` consecutive
+blocks), the unit of work: exactly one writer per shard file, so concurrent ranks never share
+a file. A unit exists for readers only once its ledger entry is on disk, and the ledger entry
+is written only after the unit's shard files are durable (fsync) and their sha256 recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, MismatchError
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "kdcache"
+RECORD_ARRAYS = ("values", "indices", "tail", "params")
+SAMPLE_ARRAYS = ("source_index", "label", "digest", "key")
+LEDGER_DIR = "ledger"
+
+
+# ---- manifest --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherInfo:
+    name: str
+    source: str  # "timm" (timm name + checkpoint file) or "file" (a saved whole model)
+    checkpoint: str | None
+    weights_sha256: str
+    num_classes: int
+    class_names: list[str]
+    input_size: list[int]
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo:
+    kind: str
+    uri: str
+    split: str
+    num_samples: int
+    num_classes: int
+    class_names: list[str]
+    digest: str  # sha256 over the per-sample digests in slot order
+    shards: list[list] | None = None  # webdataset: [[url, n_samples], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockLayout:
+    kind: str  # "permutation" (indexable sources) or "shards" (one block per webdataset shard)
+    block_capacity: int
+    blocks_per_unit: int
+    sizes: list[int]
+    permutation_seed: int | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_blocks // self.blocks_per_unit)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_capacity
+
+    def unit_blocks(self, unit: int) -> range:
+        start = unit * self.blocks_per_unit
+        return range(start, min(start + self.blocks_per_unit, self.num_blocks))
+
+    def unit_of(self, block: int) -> int:
+        return block // self.blocks_per_unit
+
+    def block_slots(self, block: int) -> slice:
+        start = block * self.block_capacity
+        return slice(start, start + self.sizes[block])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    format_version: int
+    tool_version: str
+    created: str
+    command: str
+    teacher: TeacherInfo
+    dataset: DatasetInfo
+    augmentation: dict
+    seed: int
+    epochs: int
+    k: int
+    dtypes: dict
+    tail: dict
+    param_fields: list[str]
+    replay: dict
+    blocks: BlockLayout
+    libraries: dict
+    compression: dict
+    samples_sha256: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict):
+            raise FormatError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{where}: format_version {version!r} is not supported by this kdcache (reads version {FORMAT_VERSION}); "
+                "upgrade kdcache or re-create the cache"
+            )
+        try:
+            fields = dict(data)
+            fields["teacher"] = _build(TeacherInfo, fields["teacher"], f"{where}.teacher")
+            fields["dataset"] = _build(DatasetInfo, fields["dataset"], f"{where}.dataset")
+            fields["blocks"] = _build(BlockLayout, fields["blocks"], f"{where}.blocks")
+            manifest = _build(cls, fields, where)
+        except KeyError as exc:
+            raise FormatError(f"{where}: missing field {exc.args[0]!r}") from None
+        manifest.validate(where)
+        return manifest
+
+    def validate(self, where: str = "manifest") -> None:
+        def bad(name, value, expected):
+            raise FormatError(f"{where}: field {name} = {value!r}; expected {expected}")
+
+        for name in ("seed", "epochs", "k"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "an integer")
+        if self.epochs < 1:
+            bad("epochs", self.epochs, "at least 1")
+        if not 1 <= self.k <= self.teacher.num_classes:
+            bad("k", self.k, f"1..{self.teacher.num_classes}")
+        if self.dataset.num_classes != self.teacher.num_classes:
+            bad("dataset.num_classes", self.dataset.num_classes, f"the teacher's {self.teacher.num_classes}")
+        layout = self.blocks
+        if not isinstance(layout.sizes, list) or not layout.sizes or not all(isinstance(s, int) and s > 0 for s in layout.sizes):
+            bad("blocks.sizes", layout.sizes, "a non-empty list of positive integers")
+        if not isinstance(layout.block_capacity, int) or max(layout.sizes) > layout.block_capacity:
+            bad("blocks.block_capacity", layout.block_capacity, f">= the largest block ({max(layout.sizes)})")
+        if not isinstance(layout.blocks_per_unit, int) or layout.blocks_per_unit < 1:
+            bad("blocks.blocks_per_unit", layout.blocks_per_unit, "a positive integer")
+        if sum(layout.sizes) != self.dataset.num_samples:
+            bad("blocks.sizes", f"sum {sum(layout.sizes)}", f"dataset.num_samples = {self.dataset.num_samples}")
+        if not isinstance(self.param_fields, list) or not all(isinstance(f, str) for f in self.param_fields):
+            bad("param_fields", self.param_fields, "a list of names")
+        for name in RECORD_ARRAYS:
+            try:
+                np.dtype(self.dtypes[name])
+            except (KeyError, TypeError):
+                bad(f"dtypes.{name}", self.dtypes.get(name) if isinstance(self.dtypes, dict) else self.dtypes, "a numpy dtype name")
+
+    def spec(self):
+        from kdcache.augment import AugSpec
+
+        return AugSpec.from_dict(self.augmentation)
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise FormatError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FormatError(f"{where}: unknown fields {unknown}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise FormatError(f"{where}: {exc}") from None
+
+
+def library_versions() -> dict:
+    import numcodecs
+    import torch
+    import zarr
+
+    return {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ---- codecs and paths -------------------------------------------------------------------------
+
+#: Compression per record array, chosen by measurement (benchmarks/storage.py, docs/benchmarks.md).
+COMPRESSION = {
+    "values": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
+    "indices": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
+    "tail": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
+    "params": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
+}
+
+
+def _compressors(config: dict, dtype: np.dtype) -> list:
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    if config["codec"] == "blosc":
+        codec = BloscCodec(cname=config["cname"], clevel=config["clevel"], shuffle=config["shuffle"], typesize=dtype.itemsize)
+    elif config["codec"] == "zstd":
+        codec = ZstdCodec(level=config["clevel"])
+    else:
+        raise FormatError(f"compression codec {config['codec']!r}; expected blosc or zstd")
+    return [codec, Crc32cCodec()]
+
+
+def record_dtypes(num_classes: int) -> dict:
+    from kdcache.record import index_dtype
+
+    return {"values": "float16", "indices": index_dtype(num_classes).name, "tail": "float16", "params": "float32"}
+
+
+def shard_key(array: str, epoch: int, unit: int) -> str:
+    """The store key of one unit's shard file of a record array."""
+    return f"{array}/c/{epoch}/{unit}/0"
+
+
+def ledger_key(epoch: int, unit: int) -> str:
+    return f"{LEDGER_DIR}/e{epoch:06d}-u{unit:06d}.json"
+
+
+def is_url(location: str) -> bool:
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+# ---- atomic local writes ---------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename, durable on return."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- where a cache lives -----------------------------------------------------------------------
+
+
+class Location:
+    """Byte access to a cache directory: a local path, or a URL through fsspec (read-only)."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.raw = str(location)
+        self.remote = is_url(self.raw)
+        if self.remote:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.raw)
+            self.root = self.root.rstrip("/")
+        else:
+            self.path = Path(self.raw.removeprefix("file://"))
+
+    def __str__(self) -> str:
+        return self.raw
+
+    def read(self, key: str) -> bytes | None:
+        if not self.remote:
+            try:
+                return (self.path / key).read_bytes()
+            except FileNotFoundError:
+                return None
+        try:
+            return self.fs.cat_file(f"{self.root}/{key}")
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, key: str) -> list[str]:
+        if not self.remote:
+            folder = self.path / key
+            return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+        try:
+            entries = self.fs.ls(f"{self.root}/{key}", detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if not e.rstrip("/").rsplit("/", 1)[-1].startswith("."))
+
+    def size(self) -> int:
+        if self.remote:
+            return int(sum(self.fs.du(self.root, total=False).values()))
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def file_count(self) -> int:
+        if self.remote:
+            return len(self.fs.find(self.root))
+        return sum(1 for p in self.path.rglob("*") if p.is_file())
+
+
+def _read_json(location: Location, key: str, what: str) -> Any:
+    data = location.read(key)
+    if data is None:
+        raise FormatError(f"{location}: {what} {key} is missing")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise FormatError(f"{location}: {what} {key} is not valid JSON ({exc})") from None
+
+
+def read_manifest(location: Location) -> Manifest:
+    root = _read_json(location, "zarr.json", "root metadata")
+    if not isinstance(root, dict) or MANIFEST_KEY not in (root.get("attributes") or {}):
+        raise FormatError(f"{location}: not a kdcache cache (zarr.json has no attributes.{MANIFEST_KEY})")
+    return Manifest.from_dict(root["attributes"][MANIFEST_KEY], where=f"{location}: manifest")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    epoch: int
+    unit: int
+    files: dict  # shard key -> {"sha256": ..., "bytes": ...}
+    views: int
+    committed: str
+
+
+def _parse_ledger(location: Location, name: str) -> LedgerEntry:
+    data = _read_json(location, f"{LEDGER_DIR}/{name}", "ledger entry")
+    try:
+        return LedgerEntry(int(data["epoch"]), int(data["unit"]), dict(data["files"]), int(data["views"]), str(data["committed"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{location}: ledger entry {name} is malformed ({exc!r})") from None
+
+
+# ---- the reader -------------------------------------------------------------------------------
+
+
+class Cache:
+    """A kdcache cache opened for reading (local path or URL)."""
+
+    def __init__(self, location: str | os.PathLike, *, verify_checksums: bool = True):
+        self.location = Location(location)
+        self.manifest = read_manifest(self.location)
+        self.layout = self.manifest.blocks
+        self.verify_checksums = verify_checksums
+        self._array_meta: dict[str, bytes] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the ledger (units committed since opening become visible)."""
+        entries = {}
+        for name in self.location.listdir(LEDGER_DIR):
+            if name.endswith(".json"):
+                entry = _parse_ledger(self.location, name)
+                entries[(entry.epoch, entry.unit)] = entry
+        self.ledger: dict[tuple[int, int], LedgerEntry] = entries
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.teacher.num_classes
+
+    def unit_committed(self, epoch: int, unit: int) -> bool:
+        return (epoch, unit) in self.ledger
+
+    def complete_epochs(self) -> list[int]:
+        units = self.layout.num_units
+        return [e for e in range(self.manifest.epochs) if all((e, u) in self.ledger for u in range(units))]
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """The plan: per slot, the source index (-1 for padding), label, digest and key."""
+        out = {}
+        for name in SAMPLE_ARRAYS:
+            data = self._array(f"samples/{name}")
+            out[name] = data[...]
+            expected = self.manifest.samples_sha256.get(name)
+            if expected and sha256_bytes(np.ascontiguousarray(out[name]).astype(str if name == "key" else out[name].dtype).tobytes()) != expected:
+                raise ChecksumError(f"{self.location}: samples/{name} does not match its checksum in the manifest")
+        return out
+
+    def _array(self, name: str):
+        import zarr
+
+        if self.location.remote:
+            from zarr.storage import FsspecStore
+
+            store = FsspecStore(self.location.fs, path=f"{self.location.root}/{name}", read_only=True)
+        else:
+            from zarr.storage import LocalStore
+
+            store = LocalStore(self.location.path / name, read_only=True)
+        try:
+            return zarr.open_array(store, mode="r")
+        except Exception as exc:  # zarr raises several types for a missing/corrupt array
+            raise FormatError(f"{self.location}: array {name} cannot be opened ({exc})") from None
+
+    def _meta(self, array: str) -> bytes:
+        if array not in self._array_meta:
+            data = self.location.read(f"{array}/zarr.json")
+            if data is None:
+                raise FormatError(f"{self.location}: array metadata {array}/zarr.json is missing")
+            self._array_meta[array] = data
+        return self._array_meta[array]
+
+    def _describe(self, epoch: int, unit: int) -> str:
+        blocks = self.layout.unit_blocks(unit)
+        return f"epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1})"
+
+    def read_unit(self, epoch: int, unit: int) -> dict[str, np.ndarray]:
+        """All record arrays of one committed unit, ``[unit slots, ...]``, checksums verified."""
+        import zarr
+        from zarr.storage import MemoryStore
+
+        entry = self.ledger.get((epoch, unit))
+        if entry is None:
+            raise IncompleteCacheError(
+                f"{self.location}: {self._describe(epoch, unit)} is not committed; "
+                "resume the precompute (kdcache precompute-logits --resume) to finish it"
+            )
+        blocks = self.layout.unit_blocks(unit)
+        lo, hi = blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity
+        out = {}
+        for array in RECORD_ARRAYS:
+            key = shard_key(array, epoch, unit)
+            data = self.location.read(key)
+            if data is None:
+                raise IncompleteCacheError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is missing")
+            expected = entry.files.get(key, {}).get("sha256")
+            if self.verify_checksums and sha256_bytes(data) != expected:
+                raise ChecksumError(
+                    f"{self.location}: {self._describe(epoch, unit)}: file {key} does not match its ledger checksum; "
+                    "recompute it with kdcache precompute-logits --resume --repair"
+                )
+            store = MemoryStore({"zarr.json": _buffer(self._meta(array)), f"c/{epoch}/{unit}/0": _buffer(data)})
+            try:
+                out[array] = zarr.open_array(store, mode="r")[epoch, lo:hi]
+            except Exception as exc:
+                raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)}: file {key} cannot be decoded ({exc})") from None
+        return out
+
+    def read_block(self, epoch: int, block: int) -> dict[str, np.ndarray]:
+        """The record arrays of one block, ``[block size, ...]`` (reads and verifies its whole unit)."""
+        unit = self.layout.unit_of(block)
+        arrays = self.read_unit(epoch, unit)
+        start = (block - self.layout.unit_blocks(unit).start) * self.layout.block_capacity
+        size = self.layout.sizes[block]
+        return {name: value[start : start + size] for name, value in arrays.items()}
+
+    def verify_unit(self, epoch: int, unit: int) -> None:
+        """Re-hash one unit's files against the ledger (raises ChecksumError / IncompleteCacheError)."""
+        checking = self.verify_checksums
+        self.verify_checksums = True
+        try:
+            self.read_unit(epoch, unit)
+        finally:
+            self.verify_checksums = checking
+
+
+def _buffer(data: bytes):
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def open_cache(location: str | os.PathLike, *, verify_checksums: bool = True) -> Cache:
+    """Open a cache for reading; raises FormatError if it is not a readable kdcache cache."""
+    loc = Location(location)
+    if not loc.remote and not loc.path.exists():
+        raise FormatError(f"cache {location} does not exist")
+    return Cache(location, verify_checksums=verify_checksums)
+
+
+# ---- the writer -------------------------------------------------------------------------------
+
+
+class CacheWriter:
+    """Writes one local cache. Rank 0 creates or extends it; every rank commits its own units."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = read_manifest(Location(self.path))
+        self.layout = self.manifest.blocks
+
+    @staticmethod
+    def create(path: str | os.PathLike, manifest: Manifest, samples: dict[str, np.ndarray]) -> "CacheWriter":
+        """Create the arrays, write the plan, then the manifest last (atomically)."""
+        import zarr
+        from zarr.storage import LocalStore
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"output {path} exists and is not empty; choose a new directory or pass --resume for a kdcache cache")
+        path.mkdir(parents=True, exist_ok=True)
+        layout = manifest.blocks
+        group = zarr.open_group(LocalStore(path), mode="w")
+        widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
+        for name in RECORD_ARRAYS:
+            dtype = np.dtype(manifest.dtypes[name])
+            group.create_array(
+                name,
+                shape=(manifest.epochs, layout.num_slots, widths[name]),
+                chunks=(1, layout.block_capacity, widths[name]),
+                shards=(1, layout.block_capacity * layout.blocks_per_unit, widths[name]),
+                dtype=dtype,
+                compressors=_compressors(manifest.compression[name], dtype),
+                fill_value=0,
+            )
+        hashes = {}
+        sample_group = group.require_group("samples")
+        for name in SAMPLE_ARRAYS:
+            data = samples[name]
+            array = sample_group.create_array(name, shape=data.shape, dtype=str if name == "key" else data.dtype, chunks=data.shape)
+            array[...] = data
+            hashes[name] = sha256_bytes(np.ascontiguousarray(data).astype(str if name == "key" else data.dtype).tobytes())
+        (path / LEDGER_DIR).mkdir(exist_ok=True)
+        manifest = dataclasses.replace(manifest, samples_sha256=hashes)
+        write_manifest(path, manifest)
+        return CacheWriter(path)
+
+    def extend_epochs(self, epochs: int) -> None:
+        """Grow the cache to ``epochs`` epochs; earlier epochs are untouched."""
+        import zarr
+        from zarr.storage import LocalStore
+
+        if epochs <= self.manifest.epochs:
+            return
+        for name in RECORD_ARRAYS:
+            array = zarr.open_array(LocalStore(self.path / name), mode="r+")
+            array.resize((epochs,) + array.shape[1:])
+        self.manifest = dataclasses.replace(self.manifest, epochs=epochs)
+        write_manifest(self.path, self.manifest)
+
+    def committed(self) -> set[tuple[int, int]]:
+        cache = Cache(self.path, verify_checksums=False)
+        return set(cache.ledger)
+
+    def write_unit(self, epoch: int, unit: int, arrays: dict[str, np.ndarray]) -> LedgerEntry:
+        """Write one unit's record arrays (``[unit slots, ...]``), make them durable, then commit."""
+        import zarr
+        from zarr.storage import LocalStore
+
+        blocks = self.layout.unit_blocks(unit)
+        lo, hi = blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity
+        files = {}
+        for name in RECORD_ARRAYS:
+            data = arrays[name]
+            if data.shape[0] != hi - lo:
+                raise ValueError(f"unit {unit} of {name}: {data.shape[0]} rows, expected {hi - lo}")
+            array = zarr.open_array(LocalStore(self.path / name), mode="r+")
+            array[epoch, lo:hi] = data.astype(array.dtype, copy=False)
+            key = shard_key(name, epoch, unit)
+            fsync_file(self.path / key)
+            content = (self.path / key).read_bytes()
+            files[key] = {"sha256": sha256_bytes(content), "bytes": len(content)}
+        views = int(sum(self.layout.sizes[b] for b in blocks))
+        entry = LedgerEntry(epoch, unit, files, views, now_iso())
+        atomic_write_bytes(self.path / ledger_key(epoch, unit), json.dumps(dataclasses.asdict(entry), indent=1).encode())
+        return entry
+
+    def uncommit(self, epoch: int, unit: int) -> None:
+        """Drop a unit's ledger entry (before recomputing a damaged unit)."""
+        path = self.path / ledger_key(epoch, unit)
+        if path.exists():
+            path.unlink()
+            _fsync_dir(path.parent)
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    root = {"zarr_format": 3, "node_type": "group", "attributes": {MANIFEST_KEY: manifest.to_dict()}}
+    atomic_write_bytes(Path(path) / "zarr.json", json.dumps(root, indent=1).encode())
+
+
+def check_compatible(existing: Manifest, wanted: Manifest) -> None:
+    """Refuse to resume/extend a cache with anything that changes its records; names the field."""
+    pairs = [
+        ("teacher.weights_sha256", existing.teacher.weights_sha256, wanted.teacher.weights_sha256),
+        ("teacher.name", existing.teacher.name, wanted.teacher.name),
+        ("dataset.digest", existing.dataset.digest, wanted.dataset.digest),
+        ("dataset.num_samples", existing.dataset.num_samples, wanted.dataset.num_samples),
+        ("augmentation", existing.augmentation, wanted.augmentation),
+        ("seed", existing.seed, wanted.seed),
+        ("k", existing.k, wanted.k),
+        ("blocks", dataclasses.asdict(existing.blocks), dataclasses.asdict(wanted.blocks)),
+        ("replay.path", existing.replay.get("path"), wanted.replay.get("path")),
+    ]
+    for name, old, new in pairs:
+        if old != new:
+            raise MismatchError(f"cannot resume: {name} differs: the cache has {_short(old)}, this run has {_short(new)}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
