@@ -288,6 +288,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sample_array_sha256(name: str, data: np.ndarray) -> str:
+    """Checksum of one plan array: keys as newline-joined UTF-8, numbers as their little-endian bytes."""
+    if name == "key":
+        return sha256_bytes("\n".join(str(k) for k in data.tolist()).encode())
+    return sha256_bytes(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes())
+
+
 # ---- where a cache lives -----------------------------------------------------------------------
 
 
@@ -415,7 +422,7 @@ class Cache:
             data = self._array(f"samples/{name}")
             out[name] = data[...]
             expected = self.manifest.samples_sha256.get(name)
-            if expected and sha256_bytes(np.ascontiguousarray(out[name]).astype(str if name == "key" else out[name].dtype).tobytes()) != expected:
+            if expected and sample_array_sha256(name, out[name]) != expected:
                 raise ChecksumError(f"{self.location}: samples/{name} does not match its checksum in the manifest")
         return out
 
@@ -552,7 +559,7 @@ class CacheWriter:
             data = samples[name]
             array = sample_group.create_array(name, shape=data.shape, dtype=str if name == "key" else data.dtype, chunks=data.shape)
             array[...] = data
-            hashes[name] = sha256_bytes(np.ascontiguousarray(data).astype(str if name == "key" else data.dtype).tobytes())
+            hashes[name] = sample_array_sha256(name, data)
         (path / LEDGER_DIR).mkdir(exist_ok=True)
         manifest = dataclasses.replace(manifest, samples_sha256=hashes)
         write_manifest(path, manifest)

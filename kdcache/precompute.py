@@ -1,0 +1,296 @@
+"""Stage one: run the teacher once per augmentation seed and store every view's teacher record.
+
+``precompute(config)`` plans blocks (or reads the plan of an existing cache), then works
+through the uncommitted units (epoch, group of blocks): read and decode each block's samples,
+draw the views' augmentation parameters, replay them, run the teacher, keep the top-k logits and
+the tail summary, and commit the unit. Under torchrun each rank takes every world-th pending
+unit, so ranks never share a shard file; rank 0 alone creates or extends the cache. Preparing
+the next block (decode, replay) overlaps the teacher's forward pass on the current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache import __version__, distributed
+from kdcache.augment import param_fields, resolve_spec, sample_view_params
+from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, KdcacheError, MismatchError
+from kdcache.format import (
+    COMPRESSION,
+    FORMAT_VERSION,
+    Cache,
+    CacheWriter,
+    Manifest,
+    check_compatible,
+    library_versions,
+    now_iso,
+    read_manifest,
+    Location,
+    record_dtypes,
+)
+from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
+from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
+from kdcache.replay import replay_block, replay_fingerprint
+from kdcache.sources import Source, decode_sample, open_source
+from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecomputeConfig:
+    data: str
+    output: str
+    teacher: TeacherConfig
+    split: str = "train"
+    augmentation: str = "light"
+    epochs: int = 1
+    seed: int = 0
+    topk: int | str = 10
+    block_size: int = 1024
+    blocks_per_unit: int = 8
+    batch_size: int = 256
+    replay_path: str = "pil"
+    resume: bool = False
+    repair: bool = False
+    max_units: int | None = None
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs}; expected at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}; expected a positive integer")
+        if not (self.topk == "full" or (isinstance(self.topk, int) and self.topk >= 1)):
+            raise ConfigError(f"--topk {self.topk!r}; expected a positive integer or 'full'")
+        if self.repair and not self.resume:
+            raise ConfigError("--repair works on an existing cache; pass it together with --resume")
+
+
+@dataclass
+class PrecomputeResult:
+    output: str
+    units_done: int
+    units_skipped: int
+    views: int
+    seconds: float
+    epochs_complete: list[int]
+
+    @property
+    def views_per_second(self) -> float:
+        return self.views / self.seconds if self.seconds else 0.0
+
+
+def _resolve_k(topk: int | str, num_classes: int) -> int:
+    if topk == "full":
+        return num_classes
+    if topk > num_classes:
+        raise ConfigError(f"--topk {topk} exceeds the teacher's {num_classes} classes; use --topk full to keep all logits")
+    return int(topk)
+
+
+def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan, layout, spec) -> Manifest:
+    k = _resolve_k(config.topk, teacher_info.num_classes)
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        tool_version=__version__,
+        created=now_iso(),
+        command=config.command or " ".join(sys.argv),
+        teacher=teacher_info,
+        dataset=dataset_info(source, plan),
+        augmentation=spec.to_dict(),
+        seed=config.seed,
+        epochs=config.epochs,
+        k=k,
+        dtypes=record_dtypes(teacher_info.num_classes),
+        tail={"betas": list(TAIL_BETAS), "temperature_range": list(TEMPERATURE_RANGE)},
+        param_fields=list(param_fields(spec)),
+        replay=replay_fingerprint(config.replay_path),
+        blocks=layout,
+        libraries=library_versions(),
+        compression=COMPRESSION,
+    )
+
+
+def _is_cache(path: Path) -> bool:
+    try:
+        read_manifest(Location(path))
+        return True
+    except Exception:
+        return False
+
+
+def _prepare_output(config, source, teacher_info, spec, log) -> None:
+    """Rank 0: create the cache, or check and extend an existing one. Nothing is overwritten on error."""
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
+    exists = out.is_dir() and any(out.iterdir())
+    if exists and not _is_cache(out):
+        raise ConfigError(f"output {out} exists and is not a kdcache cache; choose a new directory")
+    layout, members = plan_layout(source, block_size=config.block_size, blocks_per_unit=config.blocks_per_unit, seed=config.seed)
+    if not exists:
+        log(f"planning {len(source)} samples in {layout.num_blocks} blocks ({layout.num_units} units per epoch)")
+        plan = scan_plan(source, layout, members)
+        CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec), plan)
+        return
+    if not config.resume:
+        raise ConfigError(f"output {out} is already a kdcache cache; pass --resume to finish or extend it")
+    cache = Cache(out, verify_checksums=False)
+    existing = cache.manifest
+    plan = cache.samples()
+    wanted = dataclasses.replace(
+        build_manifest(config, source, teacher_info, plan, layout, spec),
+        dataset=existing.dataset if existing.dataset.num_samples == len(source) else dataset_info(source, plan),
+    )
+    check_compatible(existing, wanted)
+    first = existing.blocks
+    check_block(read_block(source, first, 0, plan["source_index"][first.block_slots(0)]), plan, first.block_slots(0),
+                what=f"data {config.data}")
+    writer = CacheWriter(out)
+    if config.epochs > existing.epochs:
+        log(f"extending {out} from {existing.epochs} to {config.epochs} epochs")
+        writer.extend_epochs(config.epochs)
+    if config.repair:
+        _repair(cache, writer, log)
+
+
+def _repair(cache: Cache, writer: CacheWriter, log) -> None:
+    damaged = []
+    for epoch, unit in sorted(cache.ledger):
+        try:
+            cache.verify_unit(epoch, unit)
+        except (ChecksumError, IncompleteCacheError) as exc:
+            damaged.append((epoch, unit))
+            log(f"repair: {exc}")
+            writer.uncommit(epoch, unit)
+    log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
+
+
+class _UnitWorker:
+    """Everything needed to compute units: the source, the plan, the spec and the teacher."""
+
+    def __init__(self, config, source, teacher, device, manifest: Manifest, plan):
+        self.config, self.source, self.teacher, self.device = config, source, teacher, device
+        self.manifest, self.plan, self.layout = manifest, plan, manifest.blocks
+        self.spec = manifest.spec()
+
+    def prepare(self, epoch: int, block: int):
+        """Read, check, decode and replay one block: (views tensor, slot slice)."""
+        where = self.layout.block_slots(block)
+        members = self.plan["source_index"][where]
+        samples = read_block(self.source, self.layout, block, members)
+        check_block(samples, self.plan, where, what=f"data {self.config.data} (epoch {epoch} block {block})")
+        images = [decode_sample(s) for s in samples]
+        params = sample_view_params(
+            self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
+            image_sizes=[(img.height, img.width) for img in images],
+        )
+        views = replay_block(self.spec, params, images, path=self.manifest.replay["path"])
+        return views, params
+
+    def score(self, views: torch.Tensor) -> torch.Tensor:
+        outputs = [teacher_logits(self.teacher, views[i : i + self.config.batch_size], self.device)
+                   for i in range(0, len(views), self.config.batch_size)]
+        return torch.cat(outputs).cpu()
+
+
+def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
+    layout = manifest.blocks
+    rows = len(layout.unit_blocks(unit)) * layout.block_capacity
+    k = manifest.k
+    return {
+        "values": np.zeros((rows, k), dtype=manifest.dtypes["values"]),
+        "indices": np.zeros((rows, k), dtype=manifest.dtypes["indices"]),
+        "tail": np.zeros((rows, 2), dtype=manifest.dtypes["tail"]),
+        "params": np.zeros((rows, len(manifest.param_fields)), dtype=manifest.dtypes["params"]),
+    }
+
+
+def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
+    """Create (or resume, or extend) a cache. Returns what this rank did."""
+    device = distributed.resolve_device("auto", distributed.ranks_from_env())
+    ranks = distributed.init(device)
+    source = open_source(config.data, split=config.split)
+    teacher, teacher_info = load_teacher(
+        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names)
+    )
+    if source.num_classes != teacher_info.num_classes:
+        raise MismatchError(
+            f"data {config.data} has {source.num_classes} classes but the teacher has {teacher_info.num_classes}"
+        )
+    _resolve_k(config.topk, teacher_info.num_classes)
+    spec = resolve_spec(
+        config.augmentation, output_size=teacher_info.input_size[-1], mean=teacher_info.mean, std=teacher_info.std,
+        interpolation=teacher_info.interpolation,
+    )
+    if len(source) == 0:
+        raise ConfigError(f"data {config.data} contains no samples")
+    failure: BaseException | None = None
+    if ranks.main:
+        try:
+            _prepare_output(config, source, teacher_info, spec, log)
+        except KdcacheError as exc:
+            failure = exc
+    message = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
+    writer = CacheWriter(config.output)
+    manifest = writer.manifest
+    cache = Cache(config.output, verify_checksums=False)
+    plan = cache.samples()
+    committed = set(cache.ledger)
+    layout = manifest.blocks
+    pending = [(e, u) for e in range(manifest.epochs) for u in range(layout.num_units) if (e, u) not in committed]
+    mine = pending[ranks.rank :: ranks.world]
+    if config.max_units is not None:
+        mine = mine[: config.max_units]
+    worker = _UnitWorker(config, source, teacher, device, manifest, plan)
+    if ranks.main:
+        log(f"{len(committed)} unit(s) already committed, {len(pending)} to compute on {ranks.world} rank(s)")
+    start = time.perf_counter()
+    views_done = _run_units(worker, writer, mine, log)
+    seconds = time.perf_counter() - start
+    distributed.barrier()
+    cache.refresh()
+    return PrecomputeResult(
+        output=str(config.output), units_done=len(mine), units_skipped=len(committed), views=views_done,
+        seconds=seconds, epochs_complete=cache.complete_epochs(),
+    )
+
+
+def _run_units(worker: _UnitWorker, writer: CacheWriter, units: list[tuple[int, int]], log) -> int:
+    """Compute and commit ``units``; the next block is prepared while the teacher scores this one."""
+    layout = worker.layout
+    jobs = [(e, u, b) for e, u in units for b in layout.unit_blocks(u)]
+    views_done = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = [pool.submit(worker.prepare, e, b) for e, _, b in jobs[:2]]
+        arrays, current = None, None
+        for index, (epoch, unit, block) in enumerate(jobs):
+            views, params = futures[index].result()
+            if index + 2 < len(jobs):
+                futures.append(pool.submit(worker.prepare, *jobs[index + 2][::2]))
+            futures[index] = None
+            if current != (epoch, unit):
+                arrays, current = _unit_arrays(worker.manifest, unit), (epoch, unit)
+            values, indices, tail = make_records(worker.score(views), worker.manifest.k)
+            offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
+            rows = slice(offset, offset + len(views))
+            arrays["values"][rows] = values.numpy()
+            arrays["indices"][rows] = indices.numpy().astype(arrays["indices"].dtype)
+            arrays["tail"][rows] = tail.numpy()
+            arrays["params"][rows] = params
+            views_done += len(views)
+            if block == layout.unit_blocks(unit)[-1]:
+                writer.write_unit(epoch, unit, arrays)
+                log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
+    return views_done
