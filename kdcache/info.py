@@ -1,0 +1,84 @@
+"""`kdcache info`: what a team receiving a cache needs to know at a glance."""
+
+from __future__ import annotations
+
+from kdcache.format import Cache, open_cache
+
+
+def cache_info(location: str, *, cache: Cache | None = None) -> dict:
+    """A JSON-ready summary of a cache: teacher, dataset, augmentation, epochs, k, size, bytes per view."""
+    cache = cache or open_cache(location, verify_checksums=False)
+    m = cache.manifest
+    complete = cache.complete_epochs()
+    views = sum(entry.views for entry in cache.ledger.values())
+    size = cache.location.size()
+    return {
+        "location": str(cache.location),
+        "format_version": m.format_version,
+        "tool_version": m.tool_version,
+        "created": m.created,
+        "command": m.command,
+        "teacher": {
+            "name": m.teacher.name,
+            "weights_sha256": m.teacher.weights_sha256,
+            "num_classes": m.teacher.num_classes,
+            "input_size": m.teacher.input_size,
+            "mean": m.teacher.mean,
+            "std": m.teacher.std,
+            "interpolation": m.teacher.interpolation,
+        },
+        "dataset": {
+            "kind": m.dataset.kind,
+            "uri": m.dataset.uri,
+            "split": m.dataset.split,
+            "num_samples": m.dataset.num_samples,
+            "digest": m.dataset.digest,
+        },
+        "augmentation": m.augmentation,
+        "seed": m.seed,
+        "k": m.k,
+        "epochs_planned": m.epochs,
+        "epochs_complete": complete,
+        "units_committed": len(cache.ledger),
+        "units_total": m.epochs * m.blocks.num_units,
+        "blocks": m.blocks.num_blocks,
+        "views_committed": views,
+        "replay": m.replay,
+        "size_bytes": size,
+        "files": cache.location.file_count(),
+        "bytes_per_view": size / views if views else None,
+    }
+
+
+def _ranges(epochs: list[int]) -> str:
+    if not epochs:
+        return "none"
+    parts, start, prev = [], epochs[0], epochs[0]
+    for e in epochs[1:] + [None]:
+        if e is not None and e == prev + 1:
+            prev = e
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if e is not None:
+            start = prev = e
+    return ", ".join(parts)
+
+
+def format_info(info: dict) -> str:
+    t, d, a = info["teacher"], info["dataset"], info["augmentation"]
+    bpv = info["bytes_per_view"]
+    lines = [
+        f"cache       {info['location']} (format v{info['format_version']}, kdcache {info['tool_version']}, created {info['created']})",
+        f"teacher     {t['name']}  {t['num_classes']} classes  input {'x'.join(map(str, t['input_size']))}  "
+        f"{t['interpolation']}  mean {t['mean']} std {t['std']}",
+        f"            weights sha256 {t['weights_sha256']}",
+        f"dataset     {d['kind']} {d['uri']} ({d['split']}): {d['num_samples']} samples in {info['blocks']} blocks, digest {d['digest'][:16]}",
+        f"augment     {a['name']}: crop {a['crop']}, flip {a['hflip']}, randaug n={a['randaug_n']}, erase {a['erase_prob']}, "
+        f"mix {a['mix']}; output {a['output_size']}px; seed {info['seed']}",
+        f"records     top-{info['k']} fp16 logits + tail summary; replay path {info['replay']['path']}",
+        f"epochs      {len(info['epochs_complete'])} of {info['epochs_planned']} complete ({_ranges(info['epochs_complete'])}); "
+        f"{info['units_committed']}/{info['units_total']} units committed",
+        f"size        {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files; "
+        + (f"{bpv:.1f} bytes per view ({info['views_committed']} views)" if bpv else "no views committed"),
+    ]
+    return "\n".join(lines)
