@@ -106,6 +106,30 @@ def info(
     typer.echo(json.dumps(summary, indent=1) if as_json else format_info(summary))
 
 
+@app.command("verify")
+@handles_errors
+def verify(
+    cache: str = typer.Argument(..., help="Cache path or URL."),
+    data: Optional[str] = typer.Option(None, "--data", help="The source the cache was made from."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="timm model name of the teacher."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
+    teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
+    views: int = typer.Option(64, "--views", help="Random views to re-run through the teacher."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the view sample."),
+    replay_path: Optional[str] = typer.Option(None, "--replay-path", help="Replay with another path (default: the cache's)."),
+    quick: bool = typer.Option(False, "--quick", help="Structure and checksums only, no data or teacher."),
+):
+    """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
+    from kdcache.verify import VerifyConfig, verify as run_verify
+
+    has_teacher = teacher is not None or teacher_file is not None
+    config = VerifyConfig(
+        cache=cache, data=data, views=views, seed=seed, replay_path=replay_path, quick=quick,
+        teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
+    )
+    run_verify(config, log=typer.echo)
+
+
 @app.command("make-shards")
 @handles_errors
 def make_shards(

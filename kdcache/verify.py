@@ -1,0 +1,228 @@
+"""`kdcache verify`: a gate, not a log line.
+
+Checks, in order: structure (manifest, array shapes and dtypes against the manifest), the
+ledger (every planned unit committed, every committed unit's files matching their sha256),
+the dataset (every sample's digest against the plan, when the data is given) and replay
+fidelity (the teacher re-run on randomly chosen views rebuilt from the stored parameters
+must give the stored record: the same class indices, values equal up to fp16 rounding).
+Any failure raises :class:`VerifyError` naming the view, unit or sample and what differed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kdcache import distributed
+from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
+from kdcache.format import RECORD_ARRAYS, Cache, open_cache
+from kdcache.plan import check_block, read_block
+from kdcache.record import make_records
+from kdcache.replay import PATHS, replay_block
+from kdcache.sources import decode_sample, open_source
+from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
+from kdcache.augment import sample_view_params
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyConfig:
+    cache: str
+    data: str | None = None
+    teacher: TeacherConfig | None = None
+    views: int = 64
+    seed: int = 0
+    replay_path: str | None = None
+    quick: bool = False
+    check_params: bool = True
+
+    def __post_init__(self) -> None:
+        if self.views < 0:
+            raise ConfigError(f"--views {self.views}; expected 0 or more")
+        if self.replay_path is not None and self.replay_path not in PATHS:
+            raise ConfigError(f"--replay-path {self.replay_path!r}; expected one of {', '.join(PATHS)}")
+        if not self.quick and self.views > 0 and (self.data is None or self.teacher is None):
+            raise ConfigError("replay fidelity needs --data and the teacher (--teacher/--teacher-checkpoint or --teacher-file); "
+                              "or pass --quick for structure and checksums only")
+
+
+@dataclass
+class VerifyReport:
+    cache: str
+    checks: list[tuple[str, str]] = field(default_factory=list)  # (check, outcome)
+    failures: list[str] = field(default_factory=list)
+    views_checked: int = 0
+    max_abs_diff: float = 0.0
+    replay_path: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def add(self, check: str, outcome: str) -> None:
+        self.checks.append((check, outcome))
+
+    def fail(self, message: str) -> None:
+        self.failures.append(message)
+
+    def format(self) -> str:
+        lines = [f"verify {self.cache}"]
+        lines += [f"  {check:<12} {outcome}" for check, outcome in self.checks]
+        lines += [f"  FAILED       {failure}" for failure in self.failures[:20]]
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more failures")
+        lines.append("  result       " + ("OK" if self.ok else f"FAILED ({len(self.failures)} problem(s))"))
+        return "\n".join(lines)
+
+
+def fp16_ulp(values: np.ndarray) -> np.ndarray:
+    """The spacing of fp16 numbers at each value (what one rounding step can change)."""
+    values = np.abs(values.astype(np.float16))
+    return np.spacing(values).astype(np.float32)
+
+
+def compare_records(stored: dict, values: np.ndarray, indices: np.ndarray) -> str | None:
+    """None if a recomputed record matches the stored one, else what differed."""
+    s_values = stored["values"].astype(np.float32)
+    s_indices = stored["indices"].astype(np.int64)
+    tolerance = np.maximum(fp16_ulp(s_values), fp16_ulp(values))
+    diff = np.abs(s_values - values.astype(np.float32))
+    if not np.array_equal(s_indices, indices):
+        # Only a near-tie may swap places: the same classes in a different order, values within rounding.
+        swapped = np.flatnonzero(s_indices != indices)
+        if not (set(s_indices.tolist()) == set(indices.tolist()) and np.all(diff <= tolerance)):
+            i = int(swapped[0])
+            return f"class at rank {i} is {int(indices[i])} (logit {values[i]:.4g}), stored {int(s_indices[i])} (logit {s_values[i]:.4g})"
+    if np.any(diff > tolerance):
+        i = int(np.argmax(diff - tolerance))
+        return f"logit of class {int(s_indices[i])} is {values[i]:.6g}, stored {s_values[i]:.6g} (|diff| {diff[i]:.3g} > fp16 rounding {tolerance[i]:.3g})"
+    return None
+
+
+def _check_structure(cache: Cache, report: VerifyReport) -> None:
+    m = cache.manifest
+    widths = {"values": m.k, "indices": m.k, "tail": 2, "params": len(m.param_fields)}
+    for name in RECORD_ARRAYS:
+        try:
+            array = cache._array(name)
+        except KdcacheError as exc:
+            report.fail(str(exc))
+            continue
+        expected = (m.epochs, m.blocks.num_slots, widths[name])
+        if tuple(array.shape) != expected or np.dtype(array.dtype) != np.dtype(m.dtypes[name]):
+            report.fail(f"array {name}: shape {tuple(array.shape)} dtype {array.dtype}; manifest says {expected} {m.dtypes[name]}")
+    try:
+        m.spec()
+    except KdcacheError as exc:
+        report.fail(f"manifest augmentation: {exc}")
+    report.add("structure", "ok" if not report.failures else "FAILED")
+
+
+def _check_ledger(cache: Cache, report: VerifyReport) -> None:
+    m = cache.manifest
+    missing, damaged = 0, 0
+    for epoch in range(m.epochs):
+        for unit in range(m.blocks.num_units):
+            if not cache.unit_committed(epoch, unit):
+                missing += 1
+                report.fail(f"epoch {epoch} unit {unit} (blocks {m.blocks.unit_blocks(unit).start}.."
+                            f"{m.blocks.unit_blocks(unit).stop - 1}) is not committed")
+                continue
+            try:
+                cache.verify_unit(epoch, unit)
+            except (ChecksumError, IncompleteCacheError) as exc:
+                damaged += 1
+                report.fail(str(exc))
+    report.add("ledger", f"{len(cache.ledger)} unit(s) committed, {missing} missing, {damaged} damaged")
+
+
+def _check_dataset(cache: Cache, source, plan, report: VerifyReport, data: str) -> None:
+    layout = cache.layout
+    for block in range(layout.num_blocks):
+        where = layout.block_slots(block)
+        try:
+            check_block(read_block(source, layout, block, plan["source_index"][where]), plan, where, what=f"data {data} block {block}")
+        except (MismatchError, KdcacheError) as exc:
+            report.fail(str(exc))
+            report.add("dataset", "FAILED")
+            return
+    report.add("dataset", f"{cache.manifest.dataset.num_samples} sample digests match")
+
+
+def _pick_views(cache: Cache, count: int, seed: int) -> dict[tuple[int, int], list[int]]:
+    """Random committed views, grouped by (epoch, block): positions within the block."""
+    layout = cache.layout
+    candidates = [(e, b) for (e, u) in sorted(cache.ledger) for b in layout.unit_blocks(u)]
+    rng = np.random.default_rng(seed)
+    picked: dict[tuple[int, int], list[int]] = {}
+    if not candidates:
+        return picked
+    for _ in range(count):
+        epoch, block = candidates[int(rng.integers(len(candidates)))]
+        picked.setdefault((epoch, block), []).append(int(rng.integers(layout.sizes[block])))
+    return {key: sorted(set(value)) for key, value in picked.items()}
+
+
+def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: VerifyReport) -> None:
+    m = cache.manifest
+    device = distributed.resolve_device("auto", distributed.ranks_from_env())
+    teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
+    if info.weights_sha256 != m.teacher.weights_sha256:
+        report.fail(f"teacher weights differ: {config.teacher.checkpoint or config.teacher.model_file} has sha256 "
+                    f"{info.weights_sha256[:16]}..., the cache was made with {m.teacher.weights_sha256[:16]}...")
+    spec = m.spec()
+    path = config.replay_path or m.replay["path"]
+    report.replay_path = path if path == m.replay["path"] else f"{path} (cache made with {m.replay['path']})"
+    layout = cache.layout
+    bad = 0
+    for (epoch, block), positions in sorted(_pick_views(cache, config.views, config.seed).items()):
+        stored = cache.read_block(epoch, block)
+        where = layout.block_slots(block)
+        members = plan["source_index"][where]
+        samples = read_block(source, layout, block, members)
+        images = [decode_sample(s) for s in samples]
+        if config.check_params:
+            drawn = sample_view_params(spec, seed=m.seed, epoch=epoch, block_id=block, sample_ids=members,
+                                       image_sizes=[(img.height, img.width) for img in images])
+            if not np.array_equal(drawn[positions], stored["params"][positions]):
+                row = positions[int(np.flatnonzero(np.any(drawn[positions] != stored["params"][positions], axis=1))[0])]
+                col = int(np.flatnonzero(drawn[row] != stored["params"][row])[0])
+                report.fail(f"view (epoch {epoch}, sample {plan['key'][where][row]}): stored parameter "
+                            f"{m.param_fields[col]} = {stored['params'][row, col]:.6g}, the spec and seed give {drawn[row, col]:.6g}")
+                bad += 1
+        views = replay_block(spec, stored["params"], images, positions=positions, path=path)
+        logits = teacher_logits(teacher, views, device).cpu()
+        values, indices, _ = make_records(logits, m.k)
+        for row, position in enumerate(positions):
+            record = {name: stored[name][position] for name in ("values", "indices")}
+            problem = compare_records(record, values[row].float().numpy(), indices[row].numpy())
+            report.max_abs_diff = max(report.max_abs_diff, float(np.abs(record["values"].astype(np.float32) - values[row].float().numpy()).max()))
+            report.views_checked += 1
+            if problem:
+                bad += 1
+                report.fail(f"view (epoch {epoch}, sample {plan['key'][where][position]}, block {block}): {problem}")
+    report.add("replay", f"{report.views_checked} view(s) on path {report.replay_path}: {report.views_checked - bad} match, "
+                         f"max |diff| {report.max_abs_diff:.3g}")
+
+
+def verify(config: VerifyConfig, *, log=print) -> VerifyReport:
+    """Run every check; raises VerifyError (after logging the report) if any failed."""
+    cache = open_cache(config.cache, verify_checksums=True)
+    report = VerifyReport(cache=str(cache.location))
+    _check_structure(cache, report)
+    _check_ledger(cache, report)
+    plan = cache.samples()
+    if config.data is not None and not config.quick:
+        m = cache.manifest
+        shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
+        kwargs = {"shard_sizes": shard_sizes} if shard_sizes else {}
+        source = open_source(config.data, split=m.dataset.split, **kwargs)
+        _check_dataset(cache, source, plan, report, config.data)
+        if config.views and report.ok:
+            _check_replay(cache, config, source, plan, report)
+    log(report.format())
+    if not report.ok:
+        raise VerifyError(f"{report.failures[0]}" + (f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""))
+    return report
