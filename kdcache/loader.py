@@ -1,0 +1,288 @@
+"""The view loader: streams blocks, replays views, and yields batches with their teacher records.
+
+For each training epoch the order of views is a pure function of (train seed, training epoch,
+number of DataLoader workers), never of the number of ranks:
+
+1. blocks are taken in a seeded order and grouped into *windows* of ``window_blocks`` blocks;
+2. inside a window the views are shuffled (a seeded shuffle buffer the size of the window) and
+   cut into global batches; the few views left over in each window go to a final *tail window*;
+3. DataLoader worker ``k`` handles windows ``k, k + n, ...``, so each block is decoded once per
+   epoch by one worker, and the DataLoader interleaves the workers' batches round-robin;
+4. every global batch is split into ``world`` equal slices, one per rank, so a 2-rank run steps
+   on exactly the views of a 1-rank run with the same global batch.
+
+Teacher records are read by whole units (one contiguous, checksum-verified read per array) in a
+prefetch thread one window ahead. Training epochs beyond the cached epochs cycle through them.
+Without a cache (``--loss ce``, or an online teacher) the parameters are drawn from the spec
+and the seed, exactly as precompute draws them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdcache.augment import AugSpec, preset, sample_view_params
+from kdcache.batch import Batch
+from kdcache.distributed import Ranks
+from kdcache.errors import ConfigError
+from kdcache.format import BlockLayout, Cache
+from kdcache.plan import check_block, read_block
+from kdcache.record import TeacherRecord
+from kdcache.replay import replay_block, view_targets
+from kdcache.sources import Source, decode_sample
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    batch_size: int
+    seed: int = 0
+    window_blocks: int = 4
+    num_workers: int = 0
+    replay_path: str = "pil"
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.window_blocks < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"batch_size={self.batch_size}, window_blocks={self.window_blocks}, num_workers={self.num_workers}; "
+                "expected positive batch size and window, non-negative workers"
+            )
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([int(k) for k in key])))
+
+
+class _Views:
+    """What the loader needs to know about the views: layout, plan, spec, and where records come from."""
+
+    def __init__(self, *, layout: BlockLayout, plan: dict, spec: AugSpec, num_classes: int, cache: Cache | None,
+                 cache_epochs: list[int], seed: int, source: Source):
+        self.layout, self.plan, self.spec, self.num_classes = layout, plan, spec, num_classes
+        self.cache, self.cache_epochs, self.seed, self.source = cache, cache_epochs, seed, source
+
+
+class _EpochPlan:
+    """The epoch's windows: lists of (block, position) and how they are cut into global batches."""
+
+    def __init__(self, views: _Views, blocks: list[int], config: LoaderConfig, train_epoch: int, num_workers: int):
+        layout = views.layout
+        order = [blocks[i] for i in _rng(config.seed, train_epoch, 0x6F72646572).permutation(len(blocks))]
+        self.windows: list[np.ndarray] = []
+        leftovers = []
+        batch = config.batch_size
+        for w in range(0, len(order), config.window_blocks):
+            members = np.array([(b, p) for b in order[w : w + config.window_blocks] for p in range(layout.sizes[b])], dtype=np.int64)
+            members = members[_rng(config.seed, train_epoch, w, 0x77696E).permutation(len(members))]
+            cut = len(members) - len(members) % batch
+            self.windows.append(members[:cut])
+            leftovers.append(members[cut:])
+        tail = np.concatenate(leftovers) if leftovers else np.zeros((0, 2), dtype=np.int64)
+        tail = tail[_rng(config.seed, train_epoch, 0x7461696C).permutation(len(tail))]
+        if not config.drop_last and len(tail) % batch:
+            pad = batch - len(tail) % batch
+            tail = np.concatenate([tail, tail[:pad]]) if len(tail) >= pad else np.resize(tail, (len(tail) + pad, 2))
+        self.windows.append(tail[: len(tail) - len(tail) % batch])
+        self.batch = batch
+        self.num_workers = max(1, num_workers)
+        per_worker = [0] * self.num_workers
+        for w, members in enumerate(self.windows):
+            per_worker[w % self.num_workers] += len(members) // batch
+        self.per_worker = per_worker
+        self.num_batches = sum(per_worker)
+
+    def resume_point(self, start_batch: int) -> tuple[list[int], int]:
+        """After ``start_batch`` batches of the round-robin: batches done per worker, and the worker due next."""
+        done = [0] * self.num_workers
+        remaining = list(self.per_worker)
+        worker, delivered = 0, 0
+        while delivered < start_batch:
+            if remaining[worker] > 0:
+                remaining[worker] -= 1
+                done[worker] += 1
+                delivered += 1
+            worker = (worker + 1) % self.num_workers
+        return done, worker
+
+
+class _EpochStream(IterableDataset):
+    """One training epoch of one rank, as an IterableDataset that splits windows over workers."""
+
+    def __init__(self, views: _Views, config: LoaderConfig, ranks: Ranks, train_epoch: int, blocks: list[int], start_batch: int):
+        self.views, self.config, self.ranks = views, config, ranks
+        self.train_epoch, self.start_batch = train_epoch, start_batch
+        self.plan = _EpochPlan(views, blocks, config, train_epoch, config.num_workers)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        done, due = self.plan.resume_point(self.start_batch)
+        # A fresh DataLoader starts its round-robin at worker 0: worker 0 takes the role of the one due next.
+        role = (worker + due) % workers
+        skip = done[role] if workers > 1 else self.start_batch
+        windows = [w for w in range(len(self.plan.windows)) if w % workers == role]
+        reader = _WindowReader(self.views, self.config, self.train_epoch)
+        yield from reader.batches(self.plan, windows, self.ranks, skip)
+
+
+class _WindowReader:
+    """Reads records, decodes images and replays views for one window at a time."""
+
+    def __init__(self, views: _Views, config: LoaderConfig, train_epoch: int):
+        self.v, self.config, self.train_epoch = views, config, train_epoch
+        self.cache_epoch = views.cache_epochs[train_epoch % len(views.cache_epochs)] if views.cache else train_epoch
+
+    def _records(self, blocks: list[int]) -> dict[int, dict]:
+        v = self.v
+        if v.cache is None:
+            return {}
+        units = sorted({v.layout.unit_of(b) for b in blocks})
+        out = {}
+        for unit in units:
+            arrays = v.cache.read_unit(self.cache_epoch, unit)
+            first = v.layout.unit_blocks(unit).start
+            for b in v.layout.unit_blocks(unit):
+                if b in blocks:
+                    start = (b - first) * v.layout.block_capacity
+                    out[b] = {k: a[start : start + v.layout.sizes[b]] for k, a in arrays.items()}
+        return out
+
+    def batches(self, plan: _EpochPlan, windows: list[int], ranks: Ranks, skip: int):
+        batch, world = plan.batch, ranks.world
+        if batch % world:
+            raise ConfigError(f"global batch size {batch} is not divisible by the {world} ranks")
+        share = batch // world
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = None
+            for i, w in enumerate(windows):
+                members = plan.windows[w]
+                count = len(members) // batch
+                if skip >= count:
+                    skip -= count
+                    continue
+                blocks = sorted(set(members[:, 0].tolist()))
+                records = pending.result() if pending is not None and pending_for == w else self._records(blocks)
+                if i + 1 < len(windows):
+                    nxt = windows[i + 1]
+                    pending, pending_for = prefetch.submit(self._records, sorted(set(plan.windows[nxt][:, 0].tolist()))), nxt
+                mine = np.concatenate([members[j * batch + ranks.rank * share : j * batch + (ranks.rank + 1) * share]
+                                       for j in range(skip, count)]) if count > skip else members[:0]
+                views = self._replay(mine, records)
+                for j in range(count - skip):
+                    rows = slice(j * share, (j + 1) * share)
+                    yield self._batch(mine[rows], views, records)
+                skip = 0
+
+    def _replay(self, mine: np.ndarray, records: dict[int, dict]) -> dict[tuple[int, int], tuple]:
+        """Replay every view this rank needs from the window: {(block, pos): (tensor, target, label)}."""
+        v = self.v
+        out = {}
+        for block in sorted(set(mine[:, 0].tolist())):
+            positions = np.unique(mine[mine[:, 0] == block, 1])
+            where = v.layout.block_slots(block)
+            members = v.plan["source_index"][where]
+            samples = read_block(v.source, v.layout, block, members)
+            if v.cache is not None:
+                check_block(samples, v.plan, where, what=f"training data (block {block})")
+            images = _LazyImages(samples)
+            if v.cache is not None:
+                params = records[block]["params"]
+            else:
+                params = sample_view_params(v.spec, seed=v.seed, epoch=self.cache_epoch, block_id=block, sample_ids=members,
+                                            image_sizes=images.sizes())
+            labels = np.array([s.label for s in samples], dtype=np.int64)
+            tensors = replay_block(v.spec, params, images, positions=positions, path=self.config.replay_path)
+            targets = view_targets(v.spec, params, labels, v.num_classes, positions=positions)
+            for row, pos in enumerate(positions.tolist()):
+                out[(block, pos)] = (tensors[row], targets[row], int(labels[pos]))
+        return out
+
+    def _batch(self, members: np.ndarray, views: dict, records: dict[int, dict]) -> Batch:
+        v = self.v
+        items = [views[(int(b), int(p))] for b, p in members]
+        record = None
+        if v.cache is not None:
+            rows = [{k: records[int(b)][k][int(p)] for k in ("values", "indices", "tail")} for b, p in members]
+            record = TeacherRecord(
+                values=torch.from_numpy(np.stack([r["values"] for r in rows])),
+                indices=torch.from_numpy(np.stack([r["indices"] for r in rows]).astype(np.int64)),
+                tail=torch.from_numpy(np.stack([r["tail"] for r in rows])),
+                num_classes=v.num_classes,
+            )
+        slots = members[:, 0] * v.layout.block_capacity + members[:, 1]
+        return Batch(
+            images=torch.stack([item[0] for item in items]),
+            target=torch.stack([item[1] for item in items]),
+            labels=torch.tensor([item[2] for item in items], dtype=torch.long),
+            record=record,
+            views=torch.from_numpy(np.stack([np.full(len(members), self.cache_epoch), slots], axis=1)),
+        )
+
+
+class _LazyImages:
+    """A block's images, each decoded on first use (a rank decodes only the views it needs)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+        self.decoded: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, position: int):
+        if position not in self.decoded:
+            self.decoded[position] = decode_sample(self.samples[position])
+        return self.decoded[position]
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return [(self[p].height, self[p].width) for p in range(len(self))]
+
+
+class ViewLoader:
+    """This rank's batches of one training epoch, deterministic in (train epoch, start batch)."""
+
+    def __init__(self, *, source: Source, layout: BlockLayout, plan: dict, spec: AugSpec, num_classes: int,
+                 config: LoaderConfig, ranks: Ranks, cache: Cache | None = None, cache_epochs: list[int] | None = None,
+                 blocks: list[int] | None = None, view_seed: int = 0):
+        if cache is not None and not cache_epochs:
+            raise ConfigError(f"cache {cache.location} has no complete epoch to train from")
+        self.views = _Views(layout=layout, plan=plan, spec=spec, num_classes=num_classes, cache=cache,
+                            cache_epochs=list(cache_epochs or []), seed=view_seed, source=source)
+        self.config, self.ranks = config, ranks
+        self.blocks = list(range(layout.num_blocks)) if blocks is None else list(blocks)
+        self.batches_per_epoch = _EpochPlan(self.views, self.blocks, config, 0, config.num_workers).num_batches
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"batch size {config.batch_size} is larger than the {sum(layout.sizes[b] for b in self.blocks)} "
+                              "training views per epoch")
+
+    def epoch_batches(self, train_epoch: int, start_batch: int = 0):
+        stream = _EpochStream(self.views, self.config, self.ranks, train_epoch, self.blocks, start_batch)
+        if self.config.num_workers == 0:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, persistent_workers=False,
+                               prefetch_factor=2))
+
+
+def eval_batches(source: Source, spec: AugSpec, *, batch_size: int, num_classes: int):
+    """Evaluation batches: centre crop at the spec's size and normalisation, no teacher records."""
+    eval_spec = preset("none", output_size=spec.output_size, mean=spec.mean, std=spec.std, interpolation=spec.interpolation)
+    n = len(source)
+    for start in range(0, n, batch_size):
+        samples = source.read(list(range(start, min(n, start + batch_size))))
+        images = [decode_sample(s) for s in samples]
+        params = sample_view_params(eval_spec, seed=0, epoch=0, block_id=0, sample_ids=np.arange(len(samples)),
+                                    image_sizes=[(img.height, img.width) for img in images])
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        yield Batch(
+            images=replay_block(eval_spec, params, images),
+            target=torch.nn.functional.one_hot(labels, num_classes).float(),
+            labels=labels,
+            record=None,
+            views=torch.zeros(len(samples), 2, dtype=torch.long),
+        )
