@@ -93,6 +93,70 @@ def precompute_logits(
          f"epochs complete: {result.epochs_complete}")
 
 
+@app.command("train-student")
+@handles_errors
+def train_student(
+    data: str = typer.Option(..., "--data", help="Training source (the one the cache was made from)."),
+    model: str = typer.Option(..., "--model", help="timm model name of the student."),
+    run_dir: str = typer.Option(..., "--run-dir", help="Directory for checkpoints, metrics and the plot (must not exist unless --resume)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache path or URL (teacher records and views)."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation source, evaluated every epoch."),
+    loss: str = typer.Option("kd", "--loss", help="ce, kd, ttm, wttm or mkd."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="KD/MKD weight of the distillation term."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="KD temperature (MKD: initial temperatures)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="TTM/WTTM weight of the distillation term."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="TTM/WTTM teacher exponent (1/T)."),
+    tail: Optional[str] = typer.Option(None, "--tail", help="How the teacher's tail enters the loss: bucket or uniform."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Run this teacher live (online baseline)."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
+    teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
+    augmentation: str = typer.Option("light", "--augmentation", "-a", help="Without --cache: preset or JSON spec file."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Without --cache: view size in pixels."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch size over all ranks."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    opt: str = typer.Option("adamw", "--opt", help="timm optimizer name."),
+    sched: str = typer.Option("cosine", "--sched", help="timm scheduler name."),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
+    ema: bool = typer.Option(False, "--ema", help="Keep a timm EMA of the weights (exported as the model)."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers per rank."),
+    block_size: int = typer.Option(256, "--block-size", help="Without --cache: samples per block."),
+    meta_blocks: int = typer.Option(1, "--meta-blocks", help="MKD: blocks held out as the meta split."),
+    mkd_meta_every: int = typer.Option(10, "--mkd-meta-every", help="MKD: steps between temperature updates."),
+    mkd_per_class: bool = typer.Option(False, "--mkd-per-class", help="MKD: one student temperature per class."),
+    mkd_full_lookahead: bool = typer.Option(False, "--mkd-full-lookahead", help="MKD: look ahead in all weights, not the head only."),
+    amp: str = typer.Option("bf16", "--amp", help="bf16 (CUDA only) or none."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (CUDA)."),
+    device: str = typer.Option("auto", "--device"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir exactly."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after this many steps."),
+    log_every: int = typer.Option(50, "--log-every"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (0: epoch ends)."),
+    no_verify_checksums: bool = typer.Option(False, "--no-verify-checksums", help="Skip sha256 checks of cache units (trusted local caches)."),
+):
+    """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
+    from kdcache.losses import LossConfig
+    from kdcache.student import StudentConfig, train_student as run
+
+    has_teacher = teacher is not None or teacher_file is not None
+    config = StudentConfig(
+        data=data, model=model, run_dir=run_dir, cache=cache, val_data=val_data,
+        loss=LossConfig(name=loss, alpha=alpha, temperature=temperature, beta=beta, gamma=gamma, tail=tail),
+        teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
+        augmentation=augmentation, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, opt=opt, sched=sched, warmup_epochs=warmup_epochs, ema=ema, seed=seed,
+        num_workers=workers, block_size=block_size, meta_blocks=meta_blocks, mkd_meta_every=mkd_meta_every,
+        mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
+        device=device, resume=resume, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+        verify_checksums=not no_verify_checksums,
+    )
+    result = run(config, log=_log)
+    top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
+    _log(f"{result.steps} steps in {result.wall_time_s:.1f}s ({result.images_per_s:.0f} images/s); final top-1 {top1}")
+
+
 @app.command("info")
 @handles_errors
 def info(

@@ -1,0 +1,211 @@
+"""`kdcache train-student`: wire a cache, a source and a student into the trainer.
+
+``train_student(config)`` opens the cache (path or URL) and the training data, refuses any
+mismatch before the first step (dataset digests, class count, image size, uncommitted units),
+builds the view loader (cached views and teacher records), the validation batches and, for
+MKD, a held-out meta split of whole blocks, then runs :func:`kdcache.train.train`. Without a
+cache (``--loss ce``, or a live ``--teacher``) the views are drawn from an augmentation spec
+and the seed, exactly as precompute would draw them. The trained weights are exported as
+``model.pt``, a checkpoint that ``precompute-logits --teacher`` accepts (so teachers are made
+this way too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache import distributed
+from kdcache.augment import AugSpec, resolve_spec
+from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
+from kdcache.format import open_cache
+from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
+from kdcache.losses import LossConfig
+from kdcache.plan import check_block, plan_layout, read_block
+from kdcache.sources import open_source
+from kdcache.teacher import MODEL_META_KEY, TeacherConfig, load_teacher
+from kdcache.train import RunResult, TrainConfig, train
+
+MODEL_NAME = "model.pt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentConfig:
+    data: str
+    model: str
+    run_dir: str
+    loss: LossConfig
+    cache: str | None = None
+    val_data: str | None = None
+    teacher: TeacherConfig | None = None
+    augmentation: str = "light"
+    img_size: int | None = None
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    ema: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    window_blocks: int = 4
+    block_size: int = 256
+    meta_blocks: int = 1
+    mkd_meta_every: int = 10
+    mkd_per_class: bool = False
+    mkd_head_only: bool = True
+    amp: str = "bf16"
+    compile: bool = False
+    channels_last: bool = True
+    device: str = "auto"
+    resume: bool = False
+    log_every: int = 50
+    checkpoint_every: int = 0
+    max_steps: int | None = None
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss.needs_teacher and self.cache is None and self.teacher is None:
+            raise ConfigError(f"loss {self.loss.name!r} needs teacher records: give --cache, or --teacher for online distillation")
+        if self.cache is None and self.img_size is None:
+            raise ConfigError("without --cache the views are drawn from --augmentation: give --img-size too")
+        if self.meta_blocks < 1:
+            raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
+
+
+def _check_cache_against_data(cache, source, config: StudentConfig) -> list[int]:
+    """Refuse a cache that does not fit the data or is incomplete; returns the epochs to train from."""
+    m = cache.manifest
+    if source.num_classes != m.teacher.num_classes:
+        raise MismatchError(f"data {config.data} has {source.num_classes} classes, the cache {config.cache} has {m.teacher.num_classes}")
+    if len(source) != m.dataset.num_samples:
+        raise MismatchError(f"data {config.data} has {len(source)} samples, the cache {config.cache} was made from {m.dataset.num_samples}")
+    if config.img_size is not None and config.img_size != m.spec().output_size:
+        raise MismatchError(f"--img-size {config.img_size} differs from the cache's view size {m.spec().output_size}; "
+                            "the student trains on the views the teacher saw")
+    units = m.blocks.num_units
+    for epoch in range(m.epochs):
+        for unit in range(units):
+            if not cache.unit_committed(epoch, unit):
+                raise IncompleteCacheError(
+                    f"cache {config.cache}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
+                    f"{m.epochs * units} units); finish it with kdcache precompute-logits --resume"
+                )
+    plan = cache.samples()
+    first = m.blocks.block_slots(0)
+    check_block(read_block(source, m.blocks, 0, plan["source_index"][first]), plan, first, what=f"data {config.data}")
+    return cache.complete_epochs()
+
+
+class _Reiterable:
+    def __init__(self, factory):
+        self.factory = factory
+
+    def __iter__(self):
+        return iter(self.factory())
+
+
+class _MetaBatches:
+    """Meta batches for MKD: the held-out blocks' views, cycling over epochs deterministically."""
+
+    def __init__(self, loader: ViewLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            yield from self.loader.epoch_batches(epoch)
+            epoch += 1
+
+
+def train_student(config: StudentConfig, *, log=print) -> RunResult:
+    ranks = distributed.ranks_from_env()
+    if config.cache is not None:
+        cache = open_cache(config.cache, verify_checksums=config.verify_checksums)
+        m = cache.manifest
+        shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
+        source = open_source(config.data, split=m.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
+        cache_epochs = _check_cache_against_data(cache, source, config)
+        spec, layout, plan, num_classes = m.spec(), m.blocks, cache.samples(), m.teacher.num_classes
+        class_names = m.dataset.class_names
+    else:
+        cache, cache_epochs = None, None
+        source = open_source(config.data)
+        spec = resolve_spec(config.augmentation, output_size=config.img_size, mean=config.mean, std=config.std,
+                            interpolation="bilinear")
+        layout, members = plan_layout(source, block_size=config.block_size, blocks_per_unit=1, seed=config.seed)
+        plan = {"source_index": np.full(layout.num_slots, -1, dtype=np.int64)}
+        for block, block_members in enumerate(members):
+            plan["source_index"][layout.block_slots(block)] = block_members
+        num_classes, class_names = source.num_classes, list(source.class_names)
+    blocks = list(range(layout.num_blocks))
+    meta_loader = None
+    loader_config = LoaderConfig(batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,
+                                 num_workers=config.num_workers)
+    common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
+                  cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
+    if config.loss.name == "mkd":
+        if config.meta_blocks >= len(blocks):
+            raise ConfigError(f"--meta-blocks {config.meta_blocks} leaves no block to train on (the data has {len(blocks)})")
+        blocks, held_out = blocks[: -config.meta_blocks], blocks[-config.meta_blocks :]
+        meta_size = min(config.batch_size, sum(layout.sizes[b] for b in held_out))
+        meta_loader = ViewLoader(config=dataclasses.replace(loader_config, batch_size=meta_size), blocks=held_out, **common)
+        log(f"MKD meta split: {len(held_out)} held-out block(s), {sum(layout.sizes[b] for b in held_out)} samples")
+    loader = ViewLoader(config=loader_config, blocks=blocks, **common)
+    if cache is not None and config.epochs > len(cache_epochs):
+        log(f"training for {config.epochs} epochs from {len(cache_epochs)} cached epochs: cycling through them")
+    val_batches = None
+    if config.val_data is not None:
+        val_source = open_source(config.val_data)
+        if val_source.num_classes != num_classes:
+            raise MismatchError(f"--val-data {config.val_data} has {val_source.num_classes} classes, expected {num_classes}")
+        val_batches = _Reiterable(lambda: eval_batches(val_source, spec, batch_size=256, num_classes=num_classes))
+    teacher = None
+    if config.teacher is not None:
+        device = distributed.resolve_device(config.device, ranks)
+        teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
+        if info.num_classes != num_classes:
+            raise MismatchError(f"teacher has {info.num_classes} classes, the data {num_classes}")
+        if cache is not None and info.weights_sha256 != cache.manifest.teacher.weights_sha256:
+            log("note: the live teacher's weights differ from the teacher the cache was made with")
+    train_config = TrainConfig(
+        model=config.model, num_classes=num_classes, run_dir=config.run_dir, img_size=spec.output_size,
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        opt=config.opt, sched=config.sched, warmup_epochs=config.warmup_epochs, ema=config.ema, amp=config.amp,
+        channels_last=config.channels_last, compile=config.compile, loss=config.loss, seed=config.seed,
+        resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+        max_steps=config.max_steps, mkd_meta_every=config.mkd_meta_every, mkd_per_class=config.mkd_per_class,
+        mkd_head_only=config.mkd_head_only, device=config.device,
+    )
+    result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
+                   meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)
+    if ranks.main and result.completed:
+        export_model(Path(config.run_dir), spec=spec, class_names=class_names)
+    return result
+
+
+def export_model(run_dir: Path, *, spec: AugSpec, class_names: list[str]) -> Path:
+    """Write ``model.pt``: the trained weights plus the data config a teacher needs."""
+    from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    parts = state["parts"]
+    weights = parts.get("ema") or parts["model"]
+    if "module" in weights:  # timm ModelEmaV3 keeps the averaged model under "module."
+        weights = weights["module"]
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    meta = {"input_size": (3, spec.output_size, spec.output_size), "mean": tuple(spec.mean), "std": tuple(spec.std),
+            "interpolation": spec.interpolation, "class_names": list(class_names)}
+    path = run_dir / MODEL_NAME
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": weights, MODEL_META_KEY: meta}, tmp)
+    tmp.replace(path)
+    return path
