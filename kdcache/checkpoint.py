@@ -1,0 +1,164 @@
+"""Training checkpoints: one file per run, written atomically, enough for an exact resume.
+
+A checkpoint is a plain dict saved with :func:`torch.save` and read back with
+``weights_only=True`` (no pickled code): model, optimizer, scheduler, EMA and meta-temperature
+states, the data position (train epoch, batches done in it, global step, meta batches used), the
+RNG states of every rank and the run config. :func:`save_checkpoint` writes a temporary file in
+the same directory, fsyncs it and renames it over the old one, so a kill at any moment leaves
+either the previous checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.errors import ConfigError, FormatError
+
+#: File name of the (single, latest) checkpoint inside a run directory.
+CHECKPOINT_NAME = "checkpoint.pt"
+#: File name of the run's config (JSON) inside a run directory.
+CONFIG_NAME = "config.json"
+#: Bumped when the checkpoint layout changes incompatibly.
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class TrainPosition:
+    """Where training stands: the next batch to train on is ``epoch_batches(epoch, start_batch=batch)``."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    meta_batches: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainPosition":
+        return cls(**{key: int(data[key]) for key in ("epoch", "batch", "step", "meta_batches")})
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every global RNG a training step may draw from (python, numpy, torch CPU and CUDA)."""
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gauss": float(cached_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (the CUDA state only where it was captured and CUDA is in use)."""
+    random.setstate(_as_tuple(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].cpu().numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _as_tuple(value: Any) -> Any:
+    """Python's RNG state is nested tuples; a round trip may hand back lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(item) for item in value)
+    return value
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = {"checkpoint_version": CHECKPOINT_VERSION, **state}
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; a bad file raises :class:`FormatError`."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a torn or foreign file: say which and what to do
+        raise FormatError(
+            f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
+            "delete it to restart the run from scratch"
+        ) from error
+    version = state.get("checkpoint_version") if isinstance(state, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise FormatError(f"checkpoint {path} has checkpoint_version={version!r}; expected {CHECKPOINT_VERSION}")
+    return state
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume: bool, free_fields: tuple[str, ...] = ()) -> Path | None:
+    """Check a run directory before anything is written to it; returns the checkpoint to resume from.
+
+    A directory that does not exist or is empty is a new run. An occupied one needs ``resume``
+    and must hold a ``config.json`` equal to ``config`` except for ``free_fields`` (settings
+    that do not change the weights); otherwise :class:`ConfigError` names the first difference.
+    Resuming a run that died before its first checkpoint returns None (it starts afresh).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return None
+    if not resume:
+        raise ConfigError(f"run dir {run_dir} exists; pass --resume to continue it or choose another --run-dir")
+    saved_path = run_dir / CONFIG_NAME
+    if not saved_path.exists():
+        raise ConfigError(f"run dir {run_dir} holds no {CONFIG_NAME}, so it is not a kdcache run; choose another --run-dir")
+    saved = json.loads(saved_path.read_text())
+    for key in sorted(set(saved) | set(config)):
+        if key not in free_fields and saved.get(key) != config.get(key):
+            raise ConfigError(
+                f"--resume: {key}={config.get(key)!r} but the run in {run_dir} was started with "
+                f"{key}={saved.get(key)!r}; resume with the same settings or choose another --run-dir"
+            )
+    checkpoint = run_dir / CHECKPOINT_NAME
+    return checkpoint if checkpoint.exists() else None
