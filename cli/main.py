@@ -72,7 +72,7 @@ def precompute_logits(
     seed: int = typer.Option(0, "--seed"),
     topk: str = typer.Option("10", "--topk", help="Logits kept per view, or 'full'."),
     block_size: int = typer.Option(1024, "--block-size", help="Samples per block (indexable sources)."),
-    blocks_per_unit: int = typer.Option(8, "--blocks-per-unit", help="Blocks per shard file and unit of work."),
+    blocks_per_unit: int = typer.Option(64, "--blocks-per-unit", help="Blocks per shard file and unit of work."),
     batch_size: int = typer.Option(256, "--batch-size"),
     replay_path: str = typer.Option("pil", "--replay-path", help="pil (reference) or tensor."),
     resume: bool = typer.Option(False, "--resume", help="Finish or extend an existing cache."),
@@ -157,6 +157,23 @@ def train_student(
     _log(f"{result.steps} steps in {result.wall_time_s:.1f}s ({result.images_per_s:.0f} images/s); final top-1 {top1}")
 
 
+@app.command("quickstart")
+@handles_errors
+def quickstart(
+    out: str = typer.Option("kdcache-quickstart", "--out", help="Directory for the teacher, cache and student runs."),
+    teacher_epochs: int = typer.Option(15, "--teacher-epochs"),
+    cache_epochs: int = typer.Option(4, "--cache-epochs"),
+    student_epochs: int = typer.Option(8, "--student-epochs"),
+    losses: str = typer.Option("ce,kd,ttm,wttm,mkd", "--losses", help="Comma-separated losses to train students with."),
+):
+    """The main job end to end on digits: teacher, cache, students with each loss, verify, results table."""
+    from kdcache.quickstart import QuickstartConfig, quickstart as run
+
+    config = QuickstartConfig(out=out, teacher_epochs=teacher_epochs, cache_epochs=cache_epochs,
+                              student_epochs=student_epochs, losses=tuple(x.strip() for x in losses.split(",") if x.strip()))
+    run(config, log=_log)
+
+
 @app.command("info")
 @handles_errors
 def info(
@@ -192,6 +209,32 @@ def verify(
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
     run_verify(config, log=typer.echo)
+
+
+@app.command("show")
+@handles_errors
+def show(
+    cache: str = typer.Argument(..., help="Cache path or URL."),
+    data: str = typer.Option(..., "--data", help="The source the cache was made from."),
+    epoch: int = typer.Option(..., "--epoch", help="A complete epoch of the cache."),
+    out: str = typer.Option(..., "--out", "-o", help="The picture to write (.png); its directory is created."),
+    samples: Optional[list[str]] = typer.Option(None, "--samples", help="A sample key or slot index; repeat for several."),
+    count: int = typer.Option(8, "--count", help="Without --samples: the first N samples of block 0."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="timm model name: also draw the live teacher."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
+    teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
+):
+    """Draw what the teacher saw: replayed views, partners or source images, and the stored top-5."""
+    from kdcache.show import ShowConfig, render_views
+
+    has_teacher = teacher is not None or teacher_file is not None
+    config = ShowConfig(
+        cache=cache, data=data, epoch=epoch, output=out, samples=tuple(samples or ()), count=count,
+        teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
+    )
+    result = render_views(config)
+    _log(f"{result.rows} view(s) of epoch {epoch}, {result.width}x{result.height} px")
+    typer.echo(result.output)
 
 
 @app.command("make-shards")

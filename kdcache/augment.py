@@ -121,7 +121,8 @@ class AugSpec:
             )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON types only (tuples as lists), so a spec equals itself after a JSON round trip."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict) -> "AugSpec":

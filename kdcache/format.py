@@ -25,7 +25,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +157,26 @@ class Manifest:
         for name in ("seed", "epochs", "k"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "an integer")
+        for name, value in (("teacher.num_classes", self.teacher.num_classes), ("dataset.num_classes", self.dataset.num_classes),
+                            ("dataset.num_samples", self.dataset.num_samples)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(name, value, "a positive integer")
+        size = self.teacher.input_size
+        if not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+            bad("teacher.input_size", size, "[channels, height, width] as positive integers")
+        if not isinstance(self.replay, dict) or self.replay.get("path") not in ("pil", "tensor"):
+            bad("replay", self.replay, "an object with path 'pil' or 'tensor'")
+        tail = self.tail
+        if not isinstance(tail, dict) or not isinstance(tail.get("betas"), list) or len(tail["betas"]) != 2:
+            bad("tail", tail, "an object with two 'betas'")
+        if not isinstance(self.augmentation, dict):
+            bad("augmentation", self.augmentation, "an object (the augmentation spec)")
+        if not isinstance(self.samples_sha256, dict):
+            bad("samples_sha256", self.samples_sha256, "an object")
+        if not isinstance(self.compression, dict):
+            bad("compression", self.compression, "an object")
+        if not isinstance(self.blocks.kind, str) or self.blocks.kind not in ("permutation", "shards"):
+            bad("blocks.kind", self.blocks.kind, "'permutation' or 'shards'")
         if self.epochs < 1:
             bad("epochs", self.epochs, "at least 1")
         if not 1 <= self.k <= self.teacher.num_classes:
@@ -174,7 +197,7 @@ class Manifest:
         for name in RECORD_ARRAYS:
             try:
                 np.dtype(self.dtypes[name])
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, ValueError):
                 bad(f"dtypes.{name}", self.dtypes.get(name) if isinstance(self.dtypes, dict) else self.dtypes, "a numpy dtype name")
 
     def spec(self):
@@ -393,6 +416,8 @@ class Cache:
         self.layout = self.manifest.blocks
         self.verify_checksums = verify_checksums
         self._array_meta: dict[str, bytes] = {}
+        self._units: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> None:
@@ -454,20 +479,29 @@ class Cache:
         blocks = self.layout.unit_blocks(unit)
         return f"epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1})"
 
-    def read_unit(self, epoch: int, unit: int) -> dict[str, np.ndarray]:
-        """All record arrays of one committed unit, ``[unit slots, ...]``, checksums verified."""
-        import zarr
-        from zarr.storage import MemoryStore
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_units"], state["_lock"] = OrderedDict(), None
+        return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _unit_bytes(self, epoch: int, unit: int) -> dict[str, bytes]:
+        """The shard files of one committed unit, read whole and checked against the ledger (LRU of 2)."""
+        with self._lock:
+            cached = self._units.get((epoch, unit))
+            if cached is not None:
+                self._units.move_to_end((epoch, unit))
+                return cached
         entry = self.ledger.get((epoch, unit))
         if entry is None:
             raise IncompleteCacheError(
                 f"{self.location}: {self._describe(epoch, unit)} is not committed; "
                 "resume the precompute (kdcache precompute-logits --resume) to finish it"
             )
-        blocks = self.layout.unit_blocks(unit)
-        lo, hi = blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity
-        out = {}
+        files = {}
         for array in RECORD_ARRAYS:
             key = shard_key(array, epoch, unit)
             data = self.location.read(key)
@@ -479,25 +513,45 @@ class Cache:
                     f"{self.location}: {self._describe(epoch, unit)}: file {key} does not match its ledger checksum; "
                     "recompute it with kdcache precompute-logits --resume --repair"
                 )
-            store = MemoryStore({"zarr.json": _buffer(self._meta(array)), f"c/{epoch}/{unit}/0": _buffer(data)})
-            try:
-                out[array] = zarr.open_array(store, mode="r")[epoch, lo:hi]
-            except Exception as exc:
-                raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)}: file {key} cannot be decoded ({exc})") from None
-        return out
+            files[array] = data
+        with self._lock:
+            self._units[(epoch, unit)] = files
+            while len(self._units) > 2:
+                self._units.popitem(last=False)
+        return files
+
+    def _decode(self, array: str, epoch: int, unit: int, data: bytes, rows: slice) -> np.ndarray:
+        import zarr
+        from zarr.storage import MemoryStore
+
+        store = MemoryStore({"zarr.json": _buffer(self._meta(array)), f"c/{epoch}/{unit}/0": _buffer(data)})
+        try:
+            return zarr.open_array(store, mode="r")[epoch, rows]
+        except Exception as exc:  # a damaged chunk fails its crc32c or cannot be decompressed
+            raise ChecksumError(
+                f"{self.location}: {self._describe(epoch, unit)}: file {shard_key(array, epoch, unit)} cannot be decoded ({exc})"
+            ) from None
+
+    def read_unit(self, epoch: int, unit: int) -> dict[str, np.ndarray]:
+        """All record arrays of one committed unit, ``[unit slots, ...]``, checksums verified."""
+        blocks = self.layout.unit_blocks(unit)
+        rows = slice(blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity)
+        files = self._unit_bytes(epoch, unit)
+        return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
 
     def read_block(self, epoch: int, block: int) -> dict[str, np.ndarray]:
-        """The record arrays of one block, ``[block size, ...]`` (reads and verifies its whole unit)."""
+        """The record arrays of one block, ``[block size, ...]``: one inner chunk of its (verified) unit."""
         unit = self.layout.unit_of(block)
-        arrays = self.read_unit(epoch, unit)
-        start = (block - self.layout.unit_blocks(unit).start) * self.layout.block_capacity
-        size = self.layout.sizes[block]
-        return {name: value[start : start + size] for name, value in arrays.items()}
+        files = self._unit_bytes(epoch, unit)
+        rows = self.layout.block_slots(block)
+        return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
 
     def verify_unit(self, epoch: int, unit: int) -> None:
         """Re-hash one unit's files against the ledger (raises ChecksumError / IncompleteCacheError)."""
         checking = self.verify_checksums
         self.verify_checksums = True
+        with self._lock:
+            self._units.pop((epoch, unit), None)
         try:
             self.read_unit(epoch, unit)
         finally:
@@ -535,10 +589,15 @@ class CacheWriter:
         import zarr
         from zarr.storage import LocalStore
 
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(f"output {path} exists and is not empty; choose a new directory or pass --resume for a kdcache cache")
-        path.mkdir(parents=True, exist_ok=True)
+        final = Path(path)
+        if final.exists() and any(final.iterdir()):
+            raise ConfigError(f"output {final} exists and is not empty; choose a new directory or pass --resume for a kdcache cache")
+        # Built beside its final place and renamed in one step: a kill during creation leaves no half cache.
+        final.parent.mkdir(parents=True, exist_ok=True)
+        path = final.parent / f".{final.name}.creating-{os.getpid()}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir()
         layout = manifest.blocks
         group = zarr.open_group(LocalStore(path), mode="w")
         widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
@@ -563,7 +622,11 @@ class CacheWriter:
         (path / LEDGER_DIR).mkdir(exist_ok=True)
         manifest = dataclasses.replace(manifest, samples_sha256=hashes)
         write_manifest(path, manifest)
-        return CacheWriter(path)
+        if final.exists():
+            final.rmdir()
+        os.replace(path, final)
+        _fsync_dir(final.parent)
+        return CacheWriter(final)
 
     def extend_epochs(self, epochs: int) -> None:
         """Grow the cache to ``epochs`` epochs; earlier epochs are untouched."""
@@ -623,17 +686,33 @@ def check_compatible(existing: Manifest, wanted: Manifest) -> None:
     pairs = [
         ("teacher.weights_sha256", existing.teacher.weights_sha256, wanted.teacher.weights_sha256),
         ("teacher.name", existing.teacher.name, wanted.teacher.name),
-        ("dataset.digest", existing.dataset.digest, wanted.dataset.digest),
         ("dataset.num_samples", existing.dataset.num_samples, wanted.dataset.num_samples),
-        ("augmentation", existing.augmentation, wanted.augmentation),
+        ("dataset.digest", existing.dataset.digest, wanted.dataset.digest),
         ("seed", existing.seed, wanted.seed),
         ("k", existing.k, wanted.k),
+        ("augmentation", existing.augmentation, wanted.augmentation),
         ("blocks", dataclasses.asdict(existing.blocks), dataclasses.asdict(wanted.blocks)),
         ("replay.path", existing.replay.get("path"), wanted.replay.get("path")),
     ]
     for name, old, new in pairs:
-        if old != new:
-            raise MismatchError(f"cannot resume: {name} differs: the cache has {_short(old)}, this run has {_short(new)}")
+        where = first_difference(name, old, new)
+        if where is not None:
+            field_name, old_value, new_value = where
+            raise MismatchError(
+                f"cannot resume: {field_name} differs: the cache has {_short(old_value)}, this run has {_short(new_value)}"
+            )
+
+
+def first_difference(name: str, old: Any, new: Any) -> tuple[str, Any, Any] | None:
+    """The first (dotted field, old, new) where two JSON-like values differ, or None."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=lambda k: (k != "name", k)):  # a spec's name says the most
+            found = first_difference(f"{name}.{key}", old.get(key), new.get(key))
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (name, old, new)
 
 
 def _short(value: Any) -> str:

@@ -3,11 +3,13 @@
 For each training epoch the order of views is a pure function of (train seed, training epoch,
 number of DataLoader workers), never of the number of ranks:
 
-1. blocks are taken in a seeded order and grouped into *windows* of ``window_blocks`` blocks;
+1. blocks are taken in a seeded order (units shuffled, then the blocks inside each unit, so a
+   unit's records are read once per epoch) and grouped into *windows* of ``window_blocks`` blocks;
 2. inside a window the views are shuffled (a seeded shuffle buffer the size of the window) and
    cut into global batches; the few views left over in each window go to a final *tail window*;
-3. DataLoader worker ``k`` handles windows ``k, k + n, ...``, so each block is decoded once per
-   epoch by one worker, and the DataLoader interleaves the workers' batches round-robin;
+3. the windows of the i-th unit go to DataLoader worker ``i mod n``, so each block is decoded and
+   each unit read once per epoch by one worker; the DataLoader interleaves the workers' batches
+   round-robin;
 4. every global batch is split into ``world`` equal slices, one per rank, so a 2-rank run steps
    on exactly the views of a 1-rank run with the same global batch.
 
@@ -73,27 +75,41 @@ class _EpochPlan:
 
     def __init__(self, views: _Views, blocks: list[int], config: LoaderConfig, train_epoch: int, num_workers: int):
         layout = views.layout
-        order = [blocks[i] for i in _rng(config.seed, train_epoch, 0x6F72646572).permutation(len(blocks))]
+        # Blocks in a seeded order that keeps each unit's blocks together (units shuffled, then the
+        # blocks inside each): a unit's records are read once per epoch, by one worker.
+        units: dict[int, list[int]] = {}
+        for b in blocks:
+            units.setdefault(layout.unit_of(b), []).append(b)
+        unit_order = list(units)
+        unit_order = [unit_order[i] for i in _rng(config.seed, train_epoch, 0x6F72646572).permutation(len(unit_order))]
         self.windows: list[np.ndarray] = []
+        self.owner: list[int] = []
         leftovers = []
         batch = config.batch_size
-        for w in range(0, len(order), config.window_blocks):
-            members = np.array([(b, p) for b in order[w : w + config.window_blocks] for p in range(layout.sizes[b])], dtype=np.int64)
-            members = members[_rng(config.seed, train_epoch, w, 0x77696E).permutation(len(members))]
-            cut = len(members) - len(members) % batch
-            self.windows.append(members[:cut])
-            leftovers.append(members[cut:])
+        workers = max(1, num_workers)
+        for rank_of_unit, unit in enumerate(unit_order):
+            members_of_unit = units[unit]
+            order = [members_of_unit[i] for i in _rng(config.seed, train_epoch, unit, 0x626C6B).permutation(len(members_of_unit))]
+            for w in range(0, len(order), config.window_blocks):
+                members = np.array([(b, p) for b in order[w : w + config.window_blocks] for p in range(layout.sizes[b])],
+                                   dtype=np.int64)
+                members = members[_rng(config.seed, train_epoch, unit, w, 0x77696E).permutation(len(members))]
+                cut = len(members) - len(members) % batch
+                self.windows.append(members[:cut])
+                self.owner.append(rank_of_unit % workers)
+                leftovers.append(members[cut:])
         tail = np.concatenate(leftovers) if leftovers else np.zeros((0, 2), dtype=np.int64)
         tail = tail[_rng(config.seed, train_epoch, 0x7461696C).permutation(len(tail))]
         if not config.drop_last and len(tail) % batch:
             pad = batch - len(tail) % batch
             tail = np.concatenate([tail, tail[:pad]]) if len(tail) >= pad else np.resize(tail, (len(tail) + pad, 2))
         self.windows.append(tail[: len(tail) - len(tail) % batch])
+        self.owner.append(len(unit_order) % workers)
         self.batch = batch
-        self.num_workers = max(1, num_workers)
+        self.num_workers = workers
         per_worker = [0] * self.num_workers
         for w, members in enumerate(self.windows):
-            per_worker[w % self.num_workers] += len(members) // batch
+            per_worker[self.owner[w]] += len(members) // batch
         self.per_worker = per_worker
         self.num_batches = sum(per_worker)
 
@@ -126,7 +142,7 @@ class _EpochStream(IterableDataset):
         # A fresh DataLoader starts its round-robin at worker 0: worker 0 takes the role of the one due next.
         role = (worker + due) % workers
         skip = done[role] if workers > 1 else self.start_batch
-        windows = [w for w in range(len(self.plan.windows)) if w % workers == role]
+        windows = [w for w in range(len(self.plan.windows)) if self.plan.owner[w] == role]
         reader = _WindowReader(self.views, self.config, self.train_epoch)
         yield from reader.batches(self.plan, windows, self.ranks, skip)
 
@@ -139,19 +155,10 @@ class _WindowReader:
         self.cache_epoch = views.cache_epochs[train_epoch % len(views.cache_epochs)] if views.cache else train_epoch
 
     def _records(self, blocks: list[int]) -> dict[int, dict]:
-        v = self.v
-        if v.cache is None:
+        """The teacher records and parameters of a window's blocks (whole units, verified, cached)."""
+        if self.v.cache is None:
             return {}
-        units = sorted({v.layout.unit_of(b) for b in blocks})
-        out = {}
-        for unit in units:
-            arrays = v.cache.read_unit(self.cache_epoch, unit)
-            first = v.layout.unit_blocks(unit).start
-            for b in v.layout.unit_blocks(unit):
-                if b in blocks:
-                    start = (b - first) * v.layout.block_capacity
-                    out[b] = {k: a[start : start + v.layout.sizes[b]] for k, a in arrays.items()}
-        return out
+        return {b: self.v.cache.read_block(self.cache_epoch, b) for b in blocks}
 
     def batches(self, plan: _EpochPlan, windows: list[int], ranks: Ranks, skip: int):
         batch, world = plan.batch, ranks.world

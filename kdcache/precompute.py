@@ -54,7 +54,7 @@ class PrecomputeConfig:
     seed: int = 0
     topk: int | str = 10
     block_size: int = 1024
-    blocks_per_unit: int = 8
+    blocks_per_unit: int = 64
     batch_size: int = 256
     replay_path: str = "pil"
     resume: bool = False

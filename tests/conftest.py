@@ -1,0 +1,187 @@
+"""Shared fixtures for the stage-one tests: a tiny deterministic teacher, configs, a small cache.
+
+Everything runs on scikit-learn's digits and timm's ``test_resnet`` (pretrained=False) with one
+intra-op thread: on a 2-core machine shared with subprocess ranks, more threads only contend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import sys
+import types
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+
+#: The small configuration every stage-one test starts from (digits: 1,437 train images).
+SMALL = dict(
+    data="digits",
+    augmentation="light",
+    epochs=2,
+    seed=0,
+    topk=5,
+    block_size=256,  # 6 blocks
+    blocks_per_unit=2,  # 3 units per epoch
+    batch_size=256,
+)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with _one_thread():
+        yield
+
+
+def save_teacher(path: Path, *, seed: int = 0, num_classes: int = 10) -> Path:
+    """A tiny timm teacher checkpoint with a 32x32 input and (0.5, 0.5, 0.5) normalisation."""
+    import timm
+
+    from kdcache.teacher import MODEL_META_KEY
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
+    meta = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}
+    torch.save({"state_dict": model.state_dict(), MODEL_META_KEY: meta}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_teacher(tmp_path_factory):
+    """``make_teacher(seed=0, num_classes=10) -> Path`` of a saved checkpoint (made once per arguments)."""
+    folder = tmp_path_factory.mktemp("teachers")
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(*, seed: int = 0, num_classes: int = 10) -> Path:
+        if (seed, num_classes) not in made:
+            made[seed, num_classes] = save_teacher(folder / f"test_resnet-s{seed}-c{num_classes}.pt", seed=seed, num_classes=num_classes)
+        return made[seed, num_classes]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(make_teacher) -> Path:
+    return make_teacher()
+
+
+@pytest.fixture(scope="session")
+def make_config(teacher_ckpt):
+    """``make_config(output, **overrides) -> PrecomputeConfig`` on digits with small blocks."""
+    from kdcache.precompute import PrecomputeConfig
+    from kdcache.teacher import TeacherConfig
+
+    def make(output, **overrides) -> PrecomputeConfig:
+        fields = dict(SMALL)
+        checkpoint = overrides.pop("checkpoint", teacher_ckpt)
+        fields.update(overrides)
+        teacher = TeacherConfig(model="test_resnet", checkpoint=str(checkpoint))
+        return PrecomputeConfig(output=str(output), teacher=teacher, command="pytest", **fields)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def precompute_argv(teacher_ckpt):
+    """``precompute_argv(output, **overrides) -> list[str]``: the CLI arguments of ``make_config``."""
+
+    def argv(output, **overrides) -> list[str]:
+        fields = dict(SMALL)
+        fields["checkpoint"] = teacher_ckpt
+        fields.update(overrides)
+        flags = {
+            "data": "--data", "augmentation": "--augmentation", "epochs": "--epochs", "seed": "--seed",
+            "topk": "--topk", "block_size": "--block-size", "blocks_per_unit": "--blocks-per-unit",
+            "batch_size": "--batch-size", "checkpoint": "--teacher-checkpoint", "num_classes": "--num-classes",
+            "teacher": "--teacher", "split": "--split",
+        }
+        args = ["precompute-logits", "--output", str(output), "--teacher", str(fields.pop("teacher", "test_resnet"))]
+        resume = fields.pop("resume", False)
+        for name, value in fields.items():
+            args += [flags[name], str(value)]
+        return args + (["--resume"] if resume else [])
+
+    return argv
+
+
+def run_precompute(config):
+    from kdcache.precompute import precompute
+
+    with _one_thread():
+        return precompute(config, log=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, make_config) -> Path:
+    """digits, light, 2 epochs, top-5: 6 blocks of 256, 3 units per epoch. Treat as read-only."""
+    path = tmp_path_factory.mktemp("small") / "cache"
+    run_precompute(make_config(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict:
+    """The environment of a `kdcache` subprocess: offline, one thread per process."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def cli_command() -> list[str]:
+    return [sys.executable, "-m", "kdcache_cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tree_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative path."""
+    path = Path(path)
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def all_records(path) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """Every committed unit's record arrays (checksums verified), keyed by (epoch, unit)."""
+    from kdcache.format import open_cache
+
+    cache = open_cache(path)
+    return {key: cache.read_unit(*key) for key in sorted(cache.ledger)}
+
+
+def assert_same_records(got: dict, want: dict) -> None:
+    """Same units, and all four arrays of each byte-identical (dtype, shape and bytes)."""
+    assert sorted(got) == sorted(want)
+    for key in want:
+        for name, array in want[key].items():
+            other = got[key][name]
+            assert other.dtype == array.dtype and other.shape == array.shape, (key, name)
+            assert other.tobytes() == array.tobytes(), f"epoch {key[0]} unit {key[1]}: {name} differs"
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The module-level helpers above, for test modules (conftest is not imported by name)."""
+
+    functions = (tree_hashes, all_records, assert_same_records, run_precompute, cli_command, free_port, save_teacher)
+    return types.SimpleNamespace(SMALL=SMALL, **{fn.__name__: fn for fn in functions})
