@@ -75,6 +75,7 @@ def precompute_logits(
     blocks_per_unit: int = typer.Option(64, "--blocks-per-unit", help="Blocks per shard file and unit of work."),
     batch_size: int = typer.Option(256, "--batch-size"),
     replay_path: str = typer.Option("pil", "--replay-path", help="pil (reference) or tensor."),
+    workers: int = typer.Option(0, "--workers", help="Processes preparing blocks (0: one background thread)."),
     resume: bool = typer.Option(False, "--resume", help="Finish or extend an existing cache."),
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
 ):
@@ -85,7 +86,7 @@ def precompute_logits(
         data=data, output=output, split=split,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, num_classes),
         augmentation=augmentation, epochs=epochs, seed=seed, topk=_topk(topk), block_size=block_size,
-        blocks_per_unit=blocks_per_unit, batch_size=batch_size, replay_path=replay_path, resume=resume,
+        blocks_per_unit=blocks_per_unit, batch_size=batch_size, replay_path=replay_path, workers=workers, resume=resume,
         repair=repair, command=_command_line(),
     )
     result = precompute(config, log=_log)

@@ -57,6 +57,7 @@ class PrecomputeConfig:
     blocks_per_unit: int = 64
     batch_size: int = 256
     replay_path: str = "pil"
+    workers: int = 0
     resume: bool = False
     repair: bool = False
     max_units: int | None = None
@@ -65,6 +66,8 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs}; expected at least 1")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}; expected 0 or more")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}; expected a positive integer")
         if not (self.topk == "full" or (isinstance(self.topk, int) and self.topk >= 1)):
@@ -173,20 +176,27 @@ def _repair(cache: Cache, writer: CacheWriter, log) -> None:
     log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
 
 
-class _UnitWorker:
-    """Everything needed to compute units: the source, the plan, the spec and the teacher."""
+class _BlockPreparer(torch.utils.data.Dataset):
+    """Reads, checks, decodes and replays blocks: item ``i`` is job ``i`` = (epoch, block).
 
-    def __init__(self, config, source, teacher, device, manifest: Manifest, plan):
-        self.config, self.source, self.teacher, self.device = config, source, teacher, device
-        self.manifest, self.plan, self.layout = manifest, plan, manifest.blocks
+    A map-style dataset so that a DataLoader can prepare blocks in worker processes (in order)
+    while the teacher scores the current one; it holds no model and pickles cheaply.
+    """
+
+    def __init__(self, config, source, manifest: Manifest, plan, jobs: list[tuple[int, int]]):
+        self.data, self.source, self.manifest, self.plan, self.jobs = config.data, source, manifest, plan, jobs
+        self.layout = manifest.blocks
         self.spec = manifest.spec()
 
-    def prepare(self, epoch: int, block: int):
-        """Read, check, decode and replay one block: (views tensor, slot slice)."""
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int):
+        epoch, block = self.jobs[index]
         where = self.layout.block_slots(block)
         members = self.plan["source_index"][where]
         samples = read_block(self.source, self.layout, block, members)
-        check_block(samples, self.plan, where, what=f"data {self.config.data} (epoch {epoch} block {block})")
+        check_block(samples, self.plan, where, what=f"data {self.data} (epoch {epoch} block {block})")
         images = [decode_sample(s) for s in samples]
         params = sample_view_params(
             self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
@@ -194,11 +204,6 @@ class _UnitWorker:
         )
         views = replay_block(self.spec, params, images, path=self.manifest.replay["path"])
         return views, params
-
-    def score(self, views: torch.Tensor) -> torch.Tensor:
-        outputs = [teacher_logits(self.teacher, views[i : i + self.config.batch_size], self.device)
-                   for i in range(0, len(views), self.config.batch_size)]
-        return torch.cat(outputs).cpu()
 
 
 def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
@@ -253,11 +258,10 @@ def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
     mine = pending[ranks.rank :: ranks.world]
     if config.max_units is not None:
         mine = mine[: config.max_units]
-    worker = _UnitWorker(config, source, teacher, device, manifest, plan)
     if ranks.main:
         log(f"{len(committed)} unit(s) already committed, {len(pending)} to compute on {ranks.world} rank(s)")
     start = time.perf_counter()
-    views_done = _run_units(worker, writer, mine, log)
+    views_done = _run_units(config, source, teacher, device, manifest, plan, writer, mine, log)
     seconds = time.perf_counter() - start
     distributed.barrier()
     cache.refresh()
@@ -267,30 +271,43 @@ def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
     )
 
 
-def _run_units(worker: _UnitWorker, writer: CacheWriter, units: list[tuple[int, int]], log) -> int:
-    """Compute and commit ``units``; the next block is prepared while the teacher scores this one."""
-    layout = worker.layout
+def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer: CacheWriter, units, log) -> int:
+    """Compute and commit ``units``; blocks are prepared ahead (a thread, or ``workers`` processes)."""
+    layout = manifest.blocks
     jobs = [(e, u, b) for e, u in units for b in layout.unit_blocks(u)]
+    preparer = _BlockPreparer(config, source, manifest, plan, [(e, b) for e, _, b in jobs])
     views_done = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [pool.submit(worker.prepare, e, b) for e, _, b in jobs[:2]]
-        arrays, current = None, None
-        for index, (epoch, unit, block) in enumerate(jobs):
-            views, params = futures[index].result()
-            if index + 2 < len(jobs):
-                futures.append(pool.submit(worker.prepare, *jobs[index + 2][::2]))
-            futures[index] = None
-            if current != (epoch, unit):
-                arrays, current = _unit_arrays(worker.manifest, unit), (epoch, unit)
-            values, indices, tail = make_records(worker.score(views), worker.manifest.k)
-            offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
-            rows = slice(offset, offset + len(views))
-            arrays["values"][rows] = values.numpy()
-            arrays["indices"][rows] = indices.numpy().astype(arrays["indices"].dtype)
-            arrays["tail"][rows] = tail.numpy()
-            arrays["params"][rows] = params
-            views_done += len(views)
-            if block == layout.unit_blocks(unit)[-1]:
-                writer.write_unit(epoch, unit, arrays)
-                log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
+    arrays, current = None, None
+    for (epoch, unit, block), (views, params) in zip(jobs, _prepared(preparer, config.workers)):
+        if current != (epoch, unit):
+            arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
+        logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device)
+                            for i in range(0, len(views), config.batch_size)]).cpu()
+        values, indices, tail = make_records(logits, manifest.k)
+        offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
+        rows = slice(offset, offset + len(views))
+        arrays["values"][rows] = values.numpy()
+        arrays["indices"][rows] = indices.numpy().astype(arrays["indices"].dtype)
+        arrays["tail"][rows] = tail.numpy()
+        arrays["params"][rows] = np.asarray(params)
+        views_done += len(views)
+        if block == layout.unit_blocks(unit)[-1]:
+            writer.write_unit(epoch, unit, arrays)
+            log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
     return views_done
+
+
+def _prepared(preparer: _BlockPreparer, workers: int):
+    """Prepared blocks in job order: two ahead in a thread, or through a DataLoader with worker processes."""
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(preparer, batch_size=None, shuffle=False, num_workers=workers,
+                                             prefetch_factor=2, pin_memory=torch.cuda.is_available())
+        yield from loader
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = [pool.submit(preparer.__getitem__, i) for i in range(min(2, len(preparer)))]
+        for i in range(len(preparer)):
+            if i + 2 < len(preparer):
+                ahead.append(pool.submit(preparer.__getitem__, i + 2))
+            yield ahead[i].result()
+            ahead[i] = None

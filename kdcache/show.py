@@ -376,6 +376,10 @@ def _draw_row(sub, row: ShownView, manifest: Manifest, spec: AugSpec, epoch: int
     y = np.arange(shown)
     bar_ax.barh(y, probs, color=colours, height=0.7)
     bar_ax.set_yticks(y, [_class_name(names, c) for c in classes], fontsize=9)
+    for tick, colour in zip(bar_ax.get_yticklabels(), colours):
+        if colour != _OTHER:  # the true (and partner's) label stays visible even when its bar is a sliver
+            tick.set_color(colour)
+            tick.set_fontweight("bold")
     bar_ax.set_ylim(shown - 0.5, -0.5)
     bar_ax.set_xlim(0.0, 1.0)
     bar_ax.tick_params(axis="x", labelsize=8)

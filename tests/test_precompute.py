@@ -201,3 +201,10 @@ def test_appended_epochs_equal_a_fresh_run_and_leave_epoch_0_alone(tmp_path, mak
     assert cache.manifest.epochs == 3 and cache.complete_epochs() == [0, 1, 2]
     for array in ("values", "indices", "tail", "params"):
         assert json.loads((out / array / "zarr.json").read_text())["shape"][0] == 3
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_records_as_the_thread(tmp_path, make_config, small_cache, helpers):
+    out = tmp_path / "workers"
+    helpers.run_precompute(make_config(out, workers=2))
+    helpers.assert_same_records(helpers.all_records(out), helpers.all_records(small_cache))
