@@ -219,7 +219,12 @@ def verify(config: VerifyConfig, *, log=print) -> VerifyReport:
         shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
         kwargs = {"shard_sizes": shard_sizes} if shard_sizes else {}
         source = open_source(config.data, split=m.dataset.split, **kwargs)
-        _check_dataset(cache, source, plan, report, config.data)
+        if len(source) != m.dataset.num_samples:
+            report.fail(f"data {config.data} has {len(source)} samples, the cache was made from {m.dataset.num_samples} "
+                        f"({m.dataset.uri})")
+            report.add("dataset", "FAILED")
+        else:
+            _check_dataset(cache, source, plan, report, config.data)
         if config.views and report.ok:
             _check_replay(cache, config, source, plan, report)
     log(report.format())
