@@ -124,7 +124,7 @@ def _tensor_op(name: str, img: torch.Tensor, arg, fill: list[float], interpolati
         added = (img.int() + int(arg)).clamp(max=255).to(img.dtype)
         return torch.where(img < 128, added, img)
     if name.startswith("Solarize"):
-        return F.solarize(img, float(arg))
+        return img if arg > 255 else F.solarize(img, float(arg))  # PIL inverts pixels >= threshold: none at 256
     if name.startswith("Color"):
         return F.adjust_saturation(img, arg)
     if name.startswith("Contrast"):
