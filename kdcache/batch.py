@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kdcache.record import TeacherRecord
+from kdcache.replay import PendingViews
 
 
 @dataclass
@@ -18,19 +19,28 @@ class Batch:
     ``labels``: int64 ``[B]``, each view's own label.
     ``record``: the teacher records of these views, or None when training without a cache.
     ``views``: int64 ``[B, 2]``: (cache epoch, sample position) of each view.
+    ``pending``: instead of ``images``, the views' uint8 stage and their spec; :meth:`to`
+    finishes them on the target device (a quarter of the bytes to move, the same values).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     target: torch.Tensor
     labels: torch.Tensor
     record: TeacherRecord | None
     views: torch.Tensor
+    pending: tuple[PendingViews, object] | None = None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.labels.shape[0]
+
+    def materialize(self, device=None) -> torch.Tensor:
+        if self.images is None:
+            views, spec = self.pending
+            self.images, self.pending = views.materialize(spec, device), None
+        return self.images
 
     def to(self, device, *, channels_last: bool = False) -> "Batch":
-        images = self.images.to(device, non_blocking=True)
+        images = self.materialize(device).to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return Batch(

@@ -3,12 +3,14 @@
 For each training epoch the order of views is a pure function of (train seed, training epoch,
 number of DataLoader workers), never of the number of ranks:
 
-1. blocks are taken in a seeded order (units shuffled, then the blocks inside each unit, so a
-   unit's records are read once per epoch) and grouped into *windows* of ``window_blocks`` blocks;
+1. blocks are taken in a seeded order (units shuffled, then the blocks inside each unit, so
+   consecutive windows share a unit's records) and grouped into *windows* of ``window_blocks``
+   blocks;
 2. inside a window the views are shuffled (a seeded shuffle buffer the size of the window) and
-   cut into global batches; the few views left over in each window go to a final *tail window*;
-3. the windows of the i-th unit go to DataLoader worker ``i mod n``, so each block is decoded and
-   each unit read once per epoch by one worker; the DataLoader interleaves the workers' batches
+   cut into global batches; the few views left over in each window are shuffled together into
+   final *tail windows*;
+3. window ``w`` goes to DataLoader worker ``w mod n``, so each block is decoded once per epoch
+   by one worker (tail views a second time); the DataLoader interleaves the workers' batches
    round-robin;
 4. every global batch is split into ``world`` equal slices, one per rank, so a 2-rank run steps
    on exactly the views of a 1-rank run with the same global batch.
@@ -36,7 +38,7 @@ from kdcache.errors import ConfigError
 from kdcache.format import BlockLayout, Cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
-from kdcache.replay import replay_block, view_targets
+from kdcache.replay import PendingViews, replay_block, replay_pending, view_targets
 from kdcache.sources import Source, decode_sample
 
 
@@ -48,6 +50,7 @@ class LoaderConfig:
     num_workers: int = 0
     replay_path: str = "pil"
     drop_last: bool = True
+    defer_finish: bool = False  # yield uint8 views, finished by Batch.to() on the training device
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.window_blocks < 1 or self.num_workers < 0:
@@ -83,11 +86,10 @@ class _EpochPlan:
         unit_order = list(units)
         unit_order = [unit_order[i] for i in _rng(config.seed, train_epoch, 0x6F72646572).permutation(len(unit_order))]
         self.windows: list[np.ndarray] = []
-        self.owner: list[int] = []
         leftovers = []
         batch = config.batch_size
         workers = max(1, num_workers)
-        for rank_of_unit, unit in enumerate(unit_order):
+        for unit in unit_order:
             members_of_unit = units[unit]
             order = [members_of_unit[i] for i in _rng(config.seed, train_epoch, unit, 0x626C6B).permutation(len(members_of_unit))]
             for w in range(0, len(order), config.window_blocks):
@@ -96,15 +98,18 @@ class _EpochPlan:
                 members = members[_rng(config.seed, train_epoch, unit, w, 0x77696E).permutation(len(members))]
                 cut = len(members) - len(members) % batch
                 self.windows.append(members[:cut])
-                self.owner.append(rank_of_unit % workers)
                 leftovers.append(members[cut:])
         tail = np.concatenate(leftovers) if leftovers else np.zeros((0, 2), dtype=np.int64)
         tail = tail[_rng(config.seed, train_epoch, 0x7461696C).permutation(len(tail))]
         if not config.drop_last and len(tail) % batch:
             pad = batch - len(tail) % batch
             tail = np.concatenate([tail, tail[:pad]]) if len(tail) >= pad else np.resize(tail, (len(tail) + pad, 2))
-        self.windows.append(tail[: len(tail) - len(tail) % batch])
-        self.owner.append(len(unit_order) % workers)
+        tail = tail[: len(tail) - len(tail) % batch]
+        # The leftovers form tail windows of about a window's size, so no worker gets them all.
+        per_tail = max(batch, (config.window_blocks * layout.block_capacity) // batch * batch)
+        self.windows += [tail[i : i + per_tail] for i in range(0, len(tail), per_tail)]
+        # Windows go to workers round-robin: balanced, and a worker's consecutive windows often share a unit.
+        self.owner = [w % workers for w in range(len(self.windows))]
         self.batch = batch
         self.num_workers = workers
         per_worker = [0] * self.num_workers
@@ -186,8 +191,8 @@ class _WindowReader:
                     yield self._batch(mine[rows], views, records)
                 skip = 0
 
-    def _replay(self, mine: np.ndarray, records: dict[int, dict]) -> dict[tuple[int, int], tuple]:
-        """Replay every view this rank needs from the window: {(block, pos): (tensor, target, label)}."""
+    def _replay(self, mine: np.ndarray, records: dict[int, dict]) -> dict:
+        """The uint8 stage of every view this rank needs from the window, per block, and targets/labels."""
         v = self.v
         out = {}
         for block in sorted(set(mine[:, 0].tolist())):
@@ -204,15 +209,28 @@ class _WindowReader:
                 params = sample_view_params(v.spec, seed=v.seed, epoch=self.cache_epoch, block_id=block, sample_ids=members,
                                             image_sizes=images.sizes())
             labels = np.array([s.label for s in samples], dtype=np.int64)
-            tensors = replay_block(v.spec, params, images, positions=positions, path=self.config.replay_path)
+            pending = replay_pending(v.spec, params, images, positions=positions, path=self.config.replay_path)
             targets = view_targets(v.spec, params, labels, v.num_classes, positions=positions)
-            for row, pos in enumerate(positions.tolist()):
-                out[(block, pos)] = (tensors[row], targets[row], int(labels[pos]))
+            out[block] = (pending, {int(p): row for row, p in enumerate(positions.tolist())}, targets, labels)
         return out
 
     def _batch(self, members: np.ndarray, views: dict, records: dict[int, dict]) -> Batch:
         v = self.v
-        items = [views[(int(b), int(p))] for b, p in members]
+        targets, labels = [], []
+        # Gather per view, in batch order, from each block's pending views.
+        rows_by_block: dict[int, list[int]] = {}
+        order = []
+        for b, p in members:
+            b, p = int(b), int(p)
+            pending, row_of, block_targets, block_labels = views[b]
+            rows_by_block.setdefault(b, []).append(row_of[p])
+            order.append((b, len(rows_by_block[b]) - 1))
+            targets.append(block_targets[row_of[p]])
+            labels.append(int(block_labels[p]))
+        blocks = list(rows_by_block)
+        selected = [views[b][0].select(rows_by_block[b]) for b in blocks]
+        offsets = dict(zip(blocks, np.cumsum([0] + [len(s) for s in selected[:-1]])))
+        pending = PendingViews.cat(selected).select([offsets[b] + i for b, i in order])
         record = None
         if v.cache is not None:
             rows = [{k: records[int(b)][k][int(p)] for k in ("values", "indices", "tail")} for b, p in members]
@@ -223,13 +241,17 @@ class _WindowReader:
                 num_classes=v.num_classes,
             )
         slots = members[:, 0] * v.layout.block_capacity + members[:, 1]
-        return Batch(
-            images=torch.stack([item[0] for item in items]),
-            target=torch.stack([item[1] for item in items]),
-            labels=torch.tensor([item[2] for item in items], dtype=torch.long),
+        batch = Batch(
+            images=None,
+            target=torch.stack(targets),
+            labels=torch.tensor(labels, dtype=torch.long),
             record=record,
             views=torch.from_numpy(np.stack([np.full(len(members), self.cache_epoch), slots], axis=1)),
+            pending=(pending, v.spec),
         )
+        if not self.config.defer_finish:
+            batch.materialize()
+        return batch
 
 
 class _LazyImages:

@@ -38,7 +38,7 @@ from kdcache.format import (
 )
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
 from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
-from kdcache.replay import replay_block, replay_fingerprint
+from kdcache.replay import replay_fingerprint, replay_pending
 from kdcache.sources import Source, decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
 
@@ -202,8 +202,7 @@ class _BlockPreparer(torch.utils.data.Dataset):
             self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
             image_sizes=[(img.height, img.width) for img in images],
         )
-        views = replay_block(self.spec, params, images, path=self.manifest.replay["path"])
-        return views, params
+        return replay_pending(self.spec, params, images, path=self.manifest.replay["path"]), params
 
 
 def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
@@ -278,7 +277,9 @@ def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer
     preparer = _BlockPreparer(config, source, manifest, plan, [(e, b) for e, _, b in jobs])
     views_done = 0
     arrays, current = None, None
-    for (epoch, unit, block), (views, params) in zip(jobs, _prepared(preparer, config.workers)):
+    spec = manifest.spec()
+    for (epoch, unit, block), (pending, params) in zip(jobs, _prepared(preparer, config.workers)):
+        views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
         if current != (epoch, unit):
             arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
         logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device)

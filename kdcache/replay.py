@@ -17,6 +17,7 @@ The path and the versions of the libraries that shape the pixels are recorded in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,8 +78,7 @@ def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.I
             name = spec.randaug_ops[op_id]
             arg = _op_value(name, float(row[cols[f"ra{slot}_arg"]]))
             img = NAME_TO_OP[name](img, **kwargs) if arg is None else NAME_TO_OP[name](img, arg, **kwargs)
-    tensor = F.normalize(F.to_tensor(img), spec.mean, spec.std)
-    return _erase(spec, row, cols, tensor)
+    return to_uint8_tensor(img)
 
 
 def _pil_resample(spec: AugSpec) -> int:
@@ -93,15 +93,6 @@ def _op_value(name: str, arg: float):
     if LEVEL_TO_ARG[name] is None:
         return None
     return int(round(arg)) if name in INTEGER_OPS else arg
-
-
-def _erase(spec: AugSpec, row: np.ndarray, cols: dict[str, int], tensor: torch.Tensor) -> torch.Tensor:
-    if spec.erase_prob > 0 and row[cols["erase"]] > 0.5:
-        from torchvision.transforms.v2.functional import erase
-
-        top, left, height, width = (int(row[cols[c]]) for c in ("erase_top", "erase_left", "erase_height", "erase_width"))
-        tensor = erase(tensor, top, left, height, width, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
-    return tensor
 
 
 # ---- tensor path -------------------------------------------------------------------------
@@ -163,8 +154,7 @@ def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torc
             if op_id >= 0:
                 name = spec.randaug_ops[op_id]
                 img = _tensor_op(name, img, _op_value(name, float(row[cols[f"ra{slot}_arg"]])), fill, interpolation)
-    tensor = F.normalize(img.float() / 255.0, list(spec.mean), list(spec.std))
-    return _erase(spec, row, cols, tensor)
+    return img
 
 
 def to_uint8_tensor(img: Image.Image, device="cpu") -> torch.Tensor:
@@ -176,8 +166,8 @@ def to_uint8_tensor(img: Image.Image, device="cpu") -> torch.Tensor:
 # ---- block-level replay ------------------------------------------------------------------
 
 
-def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> torch.Tensor:
-    """The view of one sample before mixing: float32 ``[3, S, S]``, normalised."""
+def replay_uint8(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> torch.Tensor:
+    """One sample's view up to its pixels: uint8 ``[3, S, S]`` (crop, flip, jitter, RandAugment)."""
     cols = _columns(spec)
     if path == "pil":
         return _pil_base(spec, row, cols, img)
@@ -188,29 +178,82 @@ def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> to
     raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
 
 
-def mix_pair(spec: AugSpec, row: np.ndarray, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """Mix a view with its partner's view as the stored parameters say (mixup blend or cutmix box)."""
-    cols = _columns(spec)
-    if int(row[cols["mix_partner"]]) < 0:
-        return own
-    lam = float(row[cols["mix_lam"]])
-    if spec.mix == "mixup":
-        return own * lam + partner * (1.0 - lam)
-    top, left, bottom, right = (int(row[cols[c]]) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
-    mixed = own.clone()
-    mixed[:, top:bottom, left:right] = partner[:, top:bottom, left:right]
-    return mixed
+@dataclass
+class PendingViews:
+    """Views replayed up to their uint8 pixels; normalising, erasing and mixing are still to do.
+
+    The uint8 stage is per sample (PIL or tensor ops); :meth:`materialize` finishes a whole batch
+    at once on any device, with the same float32 operations as the CPU path, so moving it to the
+    GPU moves a quarter of the bytes and changes no value. ``base`` holds each distinct sample
+    view once; output view ``r`` is ``base[own[r]]``, mixed with ``base[partner[r]]`` if
+    ``partner[r] >= 0`` as ``view_params[r]`` says.
+    """
+
+    base: torch.Tensor
+    base_params: np.ndarray
+    own: np.ndarray
+    partner: np.ndarray
+    view_params: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+    def select(self, rows) -> "PendingViews":
+        """Only the output views ``rows``, with only the base views they use."""
+        rows = np.asarray(rows, dtype=np.int64)
+        own, partner = self.own[rows], self.partner[rows]
+        used = np.unique(np.concatenate([own, partner[partner >= 0]]))
+        remap = np.full(len(self.base_params), -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        return PendingViews(
+            base=self.base[torch.from_numpy(used)], base_params=self.base_params[used], own=remap[own],
+            partner=np.where(partner >= 0, remap[np.maximum(partner, 0)], -1), view_params=self.view_params[rows],
+        )
+
+    @staticmethod
+    def cat(parts: list["PendingViews"]) -> "PendingViews":
+        offsets = np.cumsum([0] + [len(p.base_params) for p in parts[:-1]])
+        return PendingViews(
+            base=torch.cat([p.base for p in parts]),
+            base_params=np.concatenate([p.base_params for p in parts]),
+            own=np.concatenate([p.own + o for p, o in zip(parts, offsets)]),
+            partner=np.concatenate([np.where(p.partner >= 0, p.partner + o, -1) for p, o in zip(parts, offsets)]),
+            view_params=np.concatenate([p.view_params for p in parts]),
+        )
+
+    def materialize(self, spec: AugSpec, device=None) -> torch.Tensor:
+        """float32 ``[m, 3, S, S]`` views: to [0, 1], normalise, erase (per sample), then mix."""
+        cols = _columns(spec)
+        x = self.base.to(device, non_blocking=True).float().div(255)
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        x = x.sub(mean).div(std)
+        if spec.erase_prob > 0:
+            for i in np.flatnonzero(self.base_params[:, cols["erase"]] > 0.5):
+                top, left, height, width = (int(self.base_params[i, cols[c]])
+                                            for c in ("erase_top", "erase_left", "erase_height", "erase_width"))
+                x[i, :, top : top + height, left : left + width] = 0.0
+        own = torch.from_numpy(self.own).to(x.device)
+        out = x.index_select(0, own)
+        if not spec.mixes:
+            return out
+        mixed = np.flatnonzero(self.partner >= 0)
+        if len(mixed) == 0:
+            return out
+        if spec.mix == "mixup":
+            rows = torch.from_numpy(mixed).to(x.device)
+            lam = torch.from_numpy(self.view_params[mixed, cols["mix_lam"]].astype(np.float32)).to(x.device).view(-1, 1, 1, 1)
+            partner = x.index_select(0, torch.from_numpy(self.partner[mixed]).to(x.device))
+            out[rows] = out[rows] * lam + partner * (1.0 - lam)
+            return out
+        for r in mixed:
+            top, left, bottom, right = (int(self.view_params[r, cols[c]]) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
+            out[r, :, top:bottom, left:right] = x[int(self.partner[r]), :, top:bottom, left:right]
+        return out
 
 
-def replay_block(
-    spec: AugSpec,
-    params: np.ndarray,
-    images: list,
-    *,
-    positions=None,
-    path: str = "pil",
-) -> torch.Tensor:
-    """Views ``[m, 3, S, S]`` of a block at ``positions`` (default: all), mixing with partners in the block.
+def replay_pending(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil") -> PendingViews:
+    """The uint8 stage of the views of a block at ``positions`` (default: all) and of their mix partners.
 
     ``params`` are the block's stored parameters ``[n, P]`` for one epoch; ``images`` the block's
     decoded images in block order (PIL images for ``pil``; PIL or uint8 tensors for ``tensor``).
@@ -219,20 +262,40 @@ def replay_block(
     n = params.shape[0]
     positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
     cols = _columns(spec)
-    needed = set(int(p) for p in positions)
-    if spec.mixes:
-        partners = params[positions, cols["mix_partner"]].astype(np.int64)
-        needed |= {int(p) for p in partners if p >= 0}
-    base = {p: replay_base(spec, params[p], images[p], path=path) for p in sorted(needed)}
-    views = []
-    for p in positions:
-        view = base[int(p)]
-        if spec.mixes:
-            partner = int(params[p, cols["mix_partner"]])
-            if partner >= 0:
-                view = mix_pair(spec, params[p], view, base[partner])
-        views.append(view)
-    return torch.stack(views)
+    partners = params[positions, cols["mix_partner"]].astype(np.int64) if spec.mixes else np.full(len(positions), -1)
+    needed = np.unique(np.concatenate([positions, partners[partners >= 0]]))
+    index = {int(p): i for i, p in enumerate(needed)}
+    base = torch.stack([replay_uint8(spec, params[p], images[int(p)], path=path) for p in needed])
+    return PendingViews(
+        base=base, base_params=params[needed], own=np.array([index[int(p)] for p in positions], dtype=np.int64),
+        partner=np.array([index[int(p)] if p >= 0 else -1 for p in partners], dtype=np.int64), view_params=params[positions],
+    )
+
+
+def replay_block(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil", device=None) -> torch.Tensor:
+    """Finished views ``[m, 3, S, S]`` (float32, normalised, mixed) of a block at ``positions``."""
+    return replay_pending(spec, params, images, positions=positions, path=path).materialize(spec, device)
+
+
+def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> torch.Tensor:
+    """One sample's own view before mixing: float32 ``[3, S, S]``, normalised and erased."""
+    pending = PendingViews(base=replay_uint8(spec, row, img, path=path)[None], base_params=np.asarray(row)[None],
+                           own=np.zeros(1, np.int64), partner=np.full(1, -1, np.int64), view_params=np.asarray(row)[None])
+    return pending.materialize(spec)[0]
+
+
+def mix_pair(spec: AugSpec, row: np.ndarray, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """Mix a finished view with its partner's finished view as the stored parameters say."""
+    cols = _columns(spec)
+    if not spec.mixes or int(row[cols["mix_partner"]]) < 0:
+        return own
+    lam = float(row[cols["mix_lam"]])
+    if spec.mix == "mixup":
+        return own * lam + partner * (1.0 - lam)
+    top, left, bottom, right = (int(row[cols[c]]) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
+    mixed = own.clone()
+    mixed[:, top:bottom, left:right] = partner[:, top:bottom, left:right]
+    return mixed
 
 
 def view_targets(spec: AugSpec, params: np.ndarray, labels: np.ndarray, num_classes: int, positions=None) -> torch.Tensor:

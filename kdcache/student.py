@@ -148,8 +148,9 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         num_classes, class_names = source.num_classes, list(source.class_names)
     blocks = list(range(layout.num_blocks))
     meta_loader = None
+    on_gpu = distributed.resolve_device(config.device, ranks).type == "cuda"
     loader_config = LoaderConfig(batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,
-                                 num_workers=config.num_workers)
+                                 num_workers=config.num_workers, defer_finish=on_gpu)
     common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
                   cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
     if config.loss.name == "mkd":
