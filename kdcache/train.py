@@ -480,10 +480,10 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
         start_batch = position.batch if epoch == position.epoch else 0
         tick = time.perf_counter()
         for index, batch in enumerate(loader.epoch_batches(epoch, start_batch=start_batch), start=start_batch):
+            batch = batch.to(device, channels_last=config.channels_last)
             if tuple(batch.images.shape[-2:]) != (config.img_size, config.img_size):
                 raise ConfigError(f"the loader's images are {tuple(batch.images.shape[-2:])}; "
                                   f"expected TrainConfig.img_size={config.img_size} square")
-            batch = batch.to(device, channels_last=config.channels_last)
             if teacher is not None:
                 batch = _with_teacher_records(batch, teacher, config.num_classes, autocast)
             if config.loss.needs_teacher and batch.record is None:
