@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +40,8 @@ DEFAULT_RANDAUG_OPS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
     "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )
-#: Ops whose timm level function draws a random sign; kdcache draws that sign itself.
-SIGNED_OPS = frozenset({
-    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel",
-    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-})
-#: Ops whose timm level function returns an integer argument.
-INTEGER_OPS = frozenset({
-    "Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize", "SolarizeIncreasing", "SolarizeAdd",
-})
+#: timm ops that draw randomness inside the op itself: their views cannot be replayed.
+UNREPLAYABLE_OPS = frozenset({"GaussianBlurRand"})
 
 # Streams of the counter-based generator.
 _STREAM_VIEW = 0
@@ -78,14 +71,32 @@ class AugSpec:
     randaug_ops: tuple[str, ...] = DEFAULT_RANDAUG_OPS
     erase_prob: float = 0.0
     erase_scale: tuple[float, float] = (0.02, 1 / 3)
-    erase_ratio: tuple[float, float] = (0.3, 3.3)
+    erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     mix: str = "none"
     mix_alpha: float = 1.0
     mix_prob: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("mean", "std", "crop_scale", "crop_ratio", "erase_scale", "erase_ratio", "randaug_ops"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, length in (("mean", 3), ("std", 3), ("crop_scale", 2), ("crop_ratio", 2), ("erase_scale", 2),
+                             ("erase_ratio", 2)):
+            value = getattr(self, name)
+            if (not isinstance(value, (list, tuple)) or len(value) != length
+                    or not all(_is_number(v) for v in value)):
+                raise ConfigError(f"augmentation spec {name}={value!r}; expected {length} numbers")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if not isinstance(self.randaug_ops, (list, tuple)) or not all(isinstance(op, str) for op in self.randaug_ops):
+            raise ConfigError(f"augmentation spec randaug_ops={self.randaug_ops!r}; expected a list of op names")
+        object.__setattr__(self, "randaug_ops", tuple(self.randaug_ops))
+        for name in ("hflip", "randaug_prob", "erase_prob", "mix_prob", "crop_pct", "color_jitter", "randaug_m",
+                     "randaug_mstd", "mix_alpha"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"augmentation spec {name}={getattr(self, name)!r}; expected a number")
+        for name in ("version", "output_size", "randaug_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"augmentation spec {name}={value!r}; expected an integer")
+        if self.randaug_n > 0 and not self.randaug_ops:
+            raise ConfigError(f"augmentation spec randaug_ops is empty but randaug_n={self.randaug_n}; name at least one op")
         if self.version != AUG_SPEC_VERSION:
             raise ConfigError(f"augmentation spec version {self.version} is not supported; expected {AUG_SPEC_VERSION}")
         if not isinstance(self.output_size, int) or self.output_size < 1:
@@ -115,6 +126,9 @@ class AugSpec:
         unknown = [op for op in self.randaug_ops if op not in NAME_TO_OP]
         if unknown:
             raise ConfigError(f"augmentation spec randaug_ops has unknown ops {unknown}; known: {sorted(NAME_TO_OP)}")
+        random_ops = [op for op in self.randaug_ops if op in UNREPLAYABLE_OPS]
+        if random_ops:
+            raise ConfigError(f"augmentation spec randaug_ops {random_ops} draw randomness inside the op and cannot be replayed")
         if self.color_jitter < 0 or self.mix_alpha <= 0:
             raise ConfigError(
                 f"augmentation spec color_jitter={self.color_jitter}, mix_alpha={self.mix_alpha}; expected >= 0 and > 0"
@@ -140,6 +154,10 @@ class AugSpec:
     @property
     def mixes(self) -> bool:
         return self.mix != "none"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -183,7 +201,7 @@ def param_fields(spec: AugSpec) -> tuple[str, ...]:
     if spec.color_jitter > 0:
         names += ["jitter_brightness", "jitter_contrast", "jitter_saturation"]
     for slot in range(spec.randaug_n):
-        names += [f"ra{slot}_op", f"ra{slot}_arg"]
+        names += [f"ra{slot}_op", f"ra{slot}_mag", f"ra{slot}_neg"]
     if spec.erase_prob > 0:
         names += ["erase", "erase_top", "erase_left", "erase_height", "erase_width"]
     if spec.mixes:
@@ -225,30 +243,51 @@ def sample_crop(rng: np.random.Generator, spec: AugSpec, height: int, width: int
 
 
 def randaug_hparams(spec: AugSpec) -> dict:
-    """The hparams timm's RandAugment ops get: fill colour from the mean, fixed interpolation."""
+    """The hparams timm's ``create_transform`` gives RandAugment: fill colour from the mean, translate 45%."""
     from timm.data.auto_augment import _HPARAMS_DEFAULT
 
     hparams = dict(_HPARAMS_DEFAULT)
-    hparams["img_mean"] = tuple(int(round(255 * m)) for m in spec.mean)
+    hparams["img_mean"] = tuple(min(255, int(round(255 * m))) for m in spec.mean)
+    hparams["translate_const"] = int(spec.output_size * 0.45)
     return hparams
 
 
-def op_argument(op: str, magnitude: float, hparams: dict) -> float | None:
-    """The unsigned argument timm's level function gives ``op`` at ``magnitude`` (None: no argument)."""
-    from timm.data.auto_augment import LEVEL_TO_ARG
+class _FixedDraw:
+    """Stands in for the ``random`` module inside timm's level functions: its one draw is fixed."""
 
-    level_fn = LEVEL_TO_ARG[op]
+    def __init__(self, value: float):
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+_LEVEL_LOCK = threading.Lock()
+
+
+def op_argument(op: str, magnitude: float, hparams: dict, *, negate: bool = False):
+    """The argument timm's level function gives ``op`` at ``magnitude``, with its random sign fixed.
+
+    timm's level functions draw the sign from the global ``random`` module (``_randomly_negate``);
+    kdcache draws it from the view's generator, stores it, and has timm's own function compute
+    the argument with that sign (so ``*Increasing`` ops, whose sign acts inside a ``max``, are exact).
+    """
+    from timm.data import auto_augment
+
+    level_fn = auto_augment.LEVEL_TO_ARG[op]
     if level_fn is None:
         return None
-    state = random.getstate()  # timm's level functions draw their sign from the global RNG
-    try:
-        (arg,) = level_fn(magnitude, hparams)
-    finally:
-        random.setstate(state)
-    return abs(float(arg))
+    with _LEVEL_LOCK:
+        saved = auto_augment.random
+        auto_augment.random = _FixedDraw(1.0 if negate else 0.0)  # `random.random() > 0.5` negates
+        try:
+            (arg,) = level_fn(float(magnitude), hparams)
+        finally:
+            auto_augment.random = saved
+    return arg
 
 
-def _sample_randaug(rng: np.random.Generator, spec: AugSpec, hparams: dict) -> list[float]:
+def _sample_randaug(rng: np.random.Generator, spec: AugSpec) -> list[float]:
     out: list[float] = []
     for _ in range(spec.randaug_n):
         op_id = int(rng.integers(0, len(spec.randaug_ops)))
@@ -256,15 +295,7 @@ def _sample_randaug(rng: np.random.Generator, spec: AugSpec, hparams: dict) -> l
         magnitude = rng.normal(spec.randaug_m, spec.randaug_mstd) if spec.randaug_mstd > 0 else spec.randaug_m
         magnitude = min(max(float(magnitude), 0.0), 10.0)
         negate = rng.uniform() > 0.5
-        if not applied:
-            out += [-1.0, 0.0]
-            continue
-        op = spec.randaug_ops[op_id]
-        arg = op_argument(op, magnitude, hparams)
-        arg = 0.0 if arg is None else arg
-        if op in SIGNED_OPS and negate:
-            arg = -arg
-        out += [float(op_id), arg]
+        out += [float(op_id), magnitude, 1.0 if negate else 0.0] if applied else [-1.0, 0.0, 0.0]
     return out
 
 
@@ -295,8 +326,8 @@ def _sample_mix(rng: np.random.Generator, spec: AugSpec, partner: int) -> list[f
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(size * ratio), int(size * ratio)
     cy, cx = int(rng.integers(0, size)), int(rng.integers(0, size))
-    top, bottom = int(np.clip(cy - cut_h // 2, 0, size)), int(np.clip(cy + cut_h // 2, 0, size))
-    left, right = int(np.clip(cx - cut_w // 2, 0, size)), int(np.clip(cx + cut_w // 2, 0, size))
+    top, bottom = int(np.clip(cy - cut_h // 2, 0, size)), int(np.clip(cy + (cut_h + 1) // 2, 0, size))
+    left, right = int(np.clip(cx - cut_w // 2, 0, size)), int(np.clip(cx + (cut_w + 1) // 2, 0, size))
     lam = 1.0 - (bottom - top) * (right - left) / float(size * size)
     return [float(partner), lam, top, left, bottom, right]
 
@@ -325,7 +356,6 @@ def sample_view_params(
     """
     n = len(sample_ids)
     partners = mix_partners(seed, epoch, block_id, n) if spec.mixes else None
-    hparams = randaug_hparams(spec) if spec.randaug_n else {}
     rows = []
     for pos in range(n):
         rng = view_generator(seed, epoch, int(sample_ids[pos]))
@@ -335,7 +365,7 @@ def sample_view_params(
         if spec.color_jitter > 0:
             lo, hi = max(0.0, 1 - spec.color_jitter), 1 + spec.color_jitter
             row += [float(rng.uniform(lo, hi)) for _ in range(3)]
-        row += _sample_randaug(rng, spec, hparams)
+        row += _sample_randaug(rng, spec)
         if spec.erase_prob > 0:
             row += _sample_erase(rng, spec)
         if spec.mixes:

@@ -124,6 +124,7 @@ class Manifest:
     blocks: BlockLayout
     libraries: dict
     compression: dict
+    batch_size: int = 256  # the teacher's batch size in precompute; verify re-scores blocks in the same batches
     samples_sha256: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -154,7 +155,7 @@ class Manifest:
         def bad(name, value, expected):
             raise FormatError(f"{where}: field {name} = {value!r}; expected {expected}")
 
-        for name in ("seed", "epochs", "k"):
+        for name in ("seed", "epochs", "k", "batch_size"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "an integer")
         for name, value in (("teacher.num_classes", self.teacher.num_classes), ("dataset.num_classes", self.dataset.num_classes),
@@ -690,6 +691,7 @@ def check_compatible(existing: Manifest, wanted: Manifest) -> None:
         ("dataset.digest", existing.dataset.digest, wanted.dataset.digest),
         ("seed", existing.seed, wanted.seed),
         ("k", existing.k, wanted.k),
+        ("batch_size", existing.batch_size, wanted.batch_size),
         ("augmentation", existing.augmentation, wanted.augmentation),
         ("blocks", dataclasses.asdict(existing.blocks), dataclasses.asdict(wanted.blocks)),
         ("replay.path", existing.replay.get("path"), wanted.replay.get("path")),

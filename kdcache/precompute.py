@@ -118,6 +118,7 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
         blocks=layout,
         libraries=library_versions(),
         compression=COMPRESSION,
+        batch_size=config.batch_size,
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.augment import AugSpec, param_fields, randaug_hparams
+from kdcache.augment import AugSpec, op_argument, param_fields, randaug_hparams
 from kdcache.errors import ConfigError
 
 PATHS = ("pil", "tensor")
@@ -72,12 +72,10 @@ def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.I
         hparams = randaug_hparams(spec)
         kwargs = {"fillcolor": hparams["img_mean"], "resample": _pil_resample(spec)}
         for slot in range(spec.randaug_n):
-            op_id = int(row[cols[f"ra{slot}_op"]])
-            if op_id < 0:
-                continue
-            name = spec.randaug_ops[op_id]
-            arg = _op_value(name, float(row[cols[f"ra{slot}_arg"]]))
-            img = NAME_TO_OP[name](img, **kwargs) if arg is None else NAME_TO_OP[name](img, arg, **kwargs)
+            op = _randaug_op(spec, row, cols, slot, hparams)
+            if op is not None:
+                name, arg = op
+                img = NAME_TO_OP[name](img, **kwargs) if arg is None else NAME_TO_OP[name](img, arg, **kwargs)
     return to_uint8_tensor(img)
 
 
@@ -85,14 +83,21 @@ def _pil_resample(spec: AugSpec) -> int:
     return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[spec.interpolation]
 
 
-def _op_value(name: str, arg: float):
-    from timm.data.auto_augment import LEVEL_TO_ARG
+def _randaug_op(spec: AugSpec, row: np.ndarray, cols: dict[str, int], slot: int, hparams: dict):
+    """(op name, argument) of a RandAugment slot, or None when the op was not applied.
 
-    from kdcache.augment import INTEGER_OPS
-
-    if LEVEL_TO_ARG[name] is None:
+    The argument comes from timm's level function at the stored magnitude and sign. Posterize
+    keeps at least 1 bit (timm's level function gives 0 bits below magnitude 2.5, which Pillow
+    refuses).
+    """
+    op_id = int(row[cols[f"ra{slot}_op"]])
+    if op_id < 0:
         return None
-    return int(round(arg)) if name in INTEGER_OPS else arg
+    name = spec.randaug_ops[op_id]
+    arg = op_argument(name, float(row[cols[f"ra{slot}_mag"]]), hparams, negate=bool(row[cols[f"ra{slot}_neg"]] > 0.5))
+    if name.startswith("Posterize") and arg is not None:
+        arg = max(1, arg)
+    return name, arg
 
 
 # ---- tensor path -------------------------------------------------------------------------
@@ -148,12 +153,12 @@ def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torc
         img = F.adjust_contrast(img, float(row[cols["jitter_contrast"]]))
         img = F.adjust_saturation(img, float(row[cols["jitter_saturation"]]))
     if spec.randaug_n:
-        fill = [float(v) for v in randaug_hparams(spec)["img_mean"]]
+        hparams = randaug_hparams(spec)
+        fill = [float(v) for v in hparams["img_mean"]]
         for slot in range(spec.randaug_n):
-            op_id = int(row[cols[f"ra{slot}_op"]])
-            if op_id >= 0:
-                name = spec.randaug_ops[op_id]
-                img = _tensor_op(name, img, _op_value(name, float(row[cols[f"ra{slot}_arg"]])), fill, interpolation)
+            op = _randaug_op(spec, row, cols, slot, hparams)
+            if op is not None:
+                img = _tensor_op(op[0], img, op[1], fill, interpolation)
     return img
 
 
@@ -224,17 +229,19 @@ class PendingViews:
     def materialize(self, spec: AugSpec, device=None) -> torch.Tensor:
         """float32 ``[m, 3, S, S]`` views: to [0, 1], normalise, erase (per sample), then mix."""
         cols = _columns(spec)
-        x = self.base.to(device, non_blocking=True).float().div(255)
+        x = self.base.to(device, non_blocking=True).float()
         mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        x = x.sub(mean).div(std)
+        x.div_(255).sub_(mean).div_(std)
         if spec.erase_prob > 0:
             for i in np.flatnonzero(self.base_params[:, cols["erase"]] > 0.5):
                 top, left, height, width = (int(self.base_params[i, cols[c]])
                                             for c in ("erase_top", "erase_left", "erase_height", "erase_width"))
                 x[i, :, top : top + height, left : left + width] = 0.0
-        own = torch.from_numpy(self.own).to(x.device)
-        out = x.index_select(0, own)
+        if np.array_equal(self.own, np.arange(len(self.base_params))):
+            out = x if not spec.mixes else x.clone()
+        else:
+            out = x.index_select(0, torch.from_numpy(self.own).to(x.device))
         if not spec.mixes:
             return out
         mixed = np.flatnonzero(self.partner >= 0)

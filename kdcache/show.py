@@ -306,7 +306,8 @@ def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partn
             op_id = int(col(f"ra{slot}_op"))
             if op_id >= 0:
                 name = spec.randaug_ops[op_id]
-                ops.append(name if LEVEL_TO_ARG[name] is None else f"{name}({_fmt(col(f'ra{slot}_arg'))})")
+                sign = "-" if col(f"ra{slot}_neg") > 0.5 else "+"
+                ops.append(name if LEVEL_TO_ARG[name] is None else f"{name}(m {sign}{_fmt(col(f'ra{slot}_mag'))})")
         parts.append("RandAugment " + (", ".join(ops) if ops else "none applied"))
     if spec.erase_prob > 0:
         if col("erase") > 0.5:

@@ -152,17 +152,29 @@ def _check_dataset(cache: Cache, source, plan, report: VerifyReport, data: str) 
 
 
 def _pick_views(cache: Cache, count: int, seed: int) -> dict[tuple[int, int], list[int]]:
-    """Random committed views, grouped by (epoch, block): positions within the block."""
+    """``count`` distinct random committed views, from about count/32 random blocks: {(epoch, block): positions}.
+
+    Whole blocks are re-scored (in precompute's batches, so the teacher computes exactly what it
+    computed then); concentrating the views in a few blocks bounds that cost.
+    """
     layout = cache.layout
     candidates = [(e, b) for (e, u) in sorted(cache.ledger) for b in layout.unit_blocks(u)]
+    if not candidates or count == 0:
+        return {}
     rng = np.random.default_rng(seed)
+    chosen = [candidates[i] for i in rng.permutation(len(candidates))]
     picked: dict[tuple[int, int], list[int]] = {}
-    if not candidates:
-        return picked
-    for _ in range(count):
-        epoch, block = candidates[int(rng.integers(len(candidates)))]
-        picked.setdefault((epoch, block), []).append(int(rng.integers(layout.sizes[block])))
-    return {key: sorted(set(value)) for key, value in picked.items()}
+    wanted = min(count, sum(layout.sizes[b] for _, b in chosen))
+    blocks = []
+    for key in chosen:
+        blocks.append(key)
+        if len(blocks) >= max(1, -(-count // 32)) and sum(layout.sizes[b] for _, b in blocks) >= wanted:
+            break
+    pool = [(key, p) for key in blocks for p in range(layout.sizes[key[1]])]
+    for index in rng.choice(len(pool), size=wanted, replace=False):
+        key, position = pool[int(index)]
+        picked.setdefault(key, []).append(position)
+    return {key: sorted(value) for key, value in picked.items()}
 
 
 def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: VerifyReport) -> None:
@@ -192,10 +204,12 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                 report.fail(f"view (epoch {epoch}, sample {plan['key'][where][row]}): stored parameter "
                             f"{m.param_fields[col]} = {stored['params'][row, col]:.6g}, the spec and seed give {drawn[row, col]:.6g}")
                 bad += 1
-        views = replay_block(spec, stored["params"], images, positions=positions, path=path)
-        logits = teacher_logits(teacher, views, device).cpu()
+        views = replay_block(spec, stored["params"], images, path=path, device=device)
+        logits = torch.cat([teacher_logits(teacher, views[i : i + m.batch_size], device)
+                            for i in range(0, len(views), m.batch_size)]).cpu()
         values, indices, _ = make_records(logits, m.k)
-        for row, position in enumerate(positions):
+        for position in positions:
+            row = position
             record = {name: stored[name][position] for name in ("values", "indices")}
             problem = compare_records(record, values[row].float().numpy(), indices[row].numpy())
             report.max_abs_diff = max(report.max_abs_diff, float(np.abs(record["values"].astype(np.float32) - values[row].float().numpy()).max()))

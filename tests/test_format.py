@@ -213,7 +213,7 @@ def test_precompute_records_equal_teacher_on_replayed_stored_params(small_cache,
 MANIFEST_KEYS = {
     "format_version", "tool_version", "created", "command", "teacher", "dataset", "augmentation", "seed",
     "epochs", "k", "dtypes", "tail", "param_fields", "replay", "blocks", "libraries", "compression",
-    "samples_sha256",
+    "batch_size", "samples_sha256",
 }
 NESTED_KEYS = {
     "teacher": {"name", "source", "checkpoint", "weights_sha256", "num_classes", "class_names", "input_size",
@@ -235,7 +235,7 @@ BASE_FIELDS = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]
 PRESET_FIELDS = {
     "none": BASE_FIELDS,
     "light": BASE_FIELDS,
-    "strong": BASE_FIELDS + ["ra0_op", "ra0_arg", "ra1_op", "ra1_arg", "erase", "erase_top", "erase_left",
+    "strong": BASE_FIELDS + ["ra0_op", "ra0_mag", "ra0_neg", "ra1_op", "ra1_mag", "ra1_neg", "erase", "erase_top", "erase_left",
                              "erase_height", "erase_width"],
     "funmatch": BASE_FIELDS + ["mix_partner", "mix_lam", "mix_top", "mix_left", "mix_bottom", "mix_right"],
     "cutmix": BASE_FIELDS + ["mix_partner", "mix_lam", "mix_top", "mix_left", "mix_bottom", "mix_right"],
@@ -260,7 +260,7 @@ def test_manifest_is_pinned(small_cache, teacher_ckpt):
     assert m["dtypes"] == {"values": "float16", "indices": "uint8", "tail": "float16", "params": "float32"}
     assert m["tail"] == {"betas": [1.0, 0.25], "temperature_range": [0.5, 10.0]}
     assert m["param_fields"] == BASE_FIELDS
-    assert (m["seed"], m["epochs"], m["k"], m["command"]) == (0, 2, 5, "pytest")
+    assert (m["seed"], m["epochs"], m["k"], m["command"], m["batch_size"]) == (0, 2, 5, "pytest", 256)
     assert m["replay"]["path"] == "pil"
     t = m["teacher"]
     assert (t["name"], t["source"], t["num_classes"], t["input_size"]) == ("test_resnet", "timm", 10, [3, 32, 32])
