@@ -83,6 +83,8 @@ def bare_inference(teacher_config, data, cache_path, args) -> float:
     plan = cache.samples()
     views = []
     for block in range(m.blocks.num_blocks):
+        if sum(len(v) for v in views) >= args.bare_views:
+            break
         where = m.blocks.block_slots(block)
         images = [decode_sample(s) for s in read_block(source, m.blocks, block, plan["source_index"][where])]
         views.append(replay_block(m.spec(), cache.read_block(0, block)["params"], images))
@@ -179,6 +181,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bare-views", type=int, default=8192, help="views replayed into memory for bare inference")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu", action="store_true")
@@ -189,7 +192,7 @@ def main() -> None:
             "digits", 512, "test_resnet", "test_resnet", 32, 64, 256, 2)
     if args.gpu:
         args.device, args.teacher, args.student, args.size, args.batch = "cuda", "resnet50", "resnet50", 224, 256
-        args.samples, args.block, args.workers = max(args.samples, 16384), 1024, max(args.workers, 12)
+        args.samples, args.epochs, args.workers = max(args.samples, 32768), 2, max(args.workers, 12)
     results = {"args": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
