@@ -136,6 +136,7 @@ def train_student(
     log_every: int = typer.Option(50, "--log-every"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (0: epoch ends)."),
     no_verify_checksums: bool = typer.Option(False, "--no-verify-checksums", help="Skip sha256 checks of cache units (trusted local caches)."),
+    no_data_check: bool = typer.Option(False, "--no-data-check", help="Skip the up-front digest check of every sample (blocks are still checked as read)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -151,7 +152,7 @@ def train_student(
         num_workers=workers, block_size=block_size, meta_blocks=meta_blocks, mkd_meta_every=mkd_meta_every,
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-        verify_checksums=not no_verify_checksums,
+        verify_checksums=not no_verify_checksums, check_data=not no_data_check,
     )
     result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"

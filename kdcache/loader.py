@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdcache.augment import AugSpec, preset, sample_view_params
 from kdcache.batch import Batch
 from kdcache.distributed import Ranks
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, KdcacheError
 from kdcache.format import BlockLayout, Cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -149,7 +149,27 @@ class _EpochStream(IterableDataset):
         skip = done[role] if workers > 1 else self.start_batch
         windows = [w for w in range(len(self.plan.windows)) if self.plan.owner[w] == role]
         reader = _WindowReader(self.views, self.config, self.train_epoch)
-        yield from reader.batches(self.plan, windows, self.ranks, skip)
+        try:
+            yield from reader.batches(self.plan, windows, self.ranks, skip)
+        except KdcacheError as exc:
+            if info is None:
+                raise
+            yield _WorkerError(type(exc), str(exc))  # re-raised as itself in the main process
+
+
+@dataclass(frozen=True)
+class _WorkerError:
+    """A kdcache error raised in a DataLoader worker, carried to the main process unwrapped."""
+
+    kind: type
+    message: str
+
+
+def _unwrap_worker_errors(batches):
+    for item in batches:
+        if isinstance(item, _WorkerError):
+            raise item.kind(item.message)
+        yield item
 
 
 class _WindowReader:
@@ -294,8 +314,8 @@ class ViewLoader:
         stream = _EpochStream(self.views, self.config, self.ranks, train_epoch, self.blocks, start_batch)
         if self.config.num_workers == 0:
             return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, persistent_workers=False,
-                               prefetch_factor=2))
+        return _unwrap_worker_errors(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                                                persistent_workers=False, prefetch_factor=2))
 
 
 def eval_batches(source: Source, spec: AugSpec, *, batch_size: int, num_classes: int):

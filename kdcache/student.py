@@ -71,6 +71,7 @@ class StudentConfig:
     checkpoint_every: int = 0
     max_steps: int | None = None
     verify_checksums: bool = True
+    check_data: bool = True
 
     def __post_init__(self) -> None:
         if self.loss.needs_teacher and self.cache is None and self.teacher is None:
@@ -99,9 +100,12 @@ def _check_cache_against_data(cache, source, config: StudentConfig) -> list[int]
                     f"cache {config.cache}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
                     f"{m.epochs * units} units); finish it with kdcache precompute-logits --resume"
                 )
-    plan = cache.samples()
-    first = m.blocks.block_slots(0)
-    check_block(read_block(source, m.blocks, 0, plan["source_index"][first]), plan, first, what=f"data {config.data}")
+    if config.check_data:  # every sample's digest, before anything is written (the loader checks again as it reads)
+        plan = cache.samples()
+        for block in range(m.blocks.num_blocks):
+            where = m.blocks.block_slots(block)
+            check_block(read_block(source, m.blocks, block, plan["source_index"][where]), plan, where,
+                        what=f"data {config.data} (block {block})")
     return cache.complete_epochs()
 
 

@@ -418,6 +418,9 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
         _seed_everything(config.seed + ranks.rank)
         runlog.rewind(-1)  # a session that died before its first checkpoint
 
+    if ranks.world > 1 and on_cuda:
+        # BatchNorm statistics over the global batch, so N ranks step like one (torch has no CPU SyncBatchNorm)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     eval_model = torch.compile(model) if use_compile else model
     train_model = eval_model
     if ranks.world > 1:
