@@ -75,7 +75,7 @@ def precompute_logits(
     blocks_per_unit: int = typer.Option(64, "--blocks-per-unit", help="Blocks per shard file and unit of work."),
     batch_size: int = typer.Option(256, "--batch-size"),
     replay_path: str = typer.Option("pil", "--replay-path", help="pil (reference) or tensor."),
-    workers: int = typer.Option(0, "--workers", help="Processes preparing blocks (0: one background thread)."),
+    workers: int = typer.Option(0, "--workers", help="Processes preparing blocks (0: in the main process, a background thread with a GPU teacher)."),
     resume: bool = typer.Option(False, "--resume", help="Finish or extend an existing cache."),
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
 ):

@@ -279,7 +279,8 @@ def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer
     views_done = 0
     arrays, current = None, None
     spec = manifest.spec()
-    for (epoch, unit, block), (pending, params) in zip(jobs, _prepared(preparer, config.workers)):
+    overlap = torch.device(device).type == "cuda"
+    for (epoch, unit, block), (pending, params) in zip(jobs, _prepared(preparer, config.workers, overlap=overlap)):
         views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
         if current != (epoch, unit):
             arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
@@ -299,8 +300,14 @@ def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer
     return views_done
 
 
-def _prepared(preparer: _BlockPreparer, workers: int):
-    """Prepared blocks in job order: two ahead in a thread, or through a DataLoader with worker processes."""
+def _prepared(preparer: _BlockPreparer, workers: int, *, overlap: bool):
+    """Prepared blocks in job order: through a DataLoader with worker processes, two ahead in a
+    thread (``overlap``: the teacher runs on a GPU), or inline (a CPU teacher already uses every
+    core; a preparing thread beside it only makes its threads wait)."""
+    if workers == 0 and not overlap:
+        for i in range(len(preparer)):
+            yield preparer[i]
+        return
     if workers > 0:
         loader = torch.utils.data.DataLoader(preparer, batch_size=None, shuffle=False, num_workers=workers,
                                              prefetch_factor=2, pin_memory=torch.cuda.is_available())

@@ -145,7 +145,8 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         source = open_source(config.data)
         spec = resolve_spec(config.augmentation, output_size=config.img_size, mean=config.mean, std=config.std,
                             interpolation="bilinear")
-        layout, members = plan_layout(source, block_size=config.block_size, blocks_per_unit=1, seed=config.seed)
+        # One unit spanning every block: windows then group blocks exactly as they do for a cache.
+        layout, members = plan_layout(source, block_size=config.block_size, blocks_per_unit=1 << 30, seed=config.seed)
         plan = {"source_index": np.full(layout.num_slots, -1, dtype=np.int64)}
         for block, block_members in enumerate(members):
             plan["source_index"][layout.block_slots(block)] = block_members

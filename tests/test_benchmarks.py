@@ -1,0 +1,46 @@
+"""The benchmark scripts run in CI at reduced size (--quick), so they cannot rot."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_storage_benchmark_prints_bytes_per_view():
+    out = run("storage.py", "--quick")
+    assert "blosc-zstd5-shuffle" in out and "TinyViT" in out
+    row = next(line for line in out.splitlines() if line.split() and line.split()[0] == "10")
+    kdcache_all, tinyvit = float(row.split()[1]), float(row.split()[3])
+    assert 0 < kdcache_all and tinyvit == 44.0
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_prints_its_table():
+    out = run("throughput.py", "--quick")
+    for name in ("bare teacher inference", "precompute-logits", "plain ce", "from the cache", "online kd", "ideal"):
+        assert name in out
+
+
+@pytest.mark.slow
+def test_replay_benchmark_prints_its_table():
+    out = run("replay.py", "--quick")
+    assert "timm" in out and "light" in out and "strong" in out
+
+
+@pytest.mark.slow
+def test_tail_benchmark_prints_its_table():
+    out = run("tail.py", "--quick")
+    assert "kdcache bucket" in out and "TinyViT dense" in out
