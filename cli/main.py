@@ -80,6 +80,9 @@ def precompute_logits(
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
 ):
     """Run the teacher once per augmentation epoch and store every view's teacher record."""
+    # A CPU teacher alternates with block preparation: spinning OpenMP threads skip the wake-up
+    # after every pause (measured in docs/benchmarks.md). Set before torch starts its threads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
     from kdcache.precompute import PrecomputeConfig, precompute
 
     config = PrecomputeConfig(

@@ -242,10 +242,10 @@ def now_iso() -> str:
 
 #: Compression per record array, chosen by measurement (benchmarks/storage.py, docs/benchmarks.md).
 COMPRESSION = {
-    "values": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
-    "indices": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
-    "tail": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
-    "params": {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
+    "values": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+    "indices": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+    "tail": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+    "params": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
 }
 
 

@@ -21,7 +21,7 @@ def run(script: str, *args: str) -> str:
 @pytest.mark.slow
 def test_storage_benchmark_prints_bytes_per_view():
     out = run("storage.py", "--quick")
-    assert "blosc-zstd5-shuffle" in out and "TinyViT" in out
+    assert "blosc-zstd9-shuffle" in out and "TinyViT" in out
     row = next(line for line in out.splitlines() if line.split() and line.split()[0] == "10")
     kdcache_all, tinyvit = float(row.split()[1]), float(row.split()[3])
     assert 0 < kdcache_all and tinyvit == 44.0

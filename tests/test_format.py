@@ -255,7 +255,7 @@ def test_manifest_is_pinned(small_cache, teacher_ckpt):
     for name, keys in NESTED_KEYS.items():
         assert set(m[name]) == keys, name
     for name in RECORD_ARRAYS:
-        assert m["compression"][name] == {"codec": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
+        assert m["compression"][name] == {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"}
     assert m["format_version"] == FORMAT_VERSION == 1
     assert m["dtypes"] == {"values": "float16", "indices": "uint8", "tail": "float16", "params": "float32"}
     assert m["tail"] == {"betas": [1.0, 0.25], "temperature_range": [0.5, 10.0]}
