@@ -6,7 +6,6 @@ intra-op thread: on a 2-core machine shared with subprocess ranks, more threads 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
@@ -19,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from threads import single_thread
 
 #: The small configuration every stage-one test starts from (digits: 1,437 train images).
 SMALL = dict(
@@ -33,19 +33,9 @@ SMALL = dict(
 )
 
 
-@contextlib.contextmanager
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def one_thread():
-    with _one_thread():
+    with single_thread():
         yield
 
 
@@ -123,7 +113,7 @@ def precompute_argv(teacher_ckpt):
 def run_precompute(config):
     from kdcache.precompute import precompute
 
-    with _one_thread():
+    with single_thread():
         return precompute(config, log=lambda message: None)
 
 

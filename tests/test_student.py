@@ -8,7 +8,6 @@ before anything is written; and the exported model.pt is a teacher.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from threads import single_thread
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -33,16 +33,6 @@ from kdcache.teacher import TeacherConfig, load_teacher
 from kdcache_cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread, for module fixtures (the one_thread fixture covers the tests themselves)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 RUN_FILES = ("metrics.jsonl", "result.json", "run.png", "model.pt", "checkpoint.pt", "config.json")
@@ -254,7 +244,7 @@ def learned(tmp_path_factory, helpers):
 
     root = tmp_path_factory.mktemp("learn")
     common = dict(val_data="digits:val", batch_size=64, log_every=100)
-    with one_thread():
+    with single_thread():  # for the module fixture (the one_thread fixture covers the tests)
         teacher = run(student(root / "teacher", loss=LossConfig(name="ce"), img_size=32, epochs=6, **common))
         helpers.run_precompute(PrecomputeConfig(
             data="digits", output=str(root / "cache"), epochs=2, topk=5, block_size=256, blocks_per_unit=2,
