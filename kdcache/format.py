@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,25 +340,37 @@ class Location:
     def __str__(self) -> str:
         return self.raw
 
+    #: Attempts and first back-off (seconds, doubled each time) for a remote read that fails.
+    ATTEMPTS, BACKOFF = 4, 0.25
+
     def read(self, key: str) -> bytes | None:
+        """The bytes stored under ``key``, or None if there is no such file."""
         if not self.remote:
             try:
                 return (self.path / key).read_bytes()
             except FileNotFoundError:
                 return None
-        try:
-            return self.fs.cat_file(f"{self.root}/{key}")
-        except FileNotFoundError:
-            return None
+        return self._retry(key, lambda: self.fs.cat_file(f"{self.root}/{key}"))
+
+    def _retry(self, key: str, call):
+        for attempt in range(self.ATTEMPTS):
+            try:
+                return call()
+            except FileNotFoundError:
+                return None
+            except Exception as exc:  # connection refused, reset, timeout, server error
+                if attempt + 1 == self.ATTEMPTS:
+                    raise FormatError(
+                        f"{self.raw}: cannot read {key} after {self.ATTEMPTS} attempts "
+                        f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'})"
+                    ) from None
+                time.sleep(self.BACKOFF * 2**attempt)
 
     def listdir(self, key: str) -> list[str]:
         if not self.remote:
             folder = self.path / key
             return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-        try:
-            entries = self.fs.ls(f"{self.root}/{key}", detail=False)
-        except FileNotFoundError:
-            return []
+        entries = self._retry(key, lambda: self.fs.ls(f"{self.root}/{key}", detail=False)) or []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if not e.rstrip("/").rsplit("/", 1)[-1].startswith("."))
 
     def size(self) -> int:
@@ -445,27 +458,34 @@ class Cache:
         """The plan: per slot, the source index (-1 for padding), label, digest and key."""
         out = {}
         for name in SAMPLE_ARRAYS:
-            data = self._array(f"samples/{name}")
-            out[name] = data[...]
+            try:
+                out[name] = self._array(f"samples/{name}", chunk_keys=("c/0",))[...]
+            except FormatError:
+                raise
+            except Exception as exc:  # a damaged chunk fails to decode
+                raise ChecksumError(f"{self.location}: samples/{name} cannot be decoded ({exc})") from None
             expected = self.manifest.samples_sha256.get(name)
             if expected and sample_array_sha256(name, out[name]) != expected:
                 raise ChecksumError(f"{self.location}: samples/{name} does not match its checksum in the manifest")
         return out
 
-    def _array(self, name: str):
+    def _array(self, name: str, *, chunk_keys: tuple[str, ...] = ()):
+        """Array ``name`` from its metadata and the given chunk files, read through the Location (any store)."""
         import zarr
+        from zarr.storage import MemoryStore
 
-        if self.location.remote:
-            from zarr.storage import FsspecStore
-
-            store = FsspecStore(self.location.fs, path=f"{self.location.root}/{name}", read_only=True)
-        else:
-            from zarr.storage import LocalStore
-
-            store = LocalStore(self.location.path / name, read_only=True)
+        meta = self.location.read(f"{name}/zarr.json")
+        if meta is None:
+            raise FormatError(f"{self.location}: array {name} is missing ({name}/zarr.json)")
+        contents = {"zarr.json": _buffer(meta)}
+        for key in chunk_keys:
+            data = self.location.read(f"{name}/{key}")
+            if data is None:
+                raise FormatError(f"{self.location}: array {name} is missing its chunk {name}/{key}")
+            contents[key] = _buffer(data)
         try:
-            return zarr.open_array(store, mode="r")
-        except Exception as exc:  # zarr raises several types for a missing/corrupt array
+            return zarr.open_array(MemoryStore(contents), mode="r")
+        except Exception as exc:  # zarr raises several types for corrupt metadata
             raise FormatError(f"{self.location}: array {name} cannot be opened ({exc})") from None
 
     def _meta(self, array: str) -> bytes:
