@@ -69,6 +69,7 @@ def precompute_logits(
     split: str = typer.Option("train", "--split"),
     augmentation: str = typer.Option("light", "--augmentation", "-a", help="Preset (none, light, strong, funmatch, cutmix) or a JSON spec file."),
     epochs: int = typer.Option(1, "--epochs", help="Augmentation epochs (views per sample)."),
+    from_epoch: int = typer.Option(0, "--from-epoch", help="Compute only epochs from this one on (one job's share; see merge)."),
     seed: int = typer.Option(0, "--seed"),
     topk: str = typer.Option("10", "--topk", help="Logits kept per view, or 'full'."),
     block_size: int = typer.Option(1024, "--block-size", help="Samples per block (indexable sources)."),
@@ -88,7 +89,7 @@ def precompute_logits(
     config = PrecomputeConfig(
         data=data, output=output, split=split,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, num_classes),
-        augmentation=augmentation, epochs=epochs, seed=seed, topk=_topk(topk), block_size=block_size,
+        augmentation=augmentation, epochs=epochs, from_epoch=from_epoch, seed=seed, topk=_topk(topk), block_size=block_size,
         blocks_per_unit=blocks_per_unit, batch_size=batch_size, replay_path=replay_path, workers=workers, resume=resume,
         repair=repair, command=_command_line(),
     )

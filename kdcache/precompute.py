@@ -61,11 +61,14 @@ class PrecomputeConfig:
     resume: bool = False
     repair: bool = False
     max_units: int | None = None
+    from_epoch: int = 0  # compute only epochs [from_epoch, epochs): a job's share of an epoch range (see `kdcache merge`)
     command: str = ""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs}; expected at least 1")
+        if not 0 <= self.from_epoch < self.epochs:
+            raise ConfigError(f"--from-epoch {self.from_epoch}; expected 0 <= from-epoch < --epochs {self.epochs}")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}; expected 0 or more")
         if self.batch_size < 1:
@@ -254,7 +257,8 @@ def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
     plan = cache.samples()
     committed = set(cache.ledger)
     layout = manifest.blocks
-    pending = [(e, u) for e in range(manifest.epochs) for u in range(layout.num_units) if (e, u) not in committed]
+    pending = [(e, u) for e in range(config.from_epoch, manifest.epochs) for u in range(layout.num_units)
+               if (e, u) not in committed]
     mine = pending[ranks.rank :: ranks.world]
     if config.max_units is not None:
         mine = mine[: config.max_units]
