@@ -175,6 +175,26 @@ def train_runs(args, data: str, teacher: TeacherConfig, cache: str, tmp: Path, *
     return runs
 
 
+def http_cache_reads(cache_path: str) -> float:
+    """Views/s reading every record of the cache from Python's http.server on 127.0.0.1, one core."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = Path(cache_path).parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        return cache_reads(f"http://127.0.0.1:{server.server_address[1]}/{Path(cache_path).name}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist")
@@ -227,6 +247,7 @@ def main() -> None:
         results["bare_inference_views_per_s"] = float(np.median(bare_rates))
         results["rounds"] = {"precompute": precompute_rates, "bare": bare_rates}
         results["cache_read_views_per_s"] = cache_reads(cache)
+        results["http_cache_read_views_per_s"] = http_cache_reads(cache)
         train_runs(args, data, teacher, cache, tmp, max_steps=2, prefix="warm-")  # imports and first calls
         runs = train_runs(args, data, teacher, cache, tmp)
         results["train_images_per_s"] = runs
@@ -250,6 +271,7 @@ def main() -> None:
     print(f"{'train: online kd (live teacher)':<44}{runs['online kd']:>10.0f}{runs['online kd'] / ce:>8.2f}")
     print(f"{'train: student step on synthetic data (ceiling)':<44}{ceiling:>10.0f}{ceiling / ce:>8.2f}")
     print(f"{'cache reads alone (one core)':<44}{results['cache_read_views_per_s']:>10.0f}")
+    print(f"{'cache reads over http on 127.0.0.1':<44}{results['http_cache_read_views_per_s']:>10.0f}")
     print(f"cache vs online speed-up {runs['cache kd'] / runs['online kd']:.2f}x; ideal (teacher+student)/student = {ideal:.2f}x")
     results["ideal_speedup"] = ideal
     if args.json:
