@@ -243,6 +243,20 @@ def show(
     typer.echo(result.output)
 
 
+@app.command("merge")
+@handles_errors
+def merge(
+    output: str = typer.Argument(..., metavar="OUT", help="The merged cache to create (must not exist, or be an empty directory)."),
+    caches: list[str] = typer.Argument(..., metavar="CACHE", help="Two or more caches (or partial caches) made with the same recipe."),
+):
+    """Combine compatible caches from separate jobs (machines, epoch ranges, units) into one new cache."""
+    from kdcache.merge import merge_caches
+
+    result = merge_caches(output, caches, command=_command_line(), log=_log)
+    typer.echo(f"merged {result.units} unit(s) from {len(caches)} caches into {result.output}; "
+               f"epochs complete: {result.epochs_complete}")
+
+
 @app.command("make-shards")
 @handles_errors
 def make_shards(

@@ -32,6 +32,7 @@ _LAZY = {
     "open_cache": "kdcache.format",
     "cache_info": "kdcache.info",
     "LoaderConfig": "kdcache.loader",
+    "merge_caches": "kdcache.merge",
     "ViewLoader": "kdcache.loader",
     "LossConfig": "kdcache.losses",
     "LOSSES": "kdcache.losses",

@@ -1,0 +1,189 @@
+"""`kdcache merge`: combine caches made by separate jobs into one new cache.
+
+Jobs that share a cache's recipe (teacher, data, seed, k, augmentation, layout...) but ran on
+other machines, over other epoch ranges (``--from-epoch``) or over other units (``max_units``)
+each hold some committed units of the same logical cache. ``merge_caches`` checks that the
+inputs agree on everything that determines the records, then builds a new cache with the first
+input's manifest (epochs: the largest of the inputs) and plan, and copies every committed unit's
+shard files byte for byte, each checked against its input's ledger. A unit committed in more
+than one input must have the same files in each (it is copied once). The result is built in a
+hidden sibling directory and renamed into place at the end: a failed merge leaves no output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, MismatchError
+from kdcache.format import (
+    RECORD_ARRAYS,
+    Cache,
+    CacheWriter,
+    LedgerEntry,
+    Manifest,
+    atomic_write_bytes,
+    first_difference,
+    is_url,
+    ledger_key,
+    now_iso,
+    open_cache,
+    sha256_bytes,
+    shard_key,
+)
+
+
+@dataclass
+class MergeResult:
+    output: str
+    units_copied: dict[str, int]  # input -> units taken from it (a unit held by several inputs counts for the first)
+    epochs_complete: list[int]
+
+    @property
+    def units(self) -> int:
+        return sum(self.units_copied.values())
+
+
+def _record_fields(manifest: Manifest) -> list[tuple[str, Any]]:
+    """Everything that determines a cache's records, most telling first (a new seed also moves the digest)."""
+    return [
+        ("format_version", manifest.format_version),
+        ("teacher.weights_sha256", manifest.teacher.weights_sha256),
+        ("teacher.name", manifest.teacher.name),
+        ("seed", manifest.seed),
+        ("k", manifest.k),
+        ("batch_size", manifest.batch_size),
+        ("augmentation", manifest.augmentation),
+        ("replay.path", manifest.replay.get("path")),
+        ("dataset.num_samples", manifest.dataset.num_samples),
+        ("dataset.digest", manifest.dataset.digest),
+        ("blocks", dataclasses.asdict(manifest.blocks)),
+        ("dtypes", manifest.dtypes),
+        ("compression", manifest.compression),
+        ("param_fields", manifest.param_fields),
+        ("samples_sha256", manifest.samples_sha256),
+    ]
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_mergeable(first_name: str, first: Manifest, name: str, other: Manifest) -> None:
+    """Refuse to merge ``other`` into ``first`` if anything that determines the records differs; names the field."""
+    for (field, mine), (_, theirs) in zip(_record_fields(first), _record_fields(other)):
+        found = first_difference(field, mine, theirs)
+        if found is not None:
+            where, a, b = found
+            raise MismatchError(f"cannot merge {name}: {where} differs: {first_name} has {_show(a)}, {name} has {_show(b)}")
+
+
+def _check_output(output: Path) -> None:
+    if is_url(str(output)):
+        raise ConfigError(f"output {output}: merge writes a local directory, not a URL")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()):
+        raise ConfigError(f"output {output} exists and is not empty; choose a new directory")
+
+
+def _check_entry(name: str, cache: Cache, entry: LedgerEntry) -> None:
+    layout, epochs = cache.layout, cache.manifest.epochs
+    if not (0 <= entry.epoch < epochs and 0 <= entry.unit < layout.num_units):
+        raise IncompleteCacheError(
+            f"{name}: ledger entry epoch {entry.epoch} unit {entry.unit} is outside the cache "
+            f"({epochs} epochs, {layout.num_units} units per epoch)"
+        )
+    for array in RECORD_ARRAYS:
+        if "sha256" not in entry.files.get(shard_key(array, entry.epoch, entry.unit), {}):
+            raise IncompleteCacheError(
+                f"{name}: ledger entry epoch {entry.epoch} unit {entry.unit} has no checksum for "
+                f"{shard_key(array, entry.epoch, entry.unit)}"
+            )
+
+
+def _plan_units(names: list[str], caches: list[Cache]) -> dict[tuple[int, int], int]:
+    """(epoch, unit) -> index of the first input holding it; refuses units that differ between inputs."""
+    owner: dict[tuple[int, int], int] = {}
+    for i, (name, cache) in enumerate(zip(names, caches)):
+        for key, entry in sorted(cache.ledger.items()):
+            _check_entry(name, cache, entry)
+            if key not in owner:
+                owner[key] = i
+                continue
+            held = caches[owner[key]].ledger[key]
+            for array in RECORD_ARRAYS:
+                file = shard_key(array, *key)
+                if held.files[file]["sha256"] != entry.files[file]["sha256"]:
+                    raise MismatchError(
+                        f"epoch {key[0]} unit {key[1]} differs between {names[owner[key]]} and {name} "
+                        f"({file} has other bytes); they were not made by the same recipe and code"
+                    )
+    return owner
+
+
+def _copy_unit(name: str, cache: Cache, entry: LedgerEntry, out: Path) -> None:
+    """Copy one unit's shard files, checked against the input's ledger, then commit it (ledger entry last)."""
+    for array in RECORD_ARRAYS:
+        key = shard_key(array, entry.epoch, entry.unit)
+        expected = entry.files[key]["sha256"]
+        data = cache.location.read(key)
+        if data is None:
+            raise IncompleteCacheError(f"{name}: epoch {entry.epoch} unit {entry.unit}: file {key} is missing")
+        if sha256_bytes(data) != expected:
+            raise ChecksumError(
+                f"{name}: epoch {entry.epoch} unit {entry.unit}: file {key} does not match its ledger checksum; "
+                "repair that input (kdcache precompute-logits --resume --repair) and merge again"
+            )
+        atomic_write_bytes(out / key, data)
+        if sha256_bytes((out / key).read_bytes()) != expected:
+            raise ChecksumError(f"{out}: the copy of {key} (epoch {entry.epoch} unit {entry.unit}) from {name} does not "
+                                "read back with its checksum; check the output disk")
+    atomic_write_bytes(out / ledger_key(entry.epoch, entry.unit), json.dumps(dataclasses.asdict(entry), indent=1).encode())
+
+
+def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print) -> MergeResult:
+    """Combine the committed units of compatible ``inputs`` into a new cache at ``output``."""
+    names = [str(i) for i in inputs]
+    if len(names) < 2:
+        raise ConfigError(f"merge needs at least two caches to combine, got {len(names)}")
+    out = Path(output)
+    _check_output(out)
+    caches = [open_cache(name) for name in names]
+    first = caches[0].manifest
+    for name, cache in zip(names[1:], caches[1:]):
+        check_mergeable(names[0], first, name, cache.manifest)
+    plan = caches[0].samples()
+    for cache in caches[1:]:
+        cache.samples()  # each input's plan must match its own manifest checksum (compared above)
+    owner = _plan_units(names, caches)
+
+    epochs = max(cache.manifest.epochs for cache in caches)
+    manifest = dataclasses.replace(first, epochs=epochs, created=now_iso(), command=command or f"kdcache merge {output}")
+    tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        CacheWriter.create(tmp, manifest, plan)
+        for key in sorted(owner):
+            i = owner[key]
+            _copy_unit(names[i], caches[i], caches[i].ledger[key], tmp)
+        _check_output(out)  # nothing appeared there meanwhile
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    copied = dict.fromkeys(names, 0)
+    for i in owner.values():
+        copied[names[i]] += 1
+    for name, count in copied.items():
+        log(f"{name}: {count} unit(s) copied")
+    return MergeResult(output=str(out), units_copied=copied, epochs_complete=Cache(out).complete_epochs())
