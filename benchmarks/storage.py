@@ -12,7 +12,6 @@ record layouts of TinyViT and FKD for the same views.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

@@ -23,7 +23,6 @@ and the seed, exactly as precompute draws them.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -191,7 +190,7 @@ class _WindowReader:
             raise ConfigError(f"global batch size {batch} is not divisible by the {world} ranks")
         share = batch // world
         with ThreadPoolExecutor(max_workers=1) as prefetch:
-            pending = None
+            pending, pending_for = None, None
             for i, w in enumerate(windows):
                 members = plan.windows[w]
                 count = len(members) // batch

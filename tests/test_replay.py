@@ -9,7 +9,6 @@ timm's transforms. The tensor path: close to the PIL path op by op, with the sam
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
