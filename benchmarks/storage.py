@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from logits import synthetic_logits  # noqa: E402
 
 from kdcache.augment import param_fields, preset, sample_view_params
-from kdcache.format import (COMPRESSION, FORMAT_VERSION, BlockLayout, CacheWriter, DatasetInfo, Location, Manifest,
+from kdcache.format import (COMPRESSION, FORMAT_VERSION, BlockLayout, CacheWriter, DatasetInfo, Manifest,
                             TeacherInfo, library_versions, now_iso, record_dtypes)
+from kdcache.location import Location
 from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
 from kdcache.replay import replay_fingerprint
 

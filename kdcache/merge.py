@@ -27,15 +27,14 @@ from kdcache.format import (
     CacheWriter,
     LedgerEntry,
     Manifest,
-    atomic_write_bytes,
     first_difference,
-    is_url,
     ledger_key,
     now_iso,
     open_cache,
     sha256_bytes,
     shard_key,
 )
+from kdcache.location import atomic_write_bytes, is_url
 
 
 @dataclass

@@ -33,9 +33,9 @@ from kdcache.format import (
     library_versions,
     now_iso,
     read_manifest,
-    Location,
     record_dtypes,
 )
+from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
 from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
 from kdcache.replay import replay_fingerprint, replay_pending

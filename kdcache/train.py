@@ -163,8 +163,8 @@ class RunResult:
     best_top1: float | None
     final_ema_top1: float | None
     steps: int
-    wall_time_s: float  # training time over all sessions of the run (resumes included)
-    images_per_s: float  # training throughput of this session, all ranks together
+    wall_time_s: float  # training time over every process of the run (resumes included)
+    images_per_s: float  # training throughput of this process, all ranks together
     run_dir: Path
     completed: bool  # False when stopped early by max_steps
 
@@ -413,10 +413,10 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
         else:
             say(f"resume: checkpoint made on {len(state['rng'])} ranks, now {ranks.world}; RNG streams reseeded, not restored")
             _seed_everything(config.seed + ranks.rank + position.step)
-        runlog.rewind(position.step)  # drop lines a killed session wrote after its last checkpoint
+        runlog.rewind(position.step)  # drop lines a killed process wrote after its last checkpoint
     else:
         _seed_everything(config.seed + ranks.rank)
-        runlog.rewind(-1)  # a session that died before its first checkpoint
+        runlog.rewind(-1)  # a process that died before its first checkpoint
 
     if ranks.world > 1 and on_cuda:
         # BatchNorm statistics over the global batch, so N ranks step like one (torch has no CPU SyncBatchNorm)
@@ -447,8 +447,8 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
         + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if checkpoint_path else "")
     )
 
-    train_time = 0.0  # this session, training steps only (no evaluation)
-    session_images = 0
+    train_time = 0.0  # this process, training steps only (no evaluation)
+    process_images = 0
 
     def save(pos: TrainPosition) -> None:
         rng = [capture_rng_state()]
@@ -524,7 +524,7 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
                 ema.update(model, step=step)
 
             meter.add(loss, len(batch) * ranks.world)
-            session_images += len(batch) * ranks.world
+            process_images += len(batch) * ranks.world
             position = TrainPosition(epoch=epoch, batch=index + 1, step=step, meta_batches=position.meta_batches)
             end_of_epoch = index + 1 >= batches_per_epoch
             stopped = step >= stop_step and not end_of_epoch
@@ -576,7 +576,7 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
         final_ema_top1=final_ema_top1,
         steps=step,
         wall_time_s=prior_wall + train_time,
-        images_per_s=session_images / train_time if train_time > 0 else 0.0,
+        images_per_s=process_images / train_time if train_time > 0 else 0.0,
         run_dir=run_dir,
         completed=step >= total_steps,
     )
@@ -587,7 +587,7 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
             summary.update(temps.summary())
         runlog.write("end", **summary)
         runlog.close()
-        if result.completed and session_images:  # a resumed, already finished run keeps its result.json
+        if result.completed and process_images:  # a resumed, already finished run keeps its result.json
             write_json(run_dir / RESULT_NAME, summary)
         plot_run(run_dir / METRICS_NAME, run_dir / PLOT_NAME)
         accuracy = f"top-1 {100 * final_top1:.2f}% (best {100 * best_top1:.2f}%), " if final_top1 is not None else ""

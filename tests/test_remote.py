@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.errors import FormatError
-from kdcache.format import Location, open_cache
+from kdcache.format import open_cache
+from kdcache.location import Location
 from kdcache.losses import LossConfig
 from kdcache.student import StudentConfig, train_student
 from kdcache_cli.main import app

@@ -186,7 +186,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, small_cache, subproc
     whole = CliRunner().invoke(app, args + ["--run-dir", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
     assert_same_weights(weights(killed), weights(tmp_path / "whole"))
-    # the killed session's lines after its checkpoint were dropped: one train line per step
+    # the killed process's lines after its checkpoint were dropped: one train line per step
     np.testing.assert_array_equal(train_losses(killed), train_losses(tmp_path / "whole"))
 
 
