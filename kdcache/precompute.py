@@ -280,25 +280,11 @@ def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer
     layout = manifest.blocks
     jobs = [(e, u, b) for e, u in units for b in layout.unit_blocks(u)]
     preparer = _BlockPreparer(config, source, manifest, plan, [(e, b) for e, _, b in jobs])
+    views_done = 0
+    arrays, current = None, None
     spec = manifest.spec()
     overlap = torch.device(device).type == "cuda"
-    # With a GPU teacher, a unit is compressed, written and committed in a thread while the teacher
-    # scores the next one (one write in flight, so commits stay in order).
-    write_pool = ThreadPoolExecutor(max_workers=1) if overlap else None
-    try:
-        views_done = _score_blocks(config, teacher, device, manifest, writer, jobs, spec,
-                                   _prepared(preparer, config.workers, overlap=overlap), write_pool, log)
-    finally:
-        if write_pool is not None:
-            write_pool.shutdown(wait=True)
-    return views_done
-
-
-def _score_blocks(config, teacher, device, manifest, writer, jobs, spec, prepared, write_pool, log) -> int:
-    layout = manifest.blocks
-    views_done = 0
-    arrays, current, in_flight = None, None, None
-    for (epoch, unit, block), (pending, params) in zip(jobs, prepared):
+    for (epoch, unit, block), (pending, params) in zip(jobs, _prepared(preparer, config.workers, overlap=overlap)):
         views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
         if current != (epoch, unit):
             arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
@@ -313,21 +299,9 @@ def _score_blocks(config, teacher, device, manifest, writer, jobs, spec, prepare
         arrays["params"][rows] = np.asarray(params)
         views_done += len(views)
         if block == layout.unit_blocks(unit)[-1]:
-            if write_pool is None:
-                writer.write_unit(epoch, unit, arrays)
-                log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
-                continue
-            if in_flight is not None:
-                in_flight.result()  # the previous unit is committed (or its error raised) first
-            in_flight = write_pool.submit(_commit, writer, epoch, unit, arrays, views_done, log)
-    if in_flight is not None:
-        in_flight.result()
+            writer.write_unit(epoch, unit, arrays)
+            log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
     return views_done
-
-
-def _commit(writer: CacheWriter, epoch: int, unit: int, arrays, views_done: int, log) -> None:
-    writer.write_unit(epoch, unit, arrays)
-    log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
 
 
 def _prepared(preparer: _BlockPreparer, workers: int, *, overlap: bool):
