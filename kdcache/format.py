@@ -413,10 +413,13 @@ class Cache:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _unit_bytes(self, epoch: int, unit: int) -> dict[str, bytes]:
-        """The shard files of one committed unit, read whole and checked against the ledger (LRU of 2)."""
+    def _unit_bytes(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, bytes]:
+        """The shard files of one committed unit, read whole and checked against the ledger (LRU of 2).
+
+        ``fresh``: read again even if cached, and check the sha256 even if checks are off.
+        """
         with self._lock:
-            cached = self._units.get((epoch, unit))
+            cached = None if fresh else self._units.get((epoch, unit))
             if cached is not None:
                 self._units.move_to_end((epoch, unit))
                 return cached
@@ -433,7 +436,7 @@ class Cache:
             if data is None:
                 raise IncompleteCacheError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is missing")
             expected = entry.files.get(key, {}).get("sha256")
-            if self.verify_checksums and sha256_bytes(data) != expected:
+            if (fresh or self.verify_checksums) and sha256_bytes(data) != expected:
                 raise ChecksumError(
                     f"{self.location}: {self._describe(epoch, unit)}: file {key} does not match its ledger checksum; "
                     "recompute it with kdcache precompute-logits --resume --repair"
@@ -457,11 +460,11 @@ class Cache:
                 f"{self.location}: {self._describe(epoch, unit)}: file {shard_key(array, epoch, unit)} cannot be decoded ({exc})"
             ) from None
 
-    def read_unit(self, epoch: int, unit: int) -> dict[str, np.ndarray]:
+    def read_unit(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, np.ndarray]:
         """All record arrays of one committed unit, ``[unit slots, ...]``, checksums verified."""
         blocks = self.layout.unit_blocks(unit)
         rows = slice(blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity)
-        files = self._unit_bytes(epoch, unit)
+        files = self._unit_bytes(epoch, unit, fresh=fresh)
         return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
 
     def read_block(self, epoch: int, block: int) -> dict[str, np.ndarray]:
@@ -473,14 +476,7 @@ class Cache:
 
     def verify_unit(self, epoch: int, unit: int) -> None:
         """Re-hash one unit's files against the ledger (raises ChecksumError / IncompleteCacheError)."""
-        checking = self.verify_checksums
-        self.verify_checksums = True
-        with self._lock:
-            self._units.pop((epoch, unit), None)
-        try:
-            self.read_unit(epoch, unit)
-        finally:
-            self.verify_checksums = checking
+        self.read_unit(epoch, unit, fresh=True)
 
 
 def _buffer(data: bytes):

@@ -82,7 +82,7 @@ class StudentConfig:
             raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
 
 
-def _check_cache_against_data(cache, source, config: StudentConfig) -> list[int]:
+def _check_cache_against_data(cache, source, plan, config: StudentConfig) -> list[int]:
     """Refuse a cache that does not fit the data or is incomplete; returns the epochs to train from."""
     m = cache.manifest
     if source.num_classes != m.teacher.num_classes:
@@ -101,7 +101,6 @@ def _check_cache_against_data(cache, source, config: StudentConfig) -> list[int]
                     f"{m.epochs * units} units); finish it with kdcache precompute-logits --resume"
                 )
     if config.check_data:  # every sample's digest, before anything is written (the loader checks again as it reads)
-        plan = cache.samples()
         for block in range(m.blocks.num_blocks):
             where = m.blocks.block_slots(block)
             check_block(read_block(source, m.blocks, block, plan["source_index"][where]), plan, where,
@@ -137,8 +136,9 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         m = cache.manifest
         shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
         source = open_source(config.data, split=m.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
-        cache_epochs = _check_cache_against_data(cache, source, config)
-        spec, layout, plan, num_classes = m.spec(), m.blocks, cache.samples(), m.teacher.num_classes
+        plan = cache.samples()
+        cache_epochs = _check_cache_against_data(cache, source, plan, config)
+        spec, layout, num_classes = m.spec(), m.blocks, m.teacher.num_classes
         class_names = m.dataset.class_names
     else:
         cache, cache_epochs = None, None

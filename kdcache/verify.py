@@ -209,10 +209,10 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                             for i in range(0, len(views), m.batch_size)]).cpu()
         values, indices, _ = make_records(logits, m.k)
         for position in positions:
-            row = position
             record = {name: stored[name][position] for name in ("values", "indices")}
-            problem = compare_records(record, values[row].float().numpy(), indices[row].numpy())
-            report.max_abs_diff = max(report.max_abs_diff, float(np.abs(record["values"].astype(np.float32) - values[row].float().numpy()).max()))
+            recomputed = values[position].float().numpy()
+            problem = compare_records(record, recomputed, indices[position].numpy())
+            report.max_abs_diff = max(report.max_abs_diff, float(np.abs(record["values"].astype(np.float32) - recomputed).max()))
             report.views_checked += 1
             if problem:
                 bad += 1
