@@ -8,17 +8,15 @@ must give byte-identical record arrays.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import kill_when
 from typer.testing import CliRunner
 
 from kdcache.errors import IncompleteCacheError
@@ -118,22 +116,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, small_cache, 
     out = tmp_path / "killed"
     command = helpers.cli_command() + precompute_argv(out)
     ledger = out / "ledger"
-    with open(tmp_path / "first.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env)
-        try:
-            deadline = time.monotonic() + 180
-            while not (ledger.is_dir() and any(ledger.glob("e*-u*.json"))):
-                if process.poll() is not None:
-                    pytest.fail(f"precompute ended (rc {process.returncode}) before its first commit: "
-                                f"{(tmp_path / 'first.log').read_text()}")
-                if time.monotonic() > deadline:
-                    pytest.fail("no unit committed within 180 s")
-                time.sleep(0.005)
-            os.kill(process.pid, signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_when(command, lambda: ledger.is_dir() and any(ledger.glob("e*-u*.json")), what="its first commit",
+              log_path=tmp_path / "first.log", env=subprocess_env)
     committed = sorted(ledger_entries(out))
     assert 1 <= len(committed) < len(UNITS), "the kill must land mid-run"
     before = snapshot(out, committed)

@@ -9,16 +9,14 @@ before anything is written; and the exported model.pt is a teacher.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import kill_when
 import torch
 from threads import single_thread
 from PIL import Image
@@ -160,23 +158,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, small_cache, subproc
             "--device", "cpu", "--log-every", "1", "--checkpoint-every", "4"]
     killed = tmp_path / "killed"
     checkpoint = killed / CHECKPOINT_NAME
-    with open(tmp_path / "first.log", "wb") as log:
-        process = subprocess.Popen(helpers.cli_command() + args + ["--run-dir", str(killed)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=subprocess_env)
-        try:
-            deadline = time.monotonic() + 180
-            while not checkpoint.exists():
-                if process.poll() is not None:
-                    pytest.fail(f"train-student ended (rc {process.returncode}) before a checkpoint: "
-                                f"{(tmp_path / 'first.log').read_text()}")
-                if time.monotonic() > deadline:
-                    pytest.fail("no checkpoint within 180 s")
-                time.sleep(0.005)
-            os.kill(process.pid, signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_when(helpers.cli_command() + args + ["--run-dir", str(killed)], checkpoint.exists, what="a checkpoint",
+              log_path=tmp_path / "first.log", env=subprocess_env)
     step = load_checkpoint(checkpoint)["position"]["step"]
     assert 4 <= step < 66 and not (killed / "model.pt").exists()
 

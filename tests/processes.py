@@ -1,0 +1,28 @@
+"""Run a command and SIGKILL it the moment a condition holds (the kill-and-resume tests)."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def kill_when(command: list[str], ready, *, what: str, log_path: Path, env: dict, timeout: float = 180) -> None:
+    """Start ``command``; SIGKILL it as soon as ``ready()`` is true; fail if it ends first or never gets there."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if process.poll() is not None:
+                    pytest.fail(f"the process ended (rc {process.returncode}) before {what}: {log_path.read_text()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no {what} within {timeout:.0f} s")
+                time.sleep(0.005)
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
