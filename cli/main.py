@@ -265,12 +265,14 @@ def make_shards(
     split: str = typer.Option("train", "--split"),
     samples_per_shard: int = typer.Option(1000, "--samples-per-shard"),
     image_format: str = typer.Option("png", "--image-format"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Write only the source's first N samples."),
 ):
     """Write a source to webdataset tar shards (to try the streaming path on real data)."""
     from kdcache.shards import write_shards
     from kdcache.sources import open_source
 
-    paths = write_shards(open_source(data, split=split), output, samples_per_shard=samples_per_shard, image_format=image_format)
+    paths = write_shards(open_source(data, split=split), output, samples_per_shard=samples_per_shard, image_format=image_format,
+                          max_samples=max_samples)
     _log(f"wrote {len(paths)} shard(s)")
     for path in paths:
         typer.echo(path)

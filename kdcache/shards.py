@@ -379,15 +379,21 @@ def write_shards(
     *,
     samples_per_shard: int = 1000,
     image_format: str = "png",
+    max_samples: int | None = None,
 ) -> list[str]:
-    """Write ``source`` to tar shards named ``out_pattern % i``; return the paths written, in order."""
+    """Write ``source`` to tar shards named ``out_pattern % i``; return the paths written, in order.
+
+    ``max_samples`` keeps only the source's first samples (a smaller dataset for quick studies).
+    """
     _check_pattern(out_pattern)
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+        raise ConfigError(f"max_samples must be a positive integer, got {max_samples!r}")
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}")
     image_format = image_format.lower() if isinstance(image_format, str) else image_format
     if image_format not in IMAGE_FORMATS:
         raise ConfigError(f"image_format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
-    total = len(source)
+    total = len(source) if max_samples is None else min(len(source), max_samples)
     paths = [os.path.abspath(os.path.expanduser(out_pattern % i)) for i in range(-(-total // samples_per_shard))]
     for path in paths:
         if os.path.exists(path):
@@ -397,7 +403,9 @@ def write_shards(
 
     written: list[str] = []
     batch: list[Sample] = []
-    for sample in source.iter_samples():
+    for count, sample in enumerate(source.iter_samples()):
+        if count == total:
+            break
         _check_key(sample.key)
         batch.append(sample)
         if len(batch) == samples_per_shard:

@@ -300,6 +300,7 @@ def test_write_refuses_to_overwrite(digits_shards):
         ({"out_pattern": "x-%s.tar"}, "must hold exactly one shard-number field"),
         ({"out_pattern": "x-%06d.zip"}, r"out_pattern 'x-%06d.zip' must end with \.tar"),
         ({"samples_per_shard": 0}, "samples_per_shard must be a positive integer, got 0"),
+        ({"max_samples": 0}, "max_samples must be a positive integer, got 0"),
         ({"image_format": "gif"}, "image_format 'gif'; expected one of png, jpg, jpeg, webp, npy"),
     ],
 )
@@ -307,6 +308,15 @@ def test_write_bad_options(tmp_path, kwargs, message):
     options = {"out_pattern": str(tmp_path / "x-%06d.tar"), **kwargs}
     with pytest.raises(ConfigError, match=message):
         write_shards(open_source("digits:val"), options.pop("out_pattern"), **options)
+
+
+def test_write_keeps_only_the_first_max_samples(tmp_path):
+    source = open_source("digits:val")
+    paths = write_shards(source, str(tmp_path / "s-%02d.tar"), samples_per_shard=40, max_samples=100)
+    assert [os.path.basename(p) for p in paths] == ["s-00.tar", "s-01.tar", "s-02.tar"]
+    subset = open_source(f"webdataset:{tmp_path}/s-{{00..02}}.tar")
+    assert len(subset) == 100
+    assert [s.key for s in subset.read(range(100))] == [s.key for s in source.read(range(100))]
 
 
 def test_write_refuses_keys_webdataset_cannot_store(tmp_path):
