@@ -257,6 +257,29 @@ def merge(
                f"epochs complete: {result.epochs_complete}")
 
 
+@app.command("export")
+@handles_errors
+def export(
+    cache: str = typer.Argument(..., metavar="CACHE", help="Cache path, URL or .zip to take units from."),
+    output: str = typer.Argument(..., metavar="OUT", help="The cache to create (must not exist): a directory, or a .zip file with --format zip."),
+    epochs: Optional[str] = typer.Option(None, "--epochs", help="Epochs to take, e.g. 0,2-4 (default: every epoch with a committed unit; from a subset, its epochs)."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Blocks to take, whole units only, e.g. 0-3 (default: every block; from a subset, its blocks)."),
+    fmt: str = typer.Option("zarr", "--format", help="zarr (a cache directory), zip (one archive file, read in place) or wds (webdataset tar shards)."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --format wds: the source the cache was made from; stores each view's image next to its records."),
+):
+    """Write some epochs and blocks of a cache as a new cache: a directory or one zip archive."""
+    from kdcache.export import ExportConfig, export_cache, parse_selection
+
+    config = ExportConfig(
+        cache=cache, output=output, format=fmt, data=data,
+        epochs=None if epochs is None else parse_selection(epochs, "--epochs"),
+        blocks=None if blocks is None else parse_selection(blocks, "--blocks"),
+    )
+    result = export_cache(config, log=_log)
+    typer.echo(f"exported {result.units} unit(s), {result.views} views to {result.output} "
+               f"({result.format}, {result.bytes / 1e6:.2f} MB)")
+
+
 @app.command("make-shards")
 @handles_errors
 def make_shards(

@@ -29,7 +29,10 @@ _LAZY = {
     "CacheWriter": "kdcache.format",
     "FORMAT_VERSION": "kdcache.format",
     "Manifest": "kdcache.format",
+    "Subset": "kdcache.format",
     "open_cache": "kdcache.format",
+    "ExportConfig": "kdcache.export",
+    "export_cache": "kdcache.export",
     "cache_info": "kdcache.info",
     "LoaderConfig": "kdcache.loader",
     "merge_caches": "kdcache.merge",
@@ -57,6 +60,8 @@ _LAZY = {
     "RunResult": "kdcache.train",
     "TrainConfig": "kdcache.train",
     "VerifyConfig": "kdcache.verify",
+    "WdsCache": "kdcache.wds",
+    "export_wds": "kdcache.wds",
 }
 
 

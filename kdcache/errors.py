@@ -45,3 +45,22 @@ class VerifyError(KdcacheError):
     """`kdcache verify` found a view that does not reproduce the stored teacher record."""
 
     exit_code = 5
+
+
+class WriteError(KdcacheError):
+    """A cache or run directory cannot be written: the disk is full, a quota is reached, it is read-only.
+
+    What was committed before stays; the message says what to do (free space, then resume).
+    """
+
+    exit_code = 6
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)`` for an OSError, with the file when it names one."""
+    import errno
+
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+    text = f"{reason} ({code})" if code else reason
+    return f"{text} writing {exc.filename}" if exc.filename else text

@@ -2,7 +2,8 @@
 
 Layout (a zarr v3 hierarchy; docs/format.md is the spec):
 
-    CACHE/zarr.json                  root group; attributes["kdcache"] = the manifest (written last, atomically)
+    CACHE/zarr.json                  root group; attributes["kdcache"] = the manifest (written last, atomically),
+                                     attributes["kdcache_subset"] = what a subset holds (optional, kdcache export)
     CACHE/values/                    fp16   [epochs, slots, k]   top-k teacher logits, sorted descending
     CACHE/indices/                   uint*  [epochs, slots, k]   their class indices
     CACHE/tail/                      fp16   [epochs, slots, 2]   tail summary (kdcache.record)
@@ -40,6 +41,7 @@ from kdcache.location import Location, _fsync_dir, atomic_write_bytes, fsync_fil
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
+SUBSET_KEY = "kdcache_subset"  # optional root attribute: what `kdcache export` kept (docs/format.md)
 RECORD_ARRAYS = ("values", "indices", "tail", "params")
 SAMPLE_ARRAYS = ("source_index", "label", "digest", "key")
 LEDGER_DIR = "ledger"
@@ -203,9 +205,14 @@ class Manifest:
                 bad(f"dtypes.{name}", self.dtypes.get(name) if isinstance(self.dtypes, dict) else self.dtypes, "a numpy dtype name")
 
     def spec(self):
-        from kdcache.augment import AugSpec
+        """The augmentation spec; the parameter columns it implies must be the manifest's ``param_fields``."""
+        from kdcache.augment import AugSpec, param_fields
 
-        return AugSpec.from_dict(self.augmentation)
+        spec = AugSpec.from_dict(self.augmentation)
+        if list(param_fields(spec)) != self.param_fields:
+            raise FormatError(f"manifest: field param_fields = {self.param_fields}, but the augmentation spec stores "
+                              f"{list(param_fields(spec))}; the manifest was edited or damaged")
+        return spec
 
 
 def _build(cls, data: Any, where: str):
@@ -219,6 +226,63 @@ def _build(cls, data: Any, where: str):
         return cls(**data)
     except TypeError as exc:
         raise FormatError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Subset:
+    """What ``kdcache export`` kept of a cache: root attribute ``kdcache_subset`` (optional, docs/format.md).
+
+    A cache without it is meant to hold every unit of every planned epoch; one with it holds
+    exactly these epochs x units (whole units, so whole blocks), and readers use only those.
+    """
+
+    epochs: list[int]  # sorted, without repeats, each < manifest.epochs
+    units: list[int]  # sorted, without repeats, each < the layout's num_units
+    source: str  # where it was exported from (a path, URL or archive; for a merge, its inputs)
+    exported: str  # UTC time of the export
+
+    def blocks(self, layout: "BlockLayout") -> list[int]:
+        return [b for u in self.units for b in layout.unit_blocks(u)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, manifest: "Manifest", units, *, source: "str | Location") -> "Subset | None":
+        """The declaration of a cache holding ``units``, (epoch, unit) pairs making up epochs x units.
+
+        None when they are every unit of every planned epoch: a whole cache declares nothing.
+        ``source``: where it came from; a local location is recorded as an absolute path.
+        """
+        if isinstance(source, Location):
+            source = str(source) if source.remote else os.path.abspath(source.path)
+        pairs = {(int(e), int(u)) for e, u in units}
+        epochs, kept = sorted({e for e, _ in pairs}), sorted({u for _, u in pairs})
+        if len(pairs) != len(epochs) * len(kept):
+            raise ValueError(f"units {sorted(pairs)} do not make up epochs x units")
+        if epochs == list(range(manifest.epochs)) and kept == list(range(manifest.blocks.num_units)):
+            return None
+        return cls(epochs=epochs, units=kept, source=source, exported=now_iso())
+
+    @classmethod
+    def from_dict(cls, data: Any, manifest: "Manifest", *, where: str = SUBSET_KEY) -> "Subset":
+        if not isinstance(data, dict):
+            raise FormatError(f"{where}: expected a JSON object, found {type(data).__name__}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise FormatError(f"{where}: missing field {missing[0]!r}")
+        subset = _build(cls, data, where)
+        for name, limit in (("epochs", manifest.epochs), ("units", manifest.blocks.num_units)):
+            value = getattr(subset, name)
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < limit for v in value)
+                    or value != sorted(set(value))):
+                raise FormatError(f"{where}: field {name} = {_short(value)}; expected a non-empty sorted list of distinct "
+                                  f"integers in 0..{limit - 1}")
+        for name in ("source", "exported"):
+            if not isinstance(getattr(subset, name), str):
+                raise FormatError(f"{where}: field {name} = {_short(getattr(subset, name))}; expected a string")
+        return subset
 
 
 def library_versions() -> dict:
@@ -294,15 +358,24 @@ def _read_json(location: Location, key: str, what: str) -> Any:
         raise FormatError(f"{location}: {what} {key} is missing")
     try:
         return json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise FormatError(f"{location}: {what} {key} is not valid JSON ({exc})") from None
 
 
-def read_manifest(location: Location) -> Manifest:
+def read_root(location: Location) -> tuple[Manifest, Subset | None]:
+    """The manifest and, for a subset made by ``kdcache export``, what it kept (else None)."""
     root = _read_json(location, "zarr.json", "root metadata")
-    if not isinstance(root, dict) or MANIFEST_KEY not in (root.get("attributes") or {}):
+    if not isinstance(root, dict) or not isinstance(root.get("attributes"), dict) or MANIFEST_KEY not in root["attributes"]:
         raise FormatError(f"{location}: not a kdcache cache (zarr.json has no attributes.{MANIFEST_KEY})")
-    return Manifest.from_dict(root["attributes"][MANIFEST_KEY], where=f"{location}: manifest")
+    manifest = Manifest.from_dict(root["attributes"][MANIFEST_KEY], where=f"{location}: manifest")
+    subset = root["attributes"].get(SUBSET_KEY)
+    if subset is not None:
+        subset = Subset.from_dict(subset, manifest, where=f"{location}: attributes.{SUBSET_KEY}")
+    return manifest, subset
+
+
+def read_manifest(location: Location) -> Manifest:
+    return read_root(location)[0]
 
 
 @dataclass(frozen=True)
@@ -317,25 +390,72 @@ class LedgerEntry:
 def _parse_ledger(location: Location, name: str) -> LedgerEntry:
     data = _read_json(location, f"{LEDGER_DIR}/{name}", "ledger entry")
     try:
-        return LedgerEntry(int(data["epoch"]), int(data["unit"]), dict(data["files"]), int(data["views"]), str(data["committed"]))
-    except (KeyError, TypeError, ValueError) as exc:
+        entry = LedgerEntry(int(data["epoch"]), int(data["unit"]), dict(data["files"]), int(data["views"]), str(data["committed"]))
+        if not all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in entry.files.values()):
+            raise ValueError("files: expected {shard key: {sha256, bytes}}")
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{location}: ledger entry {name} is malformed ({exc!r})") from None
+    if f"{LEDGER_DIR}/{name}" != ledger_key(entry.epoch, entry.unit):
+        raise FormatError(f"{location}: ledger entry {name} is malformed (it commits epoch {entry.epoch} unit {entry.unit})")
+    return entry
 
 
 # ---- the reader -------------------------------------------------------------------------------
 
 
-class Cache:
+class HeldUnits:
+    """Which units a cache holds, from its ``ledger`` and ``subset`` (shared by Cache and kdcache.wds.WdsCache).
+
+    A cache is meant to hold its *held* units: a subset's declared epochs x units, else every
+    unit of every planned epoch. A held unit without a ledger entry is missing: a precompute
+    still in flight (or killed), or a damaged subset. Committed units outside a subset are ignored.
+    """
+
+    manifest: Manifest
+    layout: BlockLayout
+    ledger: dict
+    subset: Subset | None
+
+    def unit_committed(self, epoch: int, unit: int) -> bool:
+        return (epoch, unit) in self.ledger
+
+    def complete_epochs(self) -> list[int]:
+        """Epochs with every unit of the layout committed (a block subset has none)."""
+        units = self.layout.num_units
+        return [e for e in range(self.manifest.epochs) if all((e, u) in self.ledger for u in range(units))]
+
+    def present_units(self) -> tuple[list[int], list[int]]:
+        """(epochs with any committed unit, units committed in any epoch), sorted."""
+        return sorted({e for e, _ in self.ledger}), sorted({u for _, u in self.ledger})
+
+    def held_units(self) -> tuple[list[int], list[int]]:
+        """(epochs, units) the cache is meant to hold: a subset's declared ones, else every planned epoch and unit."""
+        if self.subset is not None:
+            return list(self.subset.epochs), list(self.subset.units)
+        return list(range(self.manifest.epochs)), list(range(self.layout.num_units))
+
+    def held_blocks(self) -> list[int]:
+        return [b for u in self.held_units()[1] for b in self.layout.unit_blocks(u)]
+
+    def missing_units(self) -> list[tuple[int, int]]:
+        """The held (epoch, unit) pairs without a ledger entry, in order."""
+        epochs, units = self.held_units()
+        return [(e, u) for e in epochs for u in units if (e, u) not in self.ledger]
+
+
+class Cache(HeldUnits):
     """A kdcache cache opened for reading (local path or URL)."""
 
     def __init__(self, location: str | os.PathLike, *, verify_checksums: bool = True):
         self.location = Location(location)
-        self.manifest = read_manifest(self.location)
+        self.manifest, self.subset = read_root(self.location)
         self.layout = self.manifest.blocks
         self.verify_checksums = verify_checksums
         self._array_meta: dict[str, bytes] = {}
         self._units: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        for array in RECORD_ARRAYS:
+            self._meta(array)  # array metadata that disagrees with the manifest is refused here, naming the field
         self.refresh()
 
     def refresh(self) -> None:
@@ -351,13 +471,6 @@ class Cache:
     def num_classes(self) -> int:
         return self.manifest.teacher.num_classes
 
-    def unit_committed(self, epoch: int, unit: int) -> bool:
-        return (epoch, unit) in self.ledger
-
-    def complete_epochs(self) -> list[int]:
-        units = self.layout.num_units
-        return [e for e in range(self.manifest.epochs) if all((e, u) in self.ledger for u in range(units))]
-
     def samples(self) -> dict[str, np.ndarray]:
         """The plan: per slot, the source index (-1 for padding), label, digest and key."""
         out = {}
@@ -371,6 +484,12 @@ class Cache:
             expected = self.manifest.samples_sha256.get(name)
             if expected and sample_array_sha256(name, out[name]) != expected:
                 raise ChecksumError(f"{self.location}: samples/{name} does not match its checksum in the manifest")
+        planned = out["source_index"] >= 0
+        for block in range(self.layout.num_blocks):  # the manifest's block sizes must be the plan's
+            held = int(planned[block * self.layout.block_capacity : (block + 1) * self.layout.block_capacity].sum())
+            if len(planned) != self.layout.num_slots or held != self.layout.sizes[block] or not planned[self.layout.block_slots(block)].all():
+                raise FormatError(f"{self.location}: manifest field blocks.sizes says block {block} holds {self.layout.sizes[block]} "
+                                  f"samples, the plan (samples/source_index) {held}; the manifest was edited or damaged")
         return out
 
     def _array(self, name: str, *, chunk_keys: tuple[str, ...] = ()):
@@ -393,12 +512,40 @@ class Cache:
             raise FormatError(f"{self.location}: array {name} cannot be opened ({exc})") from None
 
     def _meta(self, array: str) -> bytes:
+        """A record array's metadata, kept only once it is found to agree with the manifest."""
         if array not in self._array_meta:
             data = self.location.read(f"{array}/zarr.json")
             if data is None:
                 raise FormatError(f"{self.location}: array metadata {array}/zarr.json is missing")
+            self._check_meta(array, data)
             self._array_meta[array] = data
         return self._array_meta[array]
+
+    def _check_meta(self, array: str, data: bytes) -> None:
+        """Refuse array metadata that cannot be read or that disagrees with the manifest, naming the field."""
+        import zarr
+        from zarr.storage import MemoryStore
+
+        try:
+            opened = zarr.open_array(MemoryStore({"zarr.json": _buffer(data)}), mode="r")
+            shape, dtype, chunks, shards = tuple(opened.shape), np.dtype(opened.dtype), tuple(opened.chunks), tuple(opened.shards or ())
+        except Exception as exc:  # zarr raises several types for corrupt metadata
+            raise FormatError(f"{self.location}: array metadata {array}/zarr.json cannot be read ({exc})") from None
+        m, layout = self.manifest, self.layout
+        width = {"values": ("k", m.k), "indices": ("k", m.k), "tail": ("tail", 2), "params": ("param_fields", len(m.param_fields))}[array]
+        checks = [
+            ("epochs", m.epochs, len(shape) == 3 and shape[0] >= m.epochs),  # more: a kill while adding epochs
+            ("blocks.block_capacity", layout.block_capacity, chunks[1:2] == (layout.block_capacity,)),
+            ("blocks.blocks_per_unit", layout.blocks_per_unit, shards[1:2] == (layout.block_capacity * layout.blocks_per_unit,)),
+            ("blocks.sizes", layout.sizes, len(shape) == 3 and shape[1] == layout.num_slots),
+            (width[0], width[1], len(shape) == 3 and shape[2] == width[1]),
+            (f"dtypes.{array}", m.dtypes[array], dtype == np.dtype(m.dtypes[array])),
+        ]
+        for name, value, agrees in checks:
+            if not agrees:
+                raise FormatError(f"{self.location}: manifest field {name} = {_short(value)} disagrees with {array}/zarr.json "
+                                  f"(shape {list(shape)}, dtype {dtype}, chunks {list(chunks)}, shards {list(shards)}); "
+                                  "the manifest or the array metadata was edited or damaged")
 
     def _describe(self, epoch: int, unit: int) -> str:
         blocks = self.layout.unit_blocks(unit)
@@ -432,7 +579,11 @@ class Cache:
         files = {}
         for array in RECORD_ARRAYS:
             key = shard_key(array, epoch, unit)
-            data = self.location.read(key)
+            try:
+                data = self.location.read(key)
+            except ChecksumError:  # a zip archive's member failing its CRC-32
+                raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is damaged in the archive "
+                                    "(its CRC-32 does not match); fetch or export the archive again") from None
             if data is None:
                 raise IncompleteCacheError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is missing")
             expected = entry.files.get(key, {}).get("sha256")
@@ -490,6 +641,11 @@ def open_cache(location: str | os.PathLike, *, verify_checksums: bool = True) ->
     loc = Location(location)
     if not loc.remote and not loc.path.exists():
         raise FormatError(f"cache {location} does not exist")
+    from kdcache.wds import open_wds  # a webdataset export (kdcache export --format wds) holds its own index
+
+    exported = open_wds(loc, verify_checksums=verify_checksums)
+    if exported is not None:
+        return exported
     return Cache(location, verify_checksums=verify_checksums)
 
 
@@ -501,12 +657,13 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.manifest = read_manifest(Location(self.path))
+        self.manifest, self.subset = read_root(Location(self.path))
         self.layout = self.manifest.blocks
 
     @staticmethod
-    def create(path: str | os.PathLike, manifest: Manifest, samples: dict[str, np.ndarray]) -> "CacheWriter":
-        """Create the arrays, write the plan, then the manifest last (atomically)."""
+    def create(path: str | os.PathLike, manifest: Manifest, samples: dict[str, np.ndarray], *,
+               subset: Subset | None = None) -> "CacheWriter":
+        """Create the arrays, write the plan, then the manifest last (atomically), with ``subset`` for an export."""
         import zarr
         from zarr.storage import LocalStore
 
@@ -542,7 +699,7 @@ class CacheWriter:
             hashes[name] = sample_array_sha256(name, data)
         (path / LEDGER_DIR).mkdir(exist_ok=True)
         manifest = dataclasses.replace(manifest, samples_sha256=hashes)
-        write_manifest(path, manifest)
+        write_manifest(path, manifest, subset=subset)
         if final.exists():
             final.rmdir()
         os.replace(path, final)
@@ -560,7 +717,7 @@ class CacheWriter:
             array = zarr.open_array(LocalStore(self.path / name), mode="r+")
             array.resize((epochs,) + array.shape[1:])
         self.manifest = dataclasses.replace(self.manifest, epochs=epochs)
-        write_manifest(self.path, self.manifest)
+        write_manifest(self.path, self.manifest, subset=self.subset)
 
     def committed(self) -> set[tuple[int, int]]:
         cache = Cache(self.path, verify_checksums=False)
@@ -597,8 +754,12 @@ class CacheWriter:
             _fsync_dir(path.parent)
 
 
-def write_manifest(path: Path, manifest: Manifest) -> None:
-    root = {"zarr_format": 3, "node_type": "group", "attributes": {MANIFEST_KEY: manifest.to_dict()}}
+def write_manifest(path: Path, manifest: Manifest, *, subset: Subset | None = None) -> None:
+    """The root group's zarr.json: the manifest, and for a subset what it kept (an attribute older readers ignore)."""
+    attributes = {MANIFEST_KEY: manifest.to_dict()}
+    if subset is not None:
+        attributes[SUBSET_KEY] = subset.to_dict()
+    root = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     atomic_write_bytes(Path(path) / "zarr.json", json.dumps(root, indent=1).encode())
 
 

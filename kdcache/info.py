@@ -1,7 +1,13 @@
-"""`kdcache info`: what a team receiving a cache needs to know at a glance."""
+"""`kdcache info`: what a team receiving a cache needs to know at a glance.
+
+Besides the manifest's essentials: what kind of location it is (a zarr cache, a webdataset
+export, either as a zip archive) and, for a subset made by ``kdcache export``, which epochs and
+blocks it holds and where it came from.
+"""
 
 from __future__ import annotations
 
+from kdcache.export import format_selection, is_wds
 from kdcache.format import Cache, open_cache
 
 
@@ -12,8 +18,23 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
     complete = cache.complete_epochs()
     views = sum(entry.views for entry in cache.ledger.values())
     size = cache.location.size()
+    subset = None
+    if cache.subset is not None:
+        epochs, units = cache.held_units()
+        blocks = cache.held_blocks()
+        subset = {
+            **cache.subset.to_dict(),
+            "blocks": blocks,
+            "samples": sum(m.blocks.sizes[b] for b in blocks),
+            "epochs_complete": [e for e in epochs if all(cache.unit_committed(e, u) for u in units)],
+            "units_committed": sum(cache.unit_committed(e, u) for e in epochs for u in units),
+            "units_total": len(epochs) * len(units),
+        }
     return {
         "location": str(cache.location),
+        "container": "wds" if is_wds(cache) else "zarr",  # a zarr cache, or a webdataset export (kdcache export --format wds)
+        "zip_archive": cache.location.archive,
+        "subset": subset,
         "format_version": m.format_version,
         "tool_version": m.tool_version,
         "created": m.created,
@@ -67,8 +88,21 @@ def _ranges(epochs: list[int]) -> str:
 def format_info(info: dict) -> str:
     t, d, a = info["teacher"], info["dataset"], info["augmentation"]
     bpv = info["bytes_per_view"]
+    kind = "webdataset export" if info["container"] == "wds" else "zarr cache"
+    if info["zip_archive"]:
+        kind = f"zip archive of a {kind}"
+    sub = info["subset"]
+    if sub is None:
+        epochs = (f"epochs      {len(info['epochs_complete'])} of {info['epochs_planned']} complete ({_ranges(info['epochs_complete'])}); "
+                  f"{info['units_committed']}/{info['units_total']} units committed")
+    else:
+        epochs = (f"subset      epochs {format_selection(sub['epochs'])} of {info['epochs_planned']}, blocks "
+                  f"{format_selection(sub['blocks'])} of {info['blocks']} ({sub['samples']} of {d['num_samples']} samples); "
+                  f"{len(sub['epochs_complete'])} of {len(sub['epochs'])} epochs whole, {sub['units_committed']}/{sub['units_total']} "
+                  f"units committed\n"
+                  f"            exported {sub['exported']} from {sub['source']}")
     lines = [
-        f"cache       {info['location']} (format v{info['format_version']}, kdcache {info['tool_version']}, created {info['created']})",
+        f"cache       {info['location']}: {kind} (format v{info['format_version']}, kdcache {info['tool_version']}, created {info['created']})",
         f"teacher     {t['name']}  {t['num_classes']} classes  input {'x'.join(map(str, t['input_size']))}  "
         f"{t['interpolation']}  mean {t['mean']} std {t['std']}",
         f"            weights sha256 {t['weights_sha256']}",
@@ -76,8 +110,7 @@ def format_info(info: dict) -> str:
         f"augment     {a['name']}: crop {a['crop']}, flip {a['hflip']}, randaug n={a['randaug_n']}, erase {a['erase_prob']}, "
         f"mix {a['mix']}; output {a['output_size']}px; seed {info['seed']}",
         f"records     top-{info['k']} fp16 logits + tail summary; replay path {info['replay']['path']}",
-        f"epochs      {len(info['epochs_complete'])} of {info['epochs_planned']} complete ({_ranges(info['epochs_complete'])}); "
-        f"{info['units_committed']}/{info['units_total']} units committed",
+        epochs,
         f"size        {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files; "
         + (f"{bpv:.1f} bytes per view ({info['views_committed']} views)" if bpv else "no views committed"),
     ]

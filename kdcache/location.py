@@ -1,21 +1,31 @@
 """Where a cache's bytes live: local paths (with durable, atomic writes) or URLs through fsspec.
 
 :class:`Location` is the byte access every reader uses (plain file reads and one directory
-listing), so a cache reads the same from disk, http(s) or an object store. It knows nothing of
-the format: ``kdcache.format`` decides what the bytes mean.
+listing), so a cache reads the same from disk, http(s) or an object store, or from one zip
+archive of its files (a location ending in ``.zip``, local or remote, read through fsspec's
+ZipFileSystem). It knows nothing of the format: ``kdcache.format`` decides what the bytes mean.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 
-from kdcache.errors import FormatError
+from kdcache.errors import ChecksumError, FormatError, KdcacheError
 
 
 def is_url(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def is_archive(location: str) -> bool:
+    """A zip archive of a cache's files: a location ending in ``.zip`` (a local directory of that name is not one)."""
+    raw = str(location).rstrip("/")
+    if not raw.lower().endswith(".zip"):
+        return False
+    return is_url(raw) or not Path(raw.removeprefix("file://")).is_dir()
 
 
 # ---- atomic local writes ---------------------------------------------------------------------
@@ -50,18 +60,50 @@ def fsync_file(path: Path) -> None:
 
 
 class Location:
-    """Byte access to a cache directory: a local path, or a URL through fsspec (read-only)."""
+    """Byte access to a cache: a local directory, a URL through fsspec, or a zip archive of either (read-only)."""
 
     def __init__(self, location: str | os.PathLike):
         self.raw = str(location)
         self.remote = is_url(self.raw)
-        if self.remote:
+        self.archive = is_archive(self.raw)
+        self.local = not (self.remote or self.archive)  # reads go to the path directly, else through fsspec
+        self._fs, self.root = None, ""
+        if not self.remote:
+            self.path = Path(self.raw.removeprefix("file://"))
+        if self.remote and not self.archive:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(self.raw)
+            self._fs, self.root = fsspec.core.url_to_fs(self.raw)
             self.root = self.root.rstrip("/")
-        else:
-            self.path = Path(self.raw.removeprefix("file://"))
+
+    @property
+    def fs(self):
+        """The fsspec filesystem; an archive's is opened (its central directory read) on first use."""
+        if self._fs is None:
+            fs = self._retry("the archive's directory", self._open_archive)
+            if fs is None:
+                raise FormatError(f"{self.raw}: the archive does not exist")
+            self._fs = fs
+        return self._fs
+
+    #: Bytes fetched per remote archive read: about one unit's shard files, not s3fs's 50 MB default block.
+    ARCHIVE_BLOCK = 4 << 20
+
+    def _open_archive(self):
+        from fsspec.implementations.zip import ZipFileSystem
+
+        try:
+            if self.remote:
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(self.raw.rstrip("/"))
+                return ZipFileSystem(fo=fs.open(path, "rb", block_size=self.ARCHIVE_BLOCK))
+            return ZipFileSystem(fo=str(self.path))
+        except zipfile.BadZipFile as exc:
+            raise FormatError(f"{self.raw}: not a zip archive ({exc})") from None
+
+    def _key(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
 
     def __str__(self) -> str:
         return self.raw
@@ -71,12 +113,12 @@ class Location:
 
     def read(self, key: str) -> bytes | None:
         """The bytes stored under ``key``, or None if there is no such file."""
-        if not self.remote:
+        if self.local:
             try:
                 return (self.path / key).read_bytes()
             except FileNotFoundError:
                 return None
-        return self._retry(key, lambda: self.fs.cat_file(f"{self.root}/{key}"))
+        return self._retry(key, lambda: self.fs.cat_file(self._key(key)))
 
     def _retry(self, key: str, call):
         for attempt in range(self.ATTEMPTS):
@@ -84,6 +126,10 @@ class Location:
                 return call()
             except FileNotFoundError:
                 return None
+            except KdcacheError:
+                raise
+            except zipfile.BadZipFile as exc:  # a damaged archive member: reading again will not help
+                raise ChecksumError(f"{self.raw}: {key} is damaged in the archive ({exc})") from None
             except Exception as exc:  # connection refused, reset, timeout, server error
                 if attempt + 1 == self.ATTEMPTS:
                     raise FormatError(
@@ -93,18 +139,20 @@ class Location:
                 time.sleep(self.BACKOFF * 2**attempt)
 
     def listdir(self, key: str) -> list[str]:
-        if not self.remote:
+        if self.local:
             folder = self.path / key
             return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-        entries = self._retry(key, lambda: self.fs.ls(f"{self.root}/{key}", detail=False)) or []
+        if not self.archive:
+            self.fs.invalidate_cache(self._key(key))  # an object store's listing is cached by fsspec
+        entries = self._retry(key, lambda: self.fs.ls(self._key(key), detail=False)) or []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if not e.rstrip("/").rsplit("/", 1)[-1].startswith("."))
 
     def size(self) -> int:
-        if self.remote:
+        if not self.local:
             return int(sum(self.fs.du(self.root, total=False).values()))
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def file_count(self) -> int:
-        if self.remote:
+        if not self.local:
             return len(self.fs.find(self.root))
         return sum(1 for p in self.path.rglob("*") if p.is_file())

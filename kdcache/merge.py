@@ -8,6 +8,10 @@ input's manifest (epochs: the largest of the inputs) and plan, and copies every 
 shard files byte for byte, each checked against its input's ledger. A unit committed in more
 than one input must have the same files in each (it is copied once). The result is built in a
 hidden sibling directory and renamed into place at the end: a failed merge leaves no output.
+
+Subsets made by ``kdcache export`` merge like any inputs. The output declares a subset only when
+every input is one and together they hold epochs x units; when it holds every unit it is a whole
+cache, and otherwise a partial one. A webdataset export is refused: merge copies zarr shard files.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from kdcache.format import (
     CacheWriter,
     LedgerEntry,
     Manifest,
+    Subset,
     first_difference,
     ledger_key,
     now_iso,
@@ -35,6 +40,7 @@ from kdcache.format import (
     shard_key,
 )
 from kdcache.location import atomic_write_bytes, is_url
+from kdcache.wds import WdsCache
 
 
 @dataclass
@@ -92,7 +98,8 @@ def _check_output(output: Path) -> None:
         raise ConfigError(f"output {output} exists and is not empty; choose a new directory")
 
 
-def _check_entry(name: str, cache: Cache, entry: LedgerEntry) -> None:
+def check_entry(name: str, cache: Cache, entry: LedgerEntry) -> None:
+    """Refuse a ledger entry outside the cache's epochs and units, or without a checksum for each shard file."""
     layout, epochs = cache.layout, cache.manifest.epochs
     if not (0 <= entry.epoch < epochs and 0 <= entry.unit < layout.num_units):
         raise IncompleteCacheError(
@@ -112,7 +119,7 @@ def _plan_units(names: list[str], caches: list[Cache]) -> dict[tuple[int, int], 
     owner: dict[tuple[int, int], int] = {}
     for i, (name, cache) in enumerate(zip(names, caches)):
         for key, entry in sorted(cache.ledger.items()):
-            _check_entry(name, cache, entry)
+            check_entry(name, cache, entry)
             if key not in owner:
                 owner[key] = i
                 continue
@@ -127,24 +134,54 @@ def _plan_units(names: list[str], caches: list[Cache]) -> dict[tuple[int, int], 
     return owner
 
 
-def _copy_unit(name: str, cache: Cache, entry: LedgerEntry, out: Path) -> None:
-    """Copy one unit's shard files, checked against the input's ledger, then commit it (ledger entry last)."""
+def read_unit_files(name: str, cache: Cache, entry: LedgerEntry) -> dict[str, bytes]:
+    """One committed unit's shard files (store key -> bytes) read whole, each checked against its ledger entry."""
+    files = {}
     for array in RECORD_ARRAYS:
         key = shard_key(array, entry.epoch, entry.unit)
-        expected = entry.files[key]["sha256"]
         data = cache.location.read(key)
         if data is None:
             raise IncompleteCacheError(f"{name}: epoch {entry.epoch} unit {entry.unit}: file {key} is missing")
-        if sha256_bytes(data) != expected:
+        if sha256_bytes(data) != entry.files[key]["sha256"]:
             raise ChecksumError(
                 f"{name}: epoch {entry.epoch} unit {entry.unit}: file {key} does not match its ledger checksum; "
-                "repair that input (kdcache precompute-logits --resume --repair) and merge again"
+                "repair that cache (kdcache precompute-logits --resume --repair) and try again"
             )
+        files[key] = data
+    return files
+
+
+def ledger_entry_bytes(entry: LedgerEntry) -> bytes:
+    """A ledger entry as committed (JSON), original commit time included."""
+    return json.dumps(dataclasses.asdict(entry), indent=1).encode()
+
+
+def copy_unit(name: str, cache: Cache, entry: LedgerEntry, out: Path) -> None:
+    """Copy one unit's shard files, checked against the input's ledger, then commit it (ledger entry last)."""
+    for key, data in read_unit_files(name, cache, entry).items():
+        expected = entry.files[key]["sha256"]
         atomic_write_bytes(out / key, data)
         if sha256_bytes((out / key).read_bytes()) != expected:
             raise ChecksumError(f"{out}: the copy of {key} (epoch {entry.epoch} unit {entry.unit}) from {name} does not "
                                 "read back with its checksum; check the output disk")
-    atomic_write_bytes(out / ledger_key(entry.epoch, entry.unit), json.dumps(dataclasses.asdict(entry), indent=1).encode())
+    atomic_write_bytes(out / ledger_key(entry.epoch, entry.unit), ledger_entry_bytes(entry))
+
+
+def _merged_subset(manifest: Manifest, names: list[str], caches: list[Cache], owner) -> Subset | None:
+    """The output's subset declaration: only when every input is a subset and together they hold epochs x units.
+
+    A merge that holds every unit of every epoch is a whole cache (no declaration). Otherwise, if
+    any input is a plain (partial) cache, or the subsets do not add up to epochs x units, the
+    output is a partial cache: ``precompute-logits --resume`` finishes it, or ``kdcache export``
+    takes a subset of it.
+    """
+    if any(cache.subset is None for cache in caches):
+        return None
+    held = {(e, u) for cache in caches for e in cache.subset.epochs for u in cache.subset.units}
+    try:
+        return Subset.of(manifest, held, source="merge of " + ", ".join(n if is_url(n) else os.path.abspath(n) for n in names))
+    except ValueError:  # not epochs x units
+        return None
 
 
 def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print) -> MergeResult:
@@ -155,6 +192,10 @@ def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print
     out = Path(output)
     _check_output(out)
     caches = [open_cache(name) for name in names]
+    for name, cache in zip(names, caches):
+        if isinstance(cache, WdsCache):
+            raise ConfigError(f"{name} is a webdataset export; merge takes zarr caches (or their zip archives): "
+                              "merge the caches it was exported from")
     first = caches[0].manifest
     for name, cache in zip(names[1:], caches[1:]):
         check_mergeable(names[0], first, name, cache.manifest)
@@ -165,14 +206,15 @@ def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print
 
     epochs = max(cache.manifest.epochs for cache in caches)
     manifest = dataclasses.replace(first, epochs=epochs, created=now_iso(), command=command or f"kdcache merge {output}")
+    subset = _merged_subset(manifest, names, caches, owner)
     tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        CacheWriter.create(tmp, manifest, plan)
+        CacheWriter.create(tmp, manifest, plan, subset=subset)
         for key in sorted(owner):
             i = owner[key]
-            _copy_unit(names[i], caches[i], caches[i].ledger[key], tmp)
+            copy_unit(names[i], caches[i], caches[i].ledger[key], tmp)
         _check_output(out)  # nothing appeared there meanwhile
         if out.exists():
             out.rmdir()

@@ -22,18 +22,32 @@ import torch
 
 from kdcache import __version__, distributed
 from kdcache.augment import param_fields, resolve_spec, sample_view_params
-from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, KdcacheError, MismatchError
+from kdcache.errors import (
+    ChecksumError,
+    ConfigError,
+    FormatError,
+    IncompleteCacheError,
+    KdcacheError,
+    MismatchError,
+    SourceError,
+    WriteError,
+    describe_os_error,
+)
 from kdcache.format import (
     COMPRESSION,
     FORMAT_VERSION,
+    RECORD_ARRAYS,
     Cache,
     CacheWriter,
     Manifest,
+    _parse_ledger,
     check_compatible,
+    ledger_key,
     library_versions,
     now_iso,
     read_manifest,
     record_dtypes,
+    shard_key,
 )
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
@@ -125,22 +139,16 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
     )
 
 
-def _is_cache(path: Path) -> bool:
-    try:
-        read_manifest(Location(path))
-        return True
-    except Exception:
-        return False
-
-
 def _prepare_output(config, source, teacher_info, spec, log) -> None:
     """Rank 0: create the cache, or check and extend an existing one. Nothing is overwritten on error."""
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
     exists = out.is_dir() and any(out.iterdir())
-    if exists and not _is_cache(out):
+    if exists and not (out / "zarr.json").exists():
         raise ConfigError(f"output {out} exists and is not a kdcache cache; choose a new directory")
+    if exists:
+        read_manifest(Location(out))  # damaged, edited or of another format version: a FormatError naming it
     layout, members = plan_layout(source, block_size=config.block_size, blocks_per_unit=config.blocks_per_unit, seed=config.seed)
     if not exists:
         log(f"planning {len(source)} samples in {layout.num_blocks} blocks ({layout.num_units} units per epoch)")
@@ -149,7 +157,12 @@ def _prepare_output(config, source, teacher_info, spec, log) -> None:
         return
     if not config.resume:
         raise ConfigError(f"output {out} is already a kdcache cache; pass --resume to finish or extend it")
-    cache = Cache(out, verify_checksums=False)
+    if config.repair:
+        _drop_malformed_ledger_entries(out, log)
+    cache = Cache(out, verify_checksums=False)  # refuses array metadata that disagrees with the manifest
+    if cache.subset is not None:
+        raise ConfigError(f"{out} is a subset exported from {cache.subset.source}; resume or extend that cache "
+                          "and export again")
     existing = cache.manifest
     plan = cache.samples()
     wanted = dataclasses.replace(
@@ -168,7 +181,24 @@ def _prepare_output(config, source, teacher_info, spec, log) -> None:
         _repair(cache, writer, log)
 
 
+def _drop_malformed_ledger_entries(out: Path, log) -> None:
+    """--repair: a ledger entry that cannot be read (damaged on disk) makes its unit uncommitted."""
+    manifest = read_manifest(Location(out))
+    location = Location(out)
+    for epoch in range(manifest.epochs):
+        for unit in range(manifest.blocks.num_units):
+            key = ledger_key(epoch, unit)
+            if not (out / key).exists():
+                continue
+            try:
+                _parse_ledger(location, key.split("/", 1)[1])
+            except FormatError as exc:
+                log(f"repair: {exc}")
+                (out / key).unlink()
+
+
 def _repair(cache: Cache, writer: CacheWriter, log) -> None:
+    """Re-hash every committed unit; a damaged one is uncommitted (and recomputed by this run)."""
     damaged = []
     for epoch, unit in sorted(cache.ledger):
         try:
@@ -178,6 +208,16 @@ def _repair(cache: Cache, writer: CacheWriter, log) -> None:
             log(f"repair: {exc}")
             writer.uncommit(epoch, unit)
     log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
+
+
+def _discard_uncommitted_files(writer: CacheWriter, epoch: int, unit: int) -> None:
+    """Remove what an earlier, interrupted or damaged write of an uncommitted unit left in its shard files.
+
+    zarr merges a write into the shard file already there, so a torn or damaged one would make
+    the rewrite fail; an uncommitted unit's files hold nothing a reader may use.
+    """
+    for array in RECORD_ARRAYS:
+        (writer.path / shard_key(array, epoch, unit)).unlink(missing_ok=True)
 
 
 class _BlockPreparer(torch.utils.data.Dataset):
@@ -201,7 +241,11 @@ class _BlockPreparer(torch.utils.data.Dataset):
         members = self.plan["source_index"][where]
         samples = read_block(self.source, self.layout, block, members)
         check_block(samples, self.plan, where, what=f"data {self.data} (epoch {epoch} block {block})")
-        images = [decode_sample(s) for s in samples]
+        try:
+            images = [decode_sample(s) for s in samples]
+        except SourceError as exc:  # the units committed so far stay; the plan cannot change to leave it out
+            raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}; the cache's plan holds this "
+                              "sample, so a cache without it must be created anew") from None
         params = sample_view_params(
             self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
             image_sizes=[(img.height, img.width) for img in images],
@@ -230,6 +274,8 @@ def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
         dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names)
     )
     if source.num_classes != teacher_info.num_classes:
+        if source.shards() is not None:  # a label beyond the teacher's classes: name its sample
+            open_source(config.data, split=config.split, num_classes=teacher_info.num_classes).shards()
         raise MismatchError(
             f"data {config.data} has {source.num_classes} classes but the teacher has {teacher_info.num_classes}"
         )
@@ -243,7 +289,11 @@ def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
     failure: BaseException | None = None
     if ranks.main:
         try:
-            _prepare_output(config, source, teacher_info, spec, log)
+            try:
+                _prepare_output(config, source, teacher_info, spec, log)
+            except OSError as exc:
+                raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
+                                 "computed: free space, then run the same command (with --resume if the cache exists)") from None
         except KdcacheError as exc:
             failure = exc
     message = distributed.broadcast_object(None if failure is None else str(failure))
@@ -299,7 +349,13 @@ def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer
         arrays["params"][rows] = np.asarray(params)
         views_done += len(views)
         if block == layout.unit_blocks(unit)[-1]:
-            writer.write_unit(epoch, unit, arrays)
+            try:
+                _discard_uncommitted_files(writer, epoch, unit)
+                writer.write_unit(epoch, unit, arrays)
+            except OSError as exc:
+                raise WriteError(f"cannot write epoch {epoch} unit {unit} of {config.output}: {describe_os_error(exc)}; "
+                                 "the units committed before it are kept: free space, then resume with "
+                                 "kdcache precompute-logits --resume") from None
             log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
     return views_done
 

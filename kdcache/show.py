@@ -30,6 +30,7 @@ import torch
 
 from kdcache.augment import AugSpec
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
+from kdcache.export import format_selection
 from kdcache.format import Cache, Manifest, open_cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -64,7 +65,10 @@ _BOX = "#ff3b30"
 
 @dataclass(frozen=True, kw_only=True)
 class ShowConfig:
-    """What to draw: ``count`` views of block 0 of ``epoch`` (or the named ``samples``) into ``output``.
+    """What to draw: ``count`` views of the first block of ``epoch`` (or the named ``samples``) into ``output``.
+
+    The first block is block 0, or for a subset (``kdcache export --blocks``) the first it holds;
+    a named sample in a block the subset does not hold is refused, naming the block.
 
     ``samples`` are sample keys, or slot indices of the cache's plan (an int, or a string of
     digits that is not itself a key); when given, ``count`` is not used. ``teacher``, if given,
@@ -133,6 +137,19 @@ def _is_int(value) -> bool:
 
 
 def _check_epoch(cache: Cache, epoch: int) -> None:
+    """The epoch must be whole: every unit committed, or for a subset (``kdcache export``) every unit it declares."""
+    if cache.subset is not None:
+        epochs, units = cache.held_units()
+        held = f"it holds epochs {format_selection(epochs)}, blocks {format_selection(cache.held_blocks())}"
+        if epoch not in epochs:
+            raise IncompleteCacheError(f"{cache.location}: epoch {epoch} is not in this subset ({held}); pick one of its epochs")
+        missing = [u for u in units if not cache.unit_committed(epoch, u)]
+        if missing:
+            blocks = cache.layout.unit_blocks(missing[0])
+            raise IncompleteCacheError(f"{cache.location}: epoch {epoch} unit {missing[0]} (blocks {blocks.start}.."
+                                       f"{blocks.stop - 1}) is missing from this subset ({held}); export it again "
+                                       f"from {cache.subset.source}")
+        return
     complete = cache.complete_epochs()
     if epoch not in complete:
         done = ", ".join(map(str, complete)) if complete else "none"
@@ -145,9 +162,10 @@ def _check_epoch(cache: Cache, epoch: int) -> None:
 def _resolve_slots(config: ShowConfig, cache: Cache, plan: dict[str, np.ndarray]) -> list[int]:
     """The plan slots to draw, in the order asked (duplicates dropped)."""
     layout = cache.layout
+    held = cache.held_blocks()  # a subset (kdcache export) holds only some blocks
     if not config.samples:
-        start = layout.block_slots(0).start
-        return list(range(start, start + min(config.count, layout.sizes[0])))
+        start = layout.block_slots(held[0]).start
+        return list(range(start, start + min(config.count, layout.sizes[held[0]])))
     keys = plan["key"]
     by_key = {str(k): i for i, k in enumerate(keys.tolist()) if plan["source_index"][i] >= 0}
     slots: list[int] = []
@@ -169,6 +187,10 @@ def _resolve_slots(config: ShowConfig, cache: Cache, plan: dict[str, np.ndarray]
         else:
             example = next(iter(by_key), "")
             raise ConfigError(f"--samples {sample!r}: no sample with this key in the cache (keys look like {example!r})")
+        block = slot // layout.block_capacity
+        if block not in held:
+            raise ConfigError(f"--samples {sample}: slot {slot} is in block {block}, which this subset does not hold "
+                              f"(it holds blocks {format_selection(held)}); pick a sample of those blocks")
         if slot not in slots:
             slots.append(slot)
     return slots

@@ -22,6 +22,7 @@ import torch
 from kdcache import distributed
 from kdcache.augment import AugSpec, resolve_spec
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
+from kdcache.export import format_selection
 from kdcache.format import open_cache
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.losses import LossConfig
@@ -82,8 +83,14 @@ class StudentConfig:
             raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
 
 
-def _check_cache_against_data(cache, source, plan, config: StudentConfig) -> list[int]:
-    """Refuse a cache that does not fit the data or is incomplete; returns the epochs to train from."""
+def _check_cache_against_data(cache, source, plan, config: StudentConfig) -> tuple[list[int], list[int]]:
+    """Refuse a cache that does not fit the data or misses a unit; returns the epochs and blocks to train from.
+
+    A cache must hold every unit of every planned epoch, as before subsets existed: a precompute
+    stopped early (even at an epoch boundary) is refused, naming the first missing unit. A subset
+    made by ``kdcache export`` declares what it holds (``cache.subset``); it must hold every
+    declared unit, and training uses exactly its epochs and blocks.
+    """
     m = cache.manifest
     if source.num_classes != m.teacher.num_classes:
         raise MismatchError(f"data {config.data} has {source.num_classes} classes, the cache {config.cache} has {m.teacher.num_classes}")
@@ -92,20 +99,28 @@ def _check_cache_against_data(cache, source, plan, config: StudentConfig) -> lis
     if config.img_size is not None and config.img_size != m.spec().output_size:
         raise MismatchError(f"--img-size {config.img_size} differs from the cache's view size {m.spec().output_size}; "
                             "the student trains on the views the teacher saw")
-    units = m.blocks.num_units
-    for epoch in range(m.epochs):
-        for unit in range(units):
-            if not cache.unit_committed(epoch, unit):
-                raise IncompleteCacheError(
-                    f"cache {config.cache}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
-                    f"{m.epochs * units} units); finish it with kdcache precompute-logits --resume"
-                )
+    epochs, units = cache.held_units()
+    missing = cache.missing_units()
+    if missing and cache.subset is None:
+        epoch, unit = missing[0]
+        raise IncompleteCacheError(
+            f"cache {config.cache}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
+            f"{m.epochs * len(units)} units); finish it with kdcache precompute-logits --resume"
+        )
+    if missing:
+        epoch, unit = missing[0]
+        blocks = m.blocks.unit_blocks(unit)
+        raise IncompleteCacheError(
+            f"cache {config.cache}: epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1}) is missing from "
+            f"this subset (it declares epochs {format_selection(epochs)}, blocks {format_selection(cache.held_blocks())}); "
+            f"export it again from {cache.subset.source}"
+        )
     if config.check_data:  # every sample's digest, before anything is written (the loader checks again as it reads)
         for block in range(m.blocks.num_blocks):
             where = m.blocks.block_slots(block)
             check_block(read_block(source, m.blocks, block, plan["source_index"][where]), plan, where,
                         what=f"data {config.data} (block {block})")
-    return cache.complete_epochs()
+    return epochs, cache.held_blocks()
 
 
 class _Reiterable:
@@ -137,7 +152,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
         source = open_source(config.data, split=m.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
         plan = cache.samples()
-        cache_epochs = _check_cache_against_data(cache, source, plan, config)
+        cache_epochs, cache_blocks = _check_cache_against_data(cache, source, plan, config)
         spec, layout, num_classes = m.spec(), m.blocks, m.teacher.num_classes
         class_names = m.dataset.class_names
     else:
@@ -152,6 +167,13 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
             plan["source_index"][layout.block_slots(block)] = block_members
         num_classes, class_names = source.num_classes, list(source.class_names)
     blocks = list(range(layout.num_blocks))
+    if cache is not None:
+        if cache_epochs != list(range(m.epochs)):
+            log(f"the cache holds epochs {format_selection(cache_epochs)} of the {m.epochs} planned: training from those")
+        if cache_blocks != blocks:
+            log(f"the cache holds blocks {format_selection(cache_blocks)} of {layout.num_blocks}: training on their "
+                f"{sum(layout.sizes[b] for b in cache_blocks)} of {m.dataset.num_samples} samples only")
+        blocks = cache_blocks
     meta_loader = None
     on_gpu = distributed.resolve_device(config.device, ranks).type == "cuda"
     loader_config = LoaderConfig(batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,

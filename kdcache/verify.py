@@ -1,7 +1,8 @@
 """`kdcache verify`: a gate, not a log line.
 
 Checks, in order: structure (manifest, array shapes and dtypes against the manifest), the
-ledger (every planned unit committed, every committed unit's files matching their sha256),
+ledger (every unit committed, every committed unit's files matching their sha256; a subset
+made by ``kdcache export`` declares the epochs and units it holds, and must hold those),
 the dataset (every sample's digest against the plan, when the data is given) and replay
 fidelity (the teacher re-run on randomly chosen views rebuilt from the stored parameters
 must give the stored record: the same class indices, values equal up to fp16 rounding).
@@ -18,8 +19,9 @@ import torch
 
 from kdcache import distributed
 from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
+from kdcache.export import format_selection
 from kdcache.format import RECORD_ARRAYS, Cache, open_cache
-from kdcache.plan import check_block, read_block
+from kdcache.plan import check_block, dataset_digest, read_block
 from kdcache.record import make_records
 from kdcache.replay import PATHS, replay_block
 from kdcache.sources import decode_sample, open_source
@@ -121,10 +123,16 @@ def _check_structure(cache: Cache, report: VerifyReport) -> None:
 
 
 def _check_ledger(cache: Cache, report: VerifyReport) -> None:
+    """Every held unit committed and re-hashed: every planned one, or for a subset (``kdcache export``) the declared ones."""
     m = cache.manifest
     missing, damaged = 0, 0
-    for epoch in range(m.epochs):
-        for unit in range(m.blocks.num_units):
+    epochs, units = cache.held_units()
+    if not cache.ledger:
+        report.fail("no unit is committed")
+        report.add("ledger", f"0 unit(s) committed, {len(epochs) * len(units)} missing")
+        return
+    for epoch in epochs:
+        for unit in units:
             if not cache.unit_committed(epoch, unit):
                 missing += 1
                 report.fail(f"epoch {epoch} unit {unit} (blocks {m.blocks.unit_blocks(unit).start}.."
@@ -135,7 +143,11 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
             except (ChecksumError, IncompleteCacheError) as exc:
                 damaged += 1
                 report.fail(str(exc))
-    report.add("ledger", f"{len(cache.ledger)} unit(s) committed, {missing} missing, {damaged} damaged")
+    held = ""
+    if cache.subset is not None:  # say what it holds
+        held = (f" (a subset: epochs {format_selection(epochs)} of {m.epochs}, "
+                f"units {format_selection(units)} of {m.blocks.num_units})")
+    report.add("ledger", f"{len(cache.ledger)} unit(s) committed, {missing} missing, {damaged} damaged{held}")
 
 
 def _check_dataset(cache: Cache, source, plan, report: VerifyReport, data: str) -> None:
@@ -158,7 +170,8 @@ def _pick_views(cache: Cache, count: int, seed: int) -> dict[tuple[int, int], li
     computed then); concentrating the views in a few blocks bounds that cost.
     """
     layout = cache.layout
-    candidates = [(e, b) for (e, u) in sorted(cache.ledger) for b in layout.unit_blocks(u)]
+    epochs, units = cache.held_units()  # a subset's committed units outside its declaration are not read
+    candidates = [(e, b) for (e, u) in sorted(cache.ledger) if e in epochs and u in units for b in layout.unit_blocks(u)]
     if not candidates or count == 0:
         return {}
     rng = np.random.default_rng(seed)
@@ -198,12 +211,14 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
         if config.check_params:
             drawn = sample_view_params(spec, seed=m.seed, epoch=epoch, block_id=block, sample_ids=members,
                                        image_sizes=[(img.height, img.width) for img in images])
-            if not np.array_equal(drawn[positions], stored["params"][positions]):
-                row = positions[int(np.flatnonzero(np.any(drawn[positions] != stored["params"][positions], axis=1))[0])]
+            differs = np.flatnonzero(np.any(drawn != stored["params"], axis=1))  # the whole block: all of it is replayed
+            if len(differs):
+                row = next((p for p in positions if p in differs), int(differs[0]))  # a picked view first
                 col = int(np.flatnonzero(drawn[row] != stored["params"][row])[0])
                 report.fail(f"view (epoch {epoch}, sample {plan['key'][where][row]}): stored parameter "
                             f"{m.param_fields[col]} = {stored['params'][row, col]:.6g}, the spec and seed give {drawn[row, col]:.6g}")
                 bad += 1
+                continue  # parameters the spec cannot give are not replayed (they may not be replayable at all)
         views = replay_block(spec, stored["params"], images, path=path, device=device)
         logits = torch.cat([teacher_logits(teacher, views[i : i + m.batch_size], device)
                             for i in range(0, len(views), m.batch_size)]).cpu()
@@ -228,6 +243,9 @@ def verify(config: VerifyConfig, *, log=print) -> VerifyReport:
     _check_structure(cache, report)
     _check_ledger(cache, report)
     plan = cache.samples()
+    if dataset_digest(plan) != cache.manifest.dataset.digest:
+        report.fail(f"manifest field dataset.digest = {cache.manifest.dataset.digest[:16]}... does not match the plan's samples "
+                    f"({dataset_digest(plan)[:16]}...); the manifest was edited or damaged")
     if config.data is not None and not config.quick:
         m = cache.manifest
         shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None

@@ -6,10 +6,13 @@ intra-op thread: on a 2-core machine shared with subprocess ranks, more threads 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import os
 import socket
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -133,6 +136,28 @@ def subprocess_env() -> dict:
 
 def cli_command() -> list[str]:
     return [sys.executable, "-m", "kdcache_cli.main"]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve_directory():
+    """``serve_directory(root) -> url``: a real http.server on 127.0.0.1 serving ``root`` until the test ends."""
+    servers = []
+
+    def serve(root) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port() -> int:

@@ -237,3 +237,43 @@ def test_resume_finishes_the_units_no_input_had(tmp_path, unit_jobs, make_config
     assert merge(out, a, copy).epochs_complete == [0]
     helpers.run_precompute(make_config(out, resume=True))
     assert shard_bytes(out) == shard_bytes(small_cache)
+
+
+# ---- subsets (kdcache export) -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def subsets(tmp_path_factory, small_cache):
+    """Exports of the small cache: each epoch whole, and unit 0 (blocks 0-1) or unit 1 of one epoch."""
+    from kdcache.export import ExportConfig, export_cache
+
+    root = tmp_path_factory.mktemp("subsets")
+    for name, options in {"e0": dict(epochs=(0,)), "e1": dict(epochs=(1,)), "e0-u0": dict(epochs=(0,), blocks=(0, 1)),
+                          "e1-u0": dict(epochs=(1,), blocks=(0, 1)), "e1-u1": dict(epochs=(1,), blocks=(2, 3))}.items():
+        export_cache(ExportConfig(cache=str(small_cache), output=str(root / name), **options), log=quiet)
+    return root
+
+
+def test_subsets_that_make_up_the_whole_cache_merge_into_a_whole_cache(tmp_path, subsets, small_cache, helpers):
+    merge(tmp_path / "out", subsets / "e1", subsets / "e0")
+    out = open_cache(tmp_path / "out")
+    assert out.subset is None and "kdcache_subset" not in json.loads((tmp_path / "out" / "zarr.json").read_text())["attributes"]
+    assert ledger_without_time(tmp_path / "out") == ledger_without_time(small_cache)
+    helpers.assert_same_records(helpers.all_records(tmp_path / "out"), helpers.all_records(small_cache))
+
+
+def test_subsets_that_make_up_epochs_by_units_merge_into_that_subset(tmp_path, subsets):
+    merge(tmp_path / "out", subsets / "e0-u0", subsets / "e1-u0")
+    sub = open_cache(tmp_path / "out").subset
+    assert (sub.epochs, sub.units) == ([0, 1], [0])
+    assert sub.source == f"merge of {subsets / 'e0-u0'}, {subsets / 'e1-u0'}"
+
+
+def test_subsets_that_leave_a_hole_merge_into_a_partial_cache(tmp_path, subsets):
+    merge(tmp_path / "out", subsets / "e0-u0", subsets / "e1-u1")  # (0,0) and (1,1): not epochs x units
+    out = open_cache(tmp_path / "out")
+    assert out.subset is None and sorted(out.ledger) == [(0, 0), (1, 1)]
+    assert out.missing_units()[0] == (0, 1)  # a partial cache: train-student and verify name the hole
+    # A plain (partial) input makes the output plain too, even when the subsets alone would be epochs x units.
+    merge(tmp_path / "mixed", subsets / "e0-u0", subsets / "e1-u0", tmp_path / "out")
+    assert open_cache(tmp_path / "mixed").subset is None

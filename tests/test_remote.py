@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -22,24 +19,12 @@ from kdcache_cli.main import app
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def served(tmp_path, small_cache):
+def served(tmp_path, small_cache, serve_directory):
     """(url of a copy of small_cache served over http, local path of that copy)."""
     root = tmp_path / "www"
     shutil.copytree(small_cache, root / "cache")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/cache", root / "cache"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return f"{serve_directory(root)}/cache", root / "cache"
 
 
 def test_a_cache_over_http_reads_the_same_records_as_the_local_copy(served):

@@ -253,3 +253,36 @@ def test_config_is_checked(kwargs, message):
     fields = {"cache": "c", "data": "digits", "epoch": 0, "output": "views.png", **kwargs}
     with pytest.raises(ConfigError, match=message):
         ShowConfig(**fields)
+
+
+# ---- subsets (kdcache export) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_subset(funmatch, workdir) -> str:
+    """Blocks 2-5 of the funmatch cache (units 1-2 of 0-2), as `kdcache export --blocks 2-5` writes them."""
+    from kdcache.export import ExportConfig, export_cache
+
+    output = str(workdir / "funmatch-blocks-2-5")
+    export_cache(ExportConfig(cache=funmatch, output=output, blocks=(2, 3, 4, 5)), log=lambda message: None)
+    return output
+
+
+def test_a_block_subset_shows_its_own_blocks(block_subset, funmatch, tmp_path):
+    plan = open_cache(funmatch).samples()
+    views = collect_views(config(block_subset, tmp_path / "v.png", count=2))
+    assert [v.block for v in views] == [2, 2]  # block 0 is not in the subset: the first block it holds
+    key = str(plan["key"][5 * 256])  # the first sample of block 5
+    (view,) = collect_views(config(block_subset, tmp_path / "v.png", samples=(key,)))
+    (whole,) = collect_views(config(funmatch, tmp_path / "v.png", samples=(key,)))
+    assert view.block == 5 and np.array_equal(view.probs, whole.probs) and np.array_equal(view.view, whole.view)
+
+
+def test_a_sample_of_a_block_the_subset_does_not_hold_is_refused_naming_it(block_subset, funmatch, tmp_path):
+    key = str(open_cache(funmatch).samples()["key"][3])  # block 0
+    with pytest.raises(ConfigError, match=rf"--samples {key}: slot 3 is in block 0, which this subset does not hold "
+                                          r"\(it holds blocks 2-5\); pick a sample of those blocks"):
+        render_views(config(block_subset, tmp_path / "v.png", samples=(key,)))
+    with pytest.raises(IncompleteCacheError, match=r"epoch 1 is not in this subset \(it holds epochs 0, blocks 2-5\)"):
+        render_views(config(block_subset, tmp_path / "v.png", epoch=1))
+    assert not (tmp_path / "v.png").exists()

@@ -391,6 +391,22 @@ def test_a_cache_with_uncommitted_units_is_refused_naming_the_first(tmp_path, ma
     assert helpers.tree_hashes(partial) == before
 
 
+@pytest.mark.parametrize("max_units, first_missing", [(2, "epoch 0 unit 2"), (3, "epoch 1 unit 0")],
+                         ids=["inside-the-first-epoch", "at-an-epoch-boundary"])
+def test_a_precompute_stopped_early_is_refused_not_taken_for_a_subset(tmp_path, make_config, helpers, max_units, first_missing):
+    # Its committed units make a rectangle (epoch 0 x units 0-1, or epoch 0 x all units), but only
+    # `kdcache export` makes a subset: a plain cache must hold every unit of every planned epoch.
+    partial = tmp_path / "partial"
+    helpers.run_precompute(make_config(partial, max_units=max_units))
+    result = invoke(cli_args(tmp_path / "run", **{"--cache": partial}))
+    assert_refused(result, f"cache {partial}: {first_missing} is not committed ({max_units} of 6 units)",
+                   "finish it with kdcache precompute-logits --resume")
+    assert result.exit_code == 3 and not (tmp_path / "run").exists()
+    result = invoke(["verify", partial, "--quick"])
+    assert result.exit_code == 5 and f"error: {first_missing} (blocks" in result.stderr
+    assert "(a subset" not in result.stdout
+
+
 def test_kd_without_cache_or_teacher_is_refused(tmp_path):
     result = invoke(cli_args(tmp_path / "run", **{"--img-size": 32, "--loss": "kd"}))
     assert_refused(result, "'kd'", "--cache", "--teacher")

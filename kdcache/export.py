@@ -1,0 +1,268 @@
+"""`kdcache export`: a new cache holding some epochs and blocks of another, as a directory or one zip file.
+
+A team that cannot take a whole cache takes a subset. Units are the only thing a cache stores,
+so a subset is a cache with the source's manifest and plan, unchanged, whose ledger holds only
+the chosen units (epochs keep their numbers: parameters are keyed by (seed, epoch), so ``verify``
+re-draws them by the original number), and which says so: the root attribute ``kdcache_subset``
+(:class:`kdcache.format.Subset`) records the epochs and units kept. Readers hold a subset to
+exactly those (``train-student`` trains from those epochs, on the samples of those blocks); a
+cache without it must hold every unit, so a precompute stopped early is never taken for a subset.
+
+- ``--epochs 0,2-4`` picks epochs (default: those with any committed unit, or a subset's);
+  ``--blocks 0-3`` picks blocks, which must make up whole units (a unit's blocks share one shard
+  file per array, so only whole units can be stored); default: every block, or a subset's.
+- Every chosen unit must be committed in the source; its four shard files are copied byte for
+  byte, each checked against the source's ledger, and its ledger entry keeps its commit time.
+- ``--format zarr`` writes a directory; ``--format zip`` writes one zip archive of the same
+  files, stored uncompressed (the shard files are already compressed), which kdcache reads in
+  place from a path or URL ending in ``.zip``.
+
+The output is built beside its final place and renamed into it at the end, so a failed export
+leaves nothing at ``OUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcache.errors import ConfigError, IncompleteCacheError
+from kdcache.format import Cache, CacheWriter, Subset, ledger_key, open_cache
+from kdcache.location import _fsync_dir, is_url
+from kdcache.merge import check_entry, copy_unit, ledger_entry_bytes, read_unit_files
+
+#: Output formats: a cache directory, one zip archive of its files, or webdataset tar shards (kdcache.wds).
+FORMATS = ("zarr", "zip", "wds")
+
+_SPAN = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_selection(text: str, what: str) -> tuple[int, ...]:
+    """``"0,2-4"`` -> ``(0, 2, 3, 4)``: sorted, without repeats. ``what`` names the option in errors."""
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        match = _SPAN.match(part)
+        if match is None:
+            raise ConfigError(f"{what} {text!r}: {part!r} is not a number or a range; expected e.g. 0,2-4")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ConfigError(f"{what} {text!r}: the range {part} runs backwards; write {last}-{first}")
+        chosen.update(range(first, last + 1))
+    if not chosen:
+        raise ConfigError(f"{what} {text!r} selects nothing; expected e.g. 0,2-4")
+    return tuple(sorted(chosen))
+
+
+def format_selection(numbers) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``: the form :func:`parse_selection` reads."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def is_wds(cache) -> bool:
+    """Whether an opened cache is a webdataset export (kdcache.wds), not a zarr cache or its zip archive."""
+    from kdcache.wds import WdsCache
+
+    return isinstance(cache, WdsCache)
+
+
+def default_selection(cache) -> tuple[list[int], list[int]]:
+    """(epochs, units) an export takes when none are chosen.
+
+    From a subset, what it holds; else the epochs with any committed unit, and every unit (so a
+    precompute stopped inside an epoch is refused, naming the unit, not exported as a block subset).
+    """
+    if cache.subset is not None:
+        return cache.held_units()
+    return cache.present_units()[0], list(range(cache.layout.num_units))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    cache: str  # the source: a path, a URL or a .zip
+    output: str  # the cache to create: a directory, or for format "zip" a file ending in .zip
+    epochs: tuple[int, ...] | None = None  # None: every epoch the source holds
+    blocks: tuple[int, ...] | None = None  # None: every block the source holds; else whole units only
+    format: str = "zarr"
+    data: str | None = None  # format wds: the source the cache was made from, to store each view's image too
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.data is not None and self.format != "wds":
+            raise ConfigError(f"--data {self.data} stores images next to the records of a webdataset export; add --format wds")
+        for name in ("epochs", "blocks"):
+            chosen = getattr(self, name)
+            if chosen is None:
+                continue
+            if not chosen:
+                raise ConfigError(f"--{name} selects nothing; leave it out to take every {name[:-1]}")
+            if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in chosen):
+                raise ConfigError(f"--{name} {list(chosen)}; expected non-negative integers")
+            object.__setattr__(self, name, tuple(sorted(set(chosen))))
+        out = str(self.output)
+        if is_url(out):
+            raise ConfigError(f"output {out}: export writes a local directory or file, not a URL")
+        is_zip = out.rstrip("/").lower().endswith(".zip")
+        if self.format == "zip" and not is_zip:
+            raise ConfigError(f"output {out}: a zip export must end in .zip (that is how kdcache recognises an archive)")
+        if self.format == "zarr" and is_zip:
+            raise ConfigError(f"output {out} ends in .zip but --format is zarr; pass --format zip for an archive, "
+                              "or choose another name")
+        if os.path.lexists(out):
+            raise ConfigError(f"output {out} already exists; export writes a new cache, choose a new path")
+
+
+@dataclass
+class ExportResult:
+    output: str
+    format: str
+    epochs: list[int]  # the epochs exported (all of them complete over the exported blocks)
+    blocks: list[int]
+    units: int  # (epoch, unit) pairs exported
+    views: int
+    bytes: int  # size of the output (the archive, or the directory's files)
+
+
+def _select(cache: Cache, config: ExportConfig) -> tuple[list[int], list[int]]:
+    """The epochs and units to export, checked against the source: (epochs, units)."""
+    m, layout = cache.manifest, cache.layout
+    wds = is_wds(cache)
+    if wds and config.format != "wds":
+        raise ConfigError(f"{cache.location} is a webdataset export; --format {config.format} copies the shard files of "
+                          "a zarr cache (or its zip archive): export it again with --format wds, or export from the cache it came from")
+    default_epochs, default_units = default_selection(cache)
+    if config.epochs is None:
+        epochs = default_epochs
+    else:
+        unknown = [e for e in config.epochs if e >= m.epochs]
+        if unknown:
+            raise ConfigError(f"--epochs {format_selection(config.epochs)}: {cache.location} has no epoch {unknown[0]} "
+                              f"(its epochs are 0-{m.epochs - 1})")
+        epochs = list(config.epochs)
+    if config.blocks is None:
+        units = default_units
+    else:
+        unknown = [b for b in config.blocks if b >= layout.num_blocks]
+        if unknown:
+            raise ConfigError(f"--blocks {format_selection(config.blocks)}: {cache.location} has no block {unknown[0]} "
+                              f"(its blocks are 0-{layout.num_blocks - 1})")
+        chosen = set(config.blocks)
+        units = sorted({layout.unit_of(b) for b in chosen})
+        for unit in units:
+            whole = layout.unit_blocks(unit)
+            if not set(whole) <= chosen:
+                raise ConfigError(
+                    f"--blocks {format_selection(config.blocks)} cuts unit {unit} (blocks {whole.start}..{whole.stop - 1}): "
+                    f"only whole units can be exported, {layout.blocks_per_unit} blocks each; "
+                    f"take --blocks {format_selection(b for u in units for b in layout.unit_blocks(u))} "
+                    "or leave the cut unit out"
+                )
+    if not epochs or not cache.ledger:
+        raise IncompleteCacheError(f"{cache.location}: no unit is committed; there is nothing to export")
+    for epoch in epochs:
+        for unit in units:
+            if not cache.unit_committed(epoch, unit):
+                whole = layout.unit_blocks(unit)
+                if cache.subset is not None:
+                    held = (f"the subset holds epochs {format_selection(cache.subset.epochs)}, "
+                            f"blocks {format_selection(cache.held_blocks())})")
+                else:
+                    held = (f"complete epochs: {format_selection(cache.complete_epochs()) or 'none'}) "
+                            "or finish the cache with kdcache precompute-logits --resume")
+                raise IncompleteCacheError(
+                    f"{cache.location}: epoch {epoch} unit {unit} (blocks {whole.start}..{whole.stop - 1}) is not committed, "
+                    f"so it cannot be exported; choose other --epochs/--blocks ({held}"
+                )
+            if not wds:  # an export's index has one sha256 per shard; kdcache.wds checks it as it reads
+                check_entry(str(cache.location), cache, cache.ledger[epoch, unit])
+    return epochs, units
+
+
+def _write_zip(staged: Path, cache: Cache, keys: list[tuple[int, int]], target: Path) -> None:
+    """One zip archive of the staged metadata plus the chosen units, members stored as they are."""
+
+    def add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # a fixed time: the same export, the same bytes
+        info.external_attr = 0o644 << 16
+        archive.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+
+    name = str(cache.location)
+    with open(target, "wb") as handle:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+                add(archive, path.relative_to(staged).as_posix(), path.read_bytes())
+            for key in keys:
+                entry = cache.ledger[key]
+                for member, data in read_unit_files(name, cache, entry).items():
+                    add(archive, member, data)
+                add(archive, ledger_key(*key), ledger_entry_bytes(entry))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
+    """Write the chosen epochs and blocks of ``config.cache`` as a new cache at ``config.output``."""
+    cache = open_cache(config.cache)
+    m, layout = cache.manifest, cache.layout
+    epochs, units = _select(cache, config)
+    plan = cache.samples()
+    keys = [(e, u) for e in epochs for u in units]
+    blocks = [b for u in units for b in layout.unit_blocks(u)]
+    subset = Subset.of(m, keys, source=cache.location)  # None: every unit of every epoch, a whole cache
+    if len(units) < layout.num_units:
+        log(f"a block subset: blocks {format_selection(blocks)} of {layout.num_blocks} "
+            f"({sum(layout.sizes[b] for b in blocks)} of {m.dataset.num_samples} samples); train-student trains on these only")
+    if config.format == "wds":  # tar shards plus an index, written by kdcache.wds
+        from kdcache.wds import export_wds
+
+        done = export_wds(cache, config.output, units=keys, data=config.data, log=log)
+        return ExportResult(output=done.output, format="wds", epochs=epochs, blocks=blocks, units=len(keys), views=done.views,
+                            bytes=done.bytes)
+
+    out = Path(config.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.parent / f".{out.name}.exporting-{os.getpid()}"
+    archive = out.parent / f".{out.name}.exporting-{os.getpid()}.zip"
+    for leftover in (staged, archive):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        elif leftover.exists():
+            leftover.unlink()
+    try:
+        if config.format == "zip":
+            CacheWriter.create(staged, m, plan, subset=subset)  # metadata and plan; units go straight into the archive
+            _write_zip(staged, cache, keys, archive)
+            final = archive
+        else:
+            CacheWriter.create(staged, m, plan, subset=subset)  # the source's manifest, unchanged: same teacher, epochs, layout
+            for key in keys:
+                copy_unit(str(cache.location), cache, cache.ledger[key], staged)
+            final = staged
+        if os.path.lexists(out):  # something appeared there meanwhile
+            raise ConfigError(f"output {out} already exists; export writes a new cache, choose a new path")
+        os.replace(final, out)
+        _fsync_dir(out.parent)
+    finally:
+        for leftover in (staged, archive):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists():
+                leftover.unlink()
+    size = out.stat().st_size if config.format == "zip" else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    views = sum(cache.ledger[key].views for key in keys)
+    log(f"{config.cache}: {len(keys)} unit(s) exported (epochs {format_selection(epochs)}, blocks {format_selection(blocks)})")
+    return ExportResult(output=str(out), format=config.format, epochs=epochs, blocks=blocks, units=len(keys), views=views,
+                        bytes=size)
