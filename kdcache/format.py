@@ -419,6 +419,16 @@ class HeldUnits:
     def unit_committed(self, epoch: int, unit: int) -> bool:
         return (epoch, unit) in self.ledger
 
+    # Readers keep an LRU of read units (``_units``) and a lock; neither travels into DataLoader workers.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_units"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def complete_epochs(self) -> list[int]:
         """Epochs with every unit of the layout committed (a block subset has none)."""
         units = self.layout.num_units
@@ -550,15 +560,6 @@ class Cache(HeldUnits):
     def _describe(self, epoch: int, unit: int) -> str:
         blocks = self.layout.unit_blocks(unit)
         return f"epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1})"
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_units"], state["_lock"] = OrderedDict(), None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def _unit_bytes(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, bytes]:
         """The shard files of one committed unit, read whole and checked against the ledger (LRU of 2).

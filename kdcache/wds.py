@@ -400,15 +400,6 @@ class WdsCache(HeldUnits):
         blocks = self.layout.unit_blocks(unit)
         return f"epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1}), shard {shard_name(epoch, unit)}"
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_units"], state["_lock"] = OrderedDict(), None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def _unit_blocks(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[int, dict[str, np.ndarray]]:
         """One shard read whole (one sequential read), checked against the index, decoded per block (LRU of 2).
 

@@ -194,9 +194,20 @@ def assert_same_records(got: dict, want: dict) -> None:
             assert other.tobytes() == array.tobytes(), f"epoch {key[0]} unit {key[1]}: {name} differs"
 
 
+def assert_same_cache(remote, here) -> None:
+    """Two opened caches (e.g. a served copy and the local one) hold the same manifest, plan and records."""
+    assert remote.manifest == here.manifest and sorted(remote.ledger) == sorted(here.ledger)
+    for name, array in here.samples().items():
+        np.testing.assert_array_equal(remote.samples()[name], array)
+    for epoch in sorted({e for e, _ in here.ledger}):
+        for block in range(here.layout.num_blocks):
+            for name, array in here.read_block(epoch, block).items():
+                np.testing.assert_array_equal(remote.read_block(epoch, block)[name], array)
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The module-level helpers above, for test modules (conftest is not imported by name)."""
 
-    functions = (tree_hashes, all_records, assert_same_records, run_precompute, cli_command, free_port, save_teacher)
+    functions = (tree_hashes, all_records, assert_same_records, assert_same_cache, run_precompute, cli_command, free_port, save_teacher)
     return types.SimpleNamespace(SMALL=SMALL, **{fn.__name__: fn for fn in functions})

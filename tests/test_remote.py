@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -27,15 +26,9 @@ def served(tmp_path, small_cache, serve_directory):
     return f"{serve_directory(root)}/cache", root / "cache"
 
 
-def test_a_cache_over_http_reads_the_same_records_as_the_local_copy(served):
+def test_a_cache_over_http_reads_the_same_records_as_the_local_copy(served, helpers):
     url, local = served
-    remote, here = open_cache(url), open_cache(local)
-    assert remote.manifest == here.manifest and sorted(remote.ledger) == sorted(here.ledger)
-    for name, array in here.samples().items():
-        np.testing.assert_array_equal(remote.samples()[name], array)
-    for block in range(here.layout.num_blocks):
-        for name, array in here.read_block(1, block).items():
-            np.testing.assert_array_equal(remote.read_block(1, block)[name], array)
+    helpers.assert_same_cache(open_cache(url), open_cache(local))
 
 
 def test_info_and_verify_quick_take_a_url(served):

@@ -67,14 +67,8 @@ def test_the_upload_holds_every_file(store, uploaded, small_cache):
     assert remote == local
 
 
-def test_a_cache_in_the_store_reads_the_same_records_as_the_local_copy(uploaded, small_cache):
-    remote, here = open_cache(uploaded), open_cache(small_cache)
-    assert remote.manifest == here.manifest and sorted(remote.ledger) == sorted(here.ledger)
-    for name, array in here.samples().items():
-        np.testing.assert_array_equal(remote.samples()[name], array)
-    for block in range(here.layout.num_blocks):
-        for name, array in here.read_block(1, block).items():
-            np.testing.assert_array_equal(remote.read_block(1, block)[name], array)
+def test_a_cache_in_the_store_reads_the_same_records_as_the_local_copy(uploaded, small_cache, helpers):
+    helpers.assert_same_cache(open_cache(uploaded), open_cache(small_cache))
 
 
 def test_info_and_verify_quick_take_an_s3_url(uploaded):
