@@ -10,6 +10,7 @@ either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.errors import ConfigError, FormatError
+from kdcache.errors import ConfigError, FormatError, WriteError, describe_os_error
 
 #: File name of the (single, latest) checkpoint inside a run directory.
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -92,16 +93,27 @@ def _as_tuple(value: Any) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: temp file in the same directory, fsync, rename."""
+    """Write ``state`` to ``path`` atomically: temp file in the same directory, fsync, rename.
+
+    A write that fails (a full disk) raises :class:`WriteError` and leaves the previous
+    checkpoint in place; temporary files of killed processes are removed.
+    """
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while saving
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = {"checkpoint_version": CHECKPOINT_VERSION, **state}
+    payload = io.BytesIO()  # serialised first: torch.save would turn a failed write into an opaque RuntimeError
+    torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, payload)
     try:
         with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
+            handle.write(payload.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        previous = "the previous checkpoint is kept" if path.exists() else "there is no earlier checkpoint"
+        raise WriteError(f"cannot write checkpoint {path}: {describe_os_error(exc)}; {previous}: "
+                         "free space, then continue the run with --resume") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -140,14 +152,14 @@ def _fsync_dir(directory: Path) -> None:
 def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume: bool, free_fields: tuple[str, ...] = ()) -> Path | None:
     """Check a run directory before anything is written to it; returns the checkpoint to resume from.
 
-    A directory that does not exist or is empty is a new run. An occupied one needs ``resume``
+    A directory that does not exist or is empty (but for hidden temporary files) is a new run. An occupied one needs ``resume``
     and must hold a ``config.json`` equal to ``config`` except for ``free_fields`` (settings
     that do not change the weights); otherwise :class:`ConfigError` names the first difference.
     Resuming a run that died before its first checkpoint returns None (it starts afresh).
     """
     run_dir = Path(run_dir)
-    if not (run_dir.exists() and any(run_dir.iterdir())):
-        return None
+    if not (run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir())):
+        return None  # temporary files (".name.tmp-PID") of a run that died writing its first file do not count
     if not resume:
         raise ConfigError(f"run dir {run_dir} exists; pass --resume to continue it or choose another --run-dir")
     saved_path = run_dir / CONFIG_NAME

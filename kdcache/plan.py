@@ -13,9 +13,9 @@ import hashlib
 
 import numpy as np
 
-from kdcache.errors import ConfigError, MismatchError
+from kdcache.errors import ConfigError, MismatchError, SourceError
 from kdcache.format import BlockLayout, DatasetInfo
-from kdcache.sources import Sample, Source
+from kdcache.sources import Sample, Source, check_image_header
 
 
 def plan_layout(source: Source, *, block_size: int, blocks_per_unit: int, seed: int) -> tuple[BlockLayout, list[np.ndarray]]:
@@ -25,7 +25,9 @@ def plan_layout(source: Source, *, block_size: int, blocks_per_unit: int, seed: 
     shards = source.shards()
     if shards is not None:
         members, start = [], 0
-        for _, size in shards:
+        for url, size in shards:
+            if size == 0:  # a block is never empty: the plan would have a hole that no later run can fill
+                raise SourceError(f"webdataset shard '{url}' holds no samples; leave it out of the shard pattern")
             members.append(np.arange(start, start + size, dtype=np.int64))
             start += size
         sizes = [len(m) for m in members]
@@ -48,7 +50,11 @@ def read_block(source: Source, layout: BlockLayout, block: int, members: np.ndar
 
 
 def scan_plan(source: Source, layout: BlockLayout, members: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Read every sample once: per slot source index (-1 padding), label, digest and key."""
+    """Read every sample once: per slot source index (-1 padding), label, digest and key.
+
+    Each sample's bytes must at least look like an image (its header), so a cache is never made
+    around a file that is not one.
+    """
     slots = layout.num_slots
     plan = {
         "source_index": np.full(slots, -1, dtype=np.int64),
@@ -59,6 +65,8 @@ def scan_plan(source: Source, layout: BlockLayout, members: list[np.ndarray]) ->
     for block, block_members in enumerate(members):
         where = layout.block_slots(block)
         samples = read_block(source, layout, block, block_members)
+        for sample in samples:
+            check_image_header(sample)
         plan["source_index"][where] = block_members
         plan["label"][where] = [s.label for s in samples]
         plan["digest"][where] = [s.digest for s in samples]

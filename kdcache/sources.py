@@ -25,15 +25,27 @@ Error policy (checked when a source is opened or its data first read, never with
 
 - a missing path, directory or file: :class:`SourceError` naming the path;
 - a source with zero samples: :class:`SourceError` "... contains no samples";
+- an empty tar shard among others: :class:`SourceError` naming the shard when blocks are
+  planned (a block is never empty);
 - a label outside ``[0, num_classes)``: :class:`SourceError` naming the key and the label;
 - two samples with the same key: :class:`SourceError` naming the key;
 - a tar member group without an image, without a ``cls``, or with a non-integer ``cls``, or
   an unreadable shard: :class:`SourceError` naming the shard (and the key);
-- undecodable image bytes: :class:`SourceError` naming the key (:func:`decode_sample`);
+- bytes that are not an image at all (no image header: a text file, an error page, an empty
+  file): :class:`SourceError` naming the key when a cache's plan is made, before anything is
+  written (:func:`check_image_header`);
+- an image whose body cannot be decoded (a truncated file): :class:`SourceError` naming the
+  key when the sample is first decoded (:func:`decode_sample`); precompute stops there, keeps
+  the units it committed and names the epoch and block;
 - an unknown spec, a bad split or an inconsistent ``num_classes`` / ``shard_sizes``:
   :class:`ConfigError` saying what is accepted.
 
 An index outside ``[0, len(source))`` is a caller bug and raises :class:`IndexError`.
+
+No sample is ever skipped: a cache's plan (which sample sits in which slot, with its label and
+digest) is fixed when the cache is made, and a source that differs later (a sample added,
+removed, replaced or relabelled) is refused naming the count or the first sample that differs
+(:func:`kdcache.plan.check_block`), never planned around.
 """
 
 from __future__ import annotations
@@ -153,6 +165,29 @@ def decode_image(data: bytes) -> Image.Image:
     prefer :func:`decode_sample`, whose message names the sample.
     """
     return decode_native(data).convert("RGB")
+
+
+def check_image_header(sample: Sample) -> None:
+    """Refuse bytes that are not an image at all, naming the sample; cheap (the header only, no pixels).
+
+    A file whose header reads but whose body is damaged passes; :func:`decode_sample` names it later.
+    """
+    data = sample.data
+    try:
+        if not data:
+            raise _Undecodable("empty data")
+        if data.startswith(_NPY_MAGIC):
+            _image_from_npy(data)  # .npy images are small arrays: checking them whole costs nothing
+            return
+        try:
+            with Image.open(io.BytesIO(data)):
+                pass
+        except Image.UnidentifiedImageError:
+            raise _Undecodable(f"not a recognised image format (first bytes {data[:8]!r})") from None
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exn:
+            raise _Undecodable(f"{type(exn).__name__}: {exn}") from None
+    except _Undecodable as exn:
+        raise SourceError(f"sample '{sample.key}': cannot decode image: {exn}") from None
 
 
 def decode_sample(sample: Sample) -> Image.Image:

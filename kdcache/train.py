@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import random
@@ -41,7 +42,7 @@ from kdcache.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, WriteError, describe_os_error
 from kdcache.losses import LossConfig, compute_loss
 from kdcache.record import TeacherRecord
 from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, RunLog, StepMeter, plot_run, write_json
@@ -50,6 +51,8 @@ from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, RunLog, StepMet
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "rsqrt", "none")
 AMP_MODES = ("bf16", "none")
 DEVICES = ("auto", "cpu", "cuda")
+#: Errors of a write that the disk refused (full, quota, read-only, too large): reported as WriteError.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO})
 #: Fields that may differ between a run and its resumption (they do not change the weights).
 RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device")
 
@@ -356,6 +359,11 @@ def train(
     ranks = _init_distributed(config.device)
     try:
         return _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step)
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise WriteError(f"cannot write to run dir {config.run_dir}: {describe_os_error(exc)}; the last checkpoint "
+                         "is kept: free space, then continue the run with --resume") from None
     finally:
         if ranks.owns_group and dist.is_initialized():
             dist.destroy_process_group()
