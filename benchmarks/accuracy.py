@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--student", default="test_resnet")
     parser.add_argument("--img-size", type=int, default=28)
-    parser.add_argument("--budgets", default="3,8", help="student epoch budgets")
+    parser.add_argument("--budgets", default="3,6", help="student epoch budgets")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--topk", default="5")
@@ -138,24 +138,26 @@ def main() -> None:
         raise SystemExit(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every step gets the cores of one job: OpenMP threads that share cores with other processes
+    # spin and stall (a teacher epoch ran 9x slower with 2 threads beside other work on 2 cores).
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"study in {out}: {len(methods)} methods x budgets {budgets} x seeds {seeds}, {args.jobs} job(s)", flush=True)
 
     shards = step(out, "shards", "make-shards", "--data", args.data, "-o", str(out / "shards" / "part-%04d.tar"),
                   "--max-samples", str(args.samples), "--samples-per-shard", str(max(100, args.samples // 10)),
-                  "--image-format", "png", threads=os.cpu_count() or 1)
+                  "--image-format", "png", threads=threads)
     data = "webdataset:" + str(shards / ("part-{0000..%04d}.tar" % (len(list(shards.glob("part-*.tar"))) - 1)))
     common = ["--val-data", args.val_data, "--img-size", str(args.img_size), "--batch-size", "128", "--lr", args.lr,
-              "--log-every", "1000"]
+              "--log-every", "100"]
     teacher = step(out, "teacher", "train-student", "--data", args.data, "--model", args.teacher, "--run-dir",
                    str(out / "teacher"), "--loss", "ce", "-a", "light", "--epochs", str(args.teacher_epochs), *common,
-                   threads=os.cpu_count() or 1)
+                   threads=threads)
     teacher_args = ["--teacher", args.teacher, "--teacher-checkpoint", str(teacher / "model.pt")]
     presets = sorted({METHODS[m][0] for m in methods})
     for preset in presets:
         step(out, f"cache-{preset}", "precompute-logits", "--data", data, *teacher_args, "--output",
              str(out / f"cache-{preset}"), "--augmentation", preset, "--epochs", str(1 if preset == "none" else max(budgets)),
-             "--seed", "0", "--topk", args.topk, threads=os.cpu_count() or 1)
+             "--seed", "0", "--topk", args.topk, threads=threads)
 
     def run(job):
         method, budget, seed = job

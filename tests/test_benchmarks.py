@@ -1,5 +1,6 @@
 """The benchmark scripts run in CI at reduced size (--quick), so they cannot rot."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,18 @@ def test_replay_benchmark_prints_its_table():
 def test_tail_benchmark_prints_its_table():
     out = run("tail.py", "--quick")
     assert "kdcache bucket" in out and "TinyViT dense" in out
+
+
+@pytest.mark.slow
+def test_accuracy_study_runs_every_method_at_reduced_size(tmp_path):
+    out = run("accuracy.py", "--quick", "--out", str(tmp_path / "study"))
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()}
+    for method in ("ce", "fixed-kd", "light-kd", "funmatch-kd", "online-kd", "light-ttm", "light-wttm", "light-mkd"):
+        mean = float(rows[method][0])
+        assert 0 <= mean <= 100
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert len(results["online-kd"]["2"]["curves"][0]) == 2  # one evaluation per epoch
+    assert (tmp_path / "study" / "accuracy.png").stat().st_size > 10_000
+    # A rerun finds every step done and only prints the table again.
+    again = run("accuracy.py", "--quick", "--out", str(tmp_path / "study"))
+    assert "  runs/" not in again and again.split("teacher test_resnet")[1] == out.split("teacher test_resnet")[1]
