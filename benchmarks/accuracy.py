@@ -45,7 +45,14 @@ METHODS = {
     "light-ttm": ("light", ["--loss", "ttm"]),
     "light-wttm": ("light", ["--loss", "wttm"]),
     "light-mkd": ("light", ["--loss", "mkd"]),
+    "light-full-kd": ("light:full", ["--loss", "kd"]),
 }
+
+
+def cache_name(key: str) -> str:
+    """``light`` -> ``cache-light`` (top-k of --topk); ``light:full`` -> ``cache-light-full`` (every logit)."""
+    preset, _, topk = key.partition(":")
+    return f"cache-{preset}" + (f"-{topk}" if topk else "")
 
 
 def kdcache(*args: str, log: Path, threads: int) -> None:
@@ -102,6 +109,7 @@ def plot(results: dict, budgets: list[int], path: Path) -> None:
             mean = [m for m, _ in stats]
             ax.plot(epochs, mean, marker="o", markersize=3, label=method)
             ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.15)
+        ax.set_xticks(range(1, budget + 1))
         ax.set(xlabel="epoch", ylabel="val top-1 (%)", title=f"budget {budget} epochs (mean +- std over seeds)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="lower right")
@@ -153,11 +161,11 @@ def main() -> None:
                    str(out / "teacher"), "--loss", "ce", "-a", "light", "--epochs", str(args.teacher_epochs), *common,
                    threads=threads)
     teacher_args = ["--teacher", args.teacher, "--teacher-checkpoint", str(teacher / "model.pt")]
-    presets = sorted({METHODS[m][0] for m in methods})
-    for preset in presets:
-        step(out, f"cache-{preset}", "precompute-logits", "--data", data, *teacher_args, "--output",
-             str(out / f"cache-{preset}"), "--augmentation", preset, "--epochs", str(1 if preset == "none" else max(budgets)),
-             "--seed", "0", "--topk", args.topk, threads=threads)
+    for key in sorted({METHODS[m][0] for m in methods}):
+        preset, _, topk = key.partition(":")
+        step(out, cache_name(key), "precompute-logits", "--data", data, *teacher_args, "--output",
+             str(out / cache_name(key)), "--augmentation", preset, "--epochs", str(1 if preset == "none" else max(budgets)),
+             "--seed", "0", "--topk", topk or args.topk, threads=threads)
 
     def run(job):
         method, budget, seed = job
@@ -165,7 +173,7 @@ def main() -> None:
         extra = [a for e in extra for a in (teacher_args if e == "ONLINE" else [e])]
         name = f"runs/{method}-e{budget}-s{seed}"
         (out / "runs").mkdir(exist_ok=True)
-        step(out, name, "train-student", "--data", data, "--cache", str(out / f"cache-{preset}"), "--model", args.student,
+        step(out, name, "train-student", "--data", data, "--cache", str(out / cache_name(preset)), "--model", args.student,
              "--run-dir", str(out / name), "--epochs", str(budget), "--seed", str(seed), *extra,
              *common, threads=threads)
 
@@ -190,6 +198,17 @@ def main() -> None:
             results[method][str(budget)] = {"final": final, "mean": mean, "std": std, "curves": curves}
             row += f"{mean:>11.2f} +- {std:<4.2f}"
         print(row)
+    # Same views, same batches, same initial weights: each pair differs only in the teacher record
+    # (top-k + tail from the cache, every logit from the cache, or every logit from the live teacher).
+    for first, second in (("online-kd", "light-kd"), ("online-kd", "light-full-kd"), ("light-full-kd", "light-kd")):
+        if first not in results or second not in results:
+            continue
+        print(f"\n{first} minus {second}, paired by seed:")
+        for budget in budgets:
+            a, b = results[first][str(budget)], results[second][str(budget)]
+            diffs = [x - y for x, y in zip(a["final"], b["final"])]
+            print(f"  {budget} epochs: " + " ".join(f"{d:+.2f}" for d in diffs) + f"  (mean {mean_std(diffs)[0]:+.2f}; "
+                  f"seed-to-seed std {a['std']:.2f} and {b['std']:.2f})")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot({m: results[m] for m in methods}, budgets, out / "accuracy.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'accuracy.png'}")
