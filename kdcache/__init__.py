@@ -17,6 +17,7 @@ from kdcache.errors import (
     MismatchError,
     SourceError,
     VerifyError,
+    WriteError,
 )
 
 __version__ = "0.1.0"
@@ -75,5 +76,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "ChecksumError", "ConfigError", "FormatError", "IncompleteCacheError", "KdcacheError", "MismatchError",
-    "SourceError", "VerifyError", "__version__", *_LAZY,
+    "SourceError", "VerifyError", "WriteError", "__version__", *_LAZY,
 ]

@@ -8,7 +8,8 @@ Parameters are drawn from a counter-based generator (Philox) keyed by
 ``(seed, epoch, sample id, stream)``: there is no hidden sequence state, so any view can be
 drawn alone, in any order, on any rank. The drawn values are then stored explicitly (one
 float32 row per view, fields named by :func:`param_fields`), so replay never depends on an
-RNG implementation. The sampling algorithms follow timm's transforms
+RNG implementation. Parameters read back from a cache are checked against what the spec can
+draw (:func:`check_view_params`) before anything replays them. The sampling algorithms follow timm's transforms
 (``RandomResizedCropAndInterpolation.get_params``, ``RandAugment``/``AugmentOp``,
 ``RandomErasing``, ``Mixup``'s ``rand_bbox``); replay (:mod:`kdcache.replay`) applies the
 stored values with timm's and torchvision's functional ops.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, FormatError
 
 #: Version of the spec's schema and of the parameter layout it implies.
 AUG_SPEC_VERSION = 1
@@ -373,6 +374,121 @@ def sample_view_params(
         rows.append(row)
     params = np.asarray(rows, dtype=np.float32).reshape(n, len(param_fields(spec)))
     return params
+
+
+def partner_positions(spec: AugSpec, params: np.ndarray, positions) -> np.ndarray:
+    """The block positions of the mix partners of the views at ``positions`` (none without mixing).
+
+    Safe on parameters not yet checked: a stored partner that is not a position of the block is
+    left out here, and :func:`check_view_params` names it.
+    """
+    if not spec.mixes:
+        return np.zeros(0, dtype=np.int64)
+    partners = np.asarray(params, dtype=np.float64)[np.asarray(positions, dtype=np.int64), param_fields(spec).index("mix_partner")]
+    inside = np.isfinite(partners) & (partners == np.floor(partners)) & (partners >= 0) & (partners < len(params))
+    return np.unique(partners[inside].astype(np.int64))
+
+
+def check_view_params(spec: AugSpec, params: np.ndarray, *, image_sizes, block_size: int, where: str) -> None:
+    """Refuse stored parameters that :func:`sample_view_params` cannot give for ``spec``, before any replay.
+
+    ``params`` are one block's stored parameters ``[block_size, len(param_fields(spec))]`` for one
+    epoch; ``image_sizes`` the (height, width) of the block's images in block order, or None for an
+    image not decoded (its crop box is then checked for everything but the image's bounds: such a
+    view must not be replayed). Every column is checked, vectorised over the block: finite; whole
+    numbers where the sampler gives them; crop boxes of positive size inside the image; flags 0 or 1;
+    jitter factors, RandAugment op ids and magnitudes in the spec's ranges; erase and cutmix boxes
+    inside the output; a mix partner inside the block (not the view itself) and lam in [0, 1].
+    Checksums cannot tell forged parameters from real ones; this keeps them from crashing a replay
+    or allocating huge images. Raises :class:`FormatError` naming ``where`` (e.g. the cache, epoch
+    and block), the first bad view's position, the field and its value.
+    """
+    fields = param_fields(spec)
+    params = np.asarray(params)
+    if params.shape != (block_size, len(fields)):
+        raise FormatError(f"{where}: stored parameters have shape {params.shape}; expected ({block_size}, {len(fields)}) "
+                          f"for {block_size} views and the spec's param_fields")
+    if len(image_sizes) != block_size:
+        raise ValueError(f"{len(image_sizes)} image sizes for a block of {block_size} views")
+    with np.errstate(all="ignore"):  # NaN and infinities are what is looked for: no warnings
+        _check_columns(spec, params, fields, image_sizes, block_size, where)
+
+
+def _check_columns(spec: AugSpec, params: np.ndarray, fields: tuple[str, ...], image_sizes, block_size: int, where: str) -> None:
+    x = {name: params[:, i].astype(np.float64) for i, name in enumerate(fields)}
+    hw = np.array([(np.inf, np.inf) if s is None else s for s in image_sizes], dtype=np.float64).reshape(block_size, 2)
+    size = float(spec.output_size)
+    checks: list[tuple[str, np.ndarray, object]] = []  # (field, good rows, expected(row) -> text), in column order
+
+    def whole(name: str, lo, hi, note="", good=True) -> None:
+        """Whole numbers in [lo, hi] (per row); ``note`` a text, or a function of the row giving one."""
+        v = x[name]
+        lo, hi = np.broadcast_to(lo, v.shape), np.broadcast_to(hi, v.shape)
+        ok = np.isfinite(v) & (v == np.floor(v)) & (v >= lo) & (v <= hi) & good
+        checks.append((name, ok, lambda r: (f"a whole number in [{lo[r]:g}, {hi[r]:g}]" if np.isfinite(hi[r])
+                                            else f"a whole number >= {lo[r]:g}") + (note if isinstance(note, str) else note(r))))
+
+    def number(name: str, lo: float, hi: float) -> None:
+        v = x[name]
+        checks.append((name, np.isfinite(v) & (v >= lo) & (v <= hi), lambda r: f"a number in [{lo:.6g}, {hi:.6g}]"))
+
+    def flag(name: str) -> None:
+        checks.append((name, (x[name] == 0) | (x[name] == 1), lambda r: "0 or 1"))
+
+    def image(r: int) -> str:
+        return f" (the image is {hw[r, 0]:g}x{hw[r, 1]:g})" if np.isfinite(hw[r, 0]) else " (image not decoded)"
+
+    output = f" (inside the {spec.output_size}x{spec.output_size} output)"
+    whole("crop_top", 0, hw[:, 0] - 1, image)
+    whole("crop_left", 0, hw[:, 1] - 1, image)
+    whole("crop_height", 1, hw[:, 0] - x["crop_top"], image)
+    whole("crop_width", 1, hw[:, 1] - x["crop_left"], image)
+    flag("flip")
+    if spec.color_jitter > 0:
+        lo, hi = float(np.float32(max(0.0, 1 - spec.color_jitter))), float(np.float32(1 + spec.color_jitter))
+        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
+            number(name, lo, hi)
+    fixed = float(np.float32(spec.randaug_m))
+    for slot in range(spec.randaug_n):
+        op, mag = x[f"ra{slot}_op"], x[f"ra{slot}_mag"]
+        whole(f"ra{slot}_op", -1, len(spec.randaug_ops) - 1,
+              f" (-1: not applied, else one of the spec's {len(spec.randaug_ops)} RandAugment ops)")
+        in_range = (mag >= 0) & (mag <= 10) & ((spec.randaug_mstd > 0) | (mag == fixed))
+        checks.append((f"ra{slot}_mag", np.where(op >= 0, in_range, mag == 0), lambda r, op=op: (
+            "0 (the op is not applied)" if op[r] < 0 else "a magnitude in [0, 10]" if spec.randaug_mstd > 0
+            else f"the spec's magnitude {fixed:g} (randaug_mstd is 0)")))
+        flag(f"ra{slot}_neg")
+    if spec.erase_prob > 0:
+        flag("erase")
+        whole("erase_top", 0, size, output)
+        whole("erase_left", 0, size, output)
+        whole("erase_height", 0, size - x["erase_top"], output)
+        whole("erase_width", 0, size - x["erase_left"], output)
+    if spec.mixes:
+        whole("mix_partner", -1, block_size - 1, " (-1: no partner, else another view's position in this block)",
+              good=x["mix_partner"] != np.arange(block_size))
+        number("mix_lam", 0.0, 1.0)
+        whole("mix_top", 0, size, output)
+        whole("mix_left", 0, size, output)
+        whole("mix_bottom", x["mix_top"], size, output)
+        whole("mix_right", x["mix_left"], size, output)
+    first, bad_views = None, np.zeros(block_size, dtype=bool)
+    for name, good, expected in checks:
+        bad = np.flatnonzero(~good)
+        if len(bad):
+            bad_views[bad] = True
+            if first is None or bad[0] < first[0]:
+                first = (int(bad[0]), name, expected)
+    if first is None:
+        return
+    row, name, expected = first
+    others = int(bad_views.sum()) - 1
+    raise FormatError(
+        f"{where}, view at position {row}: stored parameter {name} = {params[row, fields.index(name)]:.6g}; "
+        f"expected {expected(row)}" + (f"; {others} more view(s) of this block are out of range" if others else "")
+        + "; the cache's parameters were not drawn from its augmentation spec (forged, or damaged before they were "
+        "committed): do not train on it; kdcache verify names every such view"
+    )
 
 
 def spec_field(spec: AugSpec, params: np.ndarray, name: str) -> np.ndarray:

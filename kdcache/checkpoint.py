@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError, FormatError, WriteError, describe_os_error
+from kdcache.location import atomic_write_bytes
 
 #: File name of the (single, latest) checkpoint inside a run directory.
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -101,23 +102,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while saving
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     payload = io.BytesIO()  # serialised first: torch.save would turn a failed write into an opaque RuntimeError
     torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, payload)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, payload.getvalue())
     except OSError as exc:
         previous = "the previous checkpoint is kept" if path.exists() else "there is no earlier checkpoint"
         raise WriteError(f"cannot write checkpoint {path}: {describe_os_error(exc)}; {previous}: "
                          "free space, then continue the run with --resume") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -135,18 +127,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise FormatError(f"checkpoint {path} has checkpoint_version={version!r}; expected {CHECKPOINT_VERSION}")
     return state
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume: bool, free_fields: tuple[str, ...] = ()) -> Path | None:

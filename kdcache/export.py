@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kdcache.errors import ConfigError, IncompleteCacheError
 from kdcache.format import Cache, CacheWriter, Subset, ledger_key, open_cache
-from kdcache.location import _fsync_dir, is_url
+from kdcache.location import fsync_dir, is_url
 from kdcache.merge import check_entry, copy_unit, ledger_entry_bytes, read_unit_files
 
 #: Output formats: a cache directory, one zip archive of its files, or webdataset tar shards (kdcache.wds).
@@ -254,7 +254,7 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
         if os.path.lexists(out):  # something appeared there meanwhile
             raise ConfigError(f"output {out} already exists; export writes a new cache, choose a new path")
         os.replace(final, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         for leftover in (staged, archive):
             if leftover.is_dir():

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 from collections import OrderedDict
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, MismatchError
-from kdcache.location import Location, _fsync_dir, atomic_write_bytes, fsync_file
+from kdcache.location import Location, fsync_dir, atomic_write_bytes, fsync_file
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdcache"
@@ -561,6 +563,13 @@ class Cache(HeldUnits):
         blocks = self.layout.unit_blocks(unit)
         return f"epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1})"
 
+    def repair_advice(self) -> str:
+        """What to do about a damaged unit: repair a local cache; a URL or an archive is someone else's copy."""
+        if self.location.local:
+            return "recompute it with kdcache precompute-logits --resume --repair"
+        return ("this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes the cache "
+                "(they can repair it with kdcache precompute-logits --resume --repair)")
+
     def _unit_bytes(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, bytes]:
         """The shard files of one committed unit, read whole and checked against the ledger (LRU of 2).
 
@@ -591,7 +600,7 @@ class Cache(HeldUnits):
             if (fresh or self.verify_checksums) and sha256_bytes(data) != expected:
                 raise ChecksumError(
                     f"{self.location}: {self._describe(epoch, unit)}: file {key} does not match its ledger checksum; "
-                    "recompute it with kdcache precompute-logits --resume --repair"
+                    + self.repair_advice()
                 )
             files[array] = data
         with self._lock:
@@ -653,6 +662,37 @@ def open_cache(location: str | os.PathLike, *, verify_checksums: bool = True) ->
 # ---- the writer -------------------------------------------------------------------------------
 
 
+def creation_dir(final: Path) -> Path:
+    """Where this process builds the cache ``final``: ``.NAME.creating-HOST-PID`` beside it."""
+    return final.parent / f".{final.name}.creating-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_creations(final: Path, *, log=print) -> list[Path]:
+    """Remove the ``.NAME.creating-HOST-PID`` directories beside ``final`` whose process no longer runs.
+
+    A creation builds the cache in such a directory and renames it in one step, so one that was
+    killed leaves it behind, never read. Only this host's directories are judged, by their PID; a
+    directory whose process is alive (or cannot be told, or that another host made on a shared
+    filesystem) is left alone: it may be a creation in progress. Returns what was removed, each logged.
+    """
+    removed, prefix, host = [], f".{final.name}.creating-", socket.gethostname()
+    for stale in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
+        maker, _, pid = stale.name[len(prefix):].rpartition("-")
+        if maker != host or not pid.isdigit() or not 0 < int(pid) < 2**31 or int(pid) == os.getpid() or not stale.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:  # PermissionError: alive, another user's
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+        log(f"removed {stale}: left by a cache creation (process {pid}) that no longer runs")
+    return removed
+
+
 class CacheWriter:
     """Writes one local cache. Rank 0 creates or extends it; every rank commits its own units."""
 
@@ -663,8 +703,11 @@ class CacheWriter:
 
     @staticmethod
     def create(path: str | os.PathLike, manifest: Manifest, samples: dict[str, np.ndarray], *,
-               subset: Subset | None = None) -> "CacheWriter":
-        """Create the arrays, write the plan, then the manifest last (atomically), with ``subset`` for an export."""
+               subset: Subset | None = None, log=print) -> "CacheWriter":
+        """Create the arrays, write the plan, then the manifest last (atomically), with ``subset`` for an export.
+
+        Half-made caches that killed creations left beside it are removed first (see :func:`remove_stale_creations`).
+        """
         import zarr
         from zarr.storage import LocalStore
 
@@ -673,7 +716,8 @@ class CacheWriter:
             raise ConfigError(f"output {final} exists and is not empty; choose a new directory or pass --resume for a kdcache cache")
         # Built beside its final place and renamed in one step: a kill during creation leaves no half cache.
         final.parent.mkdir(parents=True, exist_ok=True)
-        path = final.parent / f".{final.name}.creating-{os.getpid()}"
+        remove_stale_creations(final, log=log)
+        path = creation_dir(final)
         if path.exists():
             shutil.rmtree(path)
         path.mkdir()
@@ -704,7 +748,7 @@ class CacheWriter:
         if final.exists():
             final.rmdir()
         os.replace(path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return CacheWriter(final)
 
     def extend_epochs(self, epochs: int) -> None:
@@ -752,7 +796,7 @@ class CacheWriter:
         path = self.path / ledger_key(epoch, unit)
         if path.exists():
             path.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
 
 def write_manifest(path: Path, manifest: Manifest, *, subset: Subset | None = None) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.augment import AugSpec, preset, sample_view_params
+from kdcache.augment import AugSpec, check_view_params, partner_positions, preset, sample_view_params
 from kdcache.batch import Batch
 from kdcache.distributed import Ranks
 from kdcache.errors import ConfigError, KdcacheError
@@ -224,6 +224,10 @@ class _WindowReader:
             images = _LazyImages(samples)
             if v.cache is not None:
                 params = records[block]["params"]
+                # Stored parameters are checked before replay: valid checksums do not make them drawable.
+                replayed = np.union1d(positions, partner_positions(v.spec, params, positions))
+                check_view_params(v.spec, params, image_sizes=images.sizes(replayed), block_size=len(samples),
+                                  where=f"{v.cache.location}: epoch {self.cache_epoch} block {block}")
             else:
                 params = sample_view_params(v.spec, seed=v.seed, epoch=self.cache_epoch, block_id=block, sample_ids=members,
                                             image_sizes=images.sizes())
@@ -288,8 +292,10 @@ class _LazyImages:
             self.decoded[position] = decode_sample(self.samples[position])
         return self.decoded[position]
 
-    def sizes(self) -> list[tuple[int, int]]:
-        return [(self[p].height, self[p].width) for p in range(len(self))]
+    def sizes(self, positions=None) -> list[tuple[int, int] | None]:
+        """(height, width) of each image in block order; with ``positions``, None for the others (not decoded)."""
+        wanted = range(len(self)) if positions is None else {int(p) for p in positions}
+        return [(self[p].height, self[p].width) if p in wanted else None for p in range(len(self))]
 
 
 class ViewLoader:

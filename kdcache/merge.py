@@ -145,7 +145,7 @@ def read_unit_files(name: str, cache: Cache, entry: LedgerEntry) -> dict[str, by
         if sha256_bytes(data) != entry.files[key]["sha256"]:
             raise ChecksumError(
                 f"{name}: epoch {entry.epoch} unit {entry.unit}: file {key} does not match its ledger checksum; "
-                "repair that cache (kdcache precompute-logits --resume --repair) and try again"
+                f"{cache.repair_advice()}, then try again"
             )
         files[key] = data
     return files

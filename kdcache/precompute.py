@@ -153,7 +153,7 @@ def _prepare_output(config, source, teacher_info, spec, log) -> None:
     if not exists:
         log(f"planning {len(source)} samples in {layout.num_blocks} blocks ({layout.num_units} units per epoch)")
         plan = scan_plan(source, layout, members)
-        CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec), plan)
+        CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec), plan, log=log)
         return
     if not config.resume:
         raise ConfigError(f"output {out} is already a kdcache cache; pass --resume to finish or extend it")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.augment import AugSpec
+from kdcache.augment import AugSpec, check_view_params, partner_positions
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.export import format_selection
 from kdcache.format import Cache, Manifest, open_cache
@@ -256,9 +256,11 @@ def _load_views(config: ShowConfig, cache: Cache, plan: dict[str, np.ndarray], s
         stored = cache.read_block(config.epoch, block)
         params = stored["params"]
         positions = [slot - where.start for slot in block_slots]
-        partners = {p: _partner(m, spec, params[p]) for p in positions}
-        needed = set(positions) | {q for q in partners.values() if q >= 0}
+        needed = set(positions) | set(partner_positions(spec, params, positions).tolist())
         images = [decode_sample(samples[p]) if p in needed else None for p in range(len(samples))]
+        check_view_params(spec, params, image_sizes=[None if img is None else (img.height, img.width) for img in images],
+                          block_size=len(samples), where=f"{cache.location}: epoch {config.epoch} block {block}")
+        partners = {p: _partner(m, spec, params[p]) for p in positions}
         views = replay_block(spec, params, images, positions=positions, path=path)
         record = TeacherRecord(
             values=torch.from_numpy(stored["values"][positions].astype(np.float16)),

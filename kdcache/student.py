@@ -13,6 +13,7 @@ this way too).
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,11 @@ import torch
 
 from kdcache import distributed
 from kdcache.augment import AugSpec, resolve_spec
-from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
+from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError, WriteError, describe_os_error
 from kdcache.export import format_selection
 from kdcache.format import open_cache
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
+from kdcache.location import atomic_write_bytes
 from kdcache.losses import LossConfig
 from kdcache.plan import check_block, plan_layout, read_block
 from kdcache.sources import open_source
@@ -233,7 +235,12 @@ def export_model(run_dir: Path, *, spec: AugSpec, class_names: list[str]) -> Pat
     meta = {"input_size": (3, spec.output_size, spec.output_size), "mean": tuple(spec.mean), "std": tuple(spec.std),
             "interpolation": spec.interpolation, "class_names": list(class_names)}
     path = run_dir / MODEL_NAME
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": weights, MODEL_META_KEY: meta}, tmp)
-    tmp.replace(path)
+    payload = io.BytesIO()  # serialised first: torch.save would turn a failed write into an opaque RuntimeError
+    torch.save({"state_dict": weights, MODEL_META_KEY: meta}, payload)
+    try:
+        atomic_write_bytes(path, payload.getvalue())
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {describe_os_error(exc)}; the run finished and its checkpoint "
+                         f"{run_dir / CHECKPOINT_NAME} is kept: free space, then run the same command with --resume "
+                         f"to write {MODEL_NAME}") from None
     return path

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache import distributed
-from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
+from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
 from kdcache.export import format_selection
 from kdcache.format import RECORD_ARRAYS, Cache, open_cache
 from kdcache.plan import check_block, dataset_digest, read_block
@@ -26,7 +26,7 @@ from kdcache.record import make_records
 from kdcache.replay import PATHS, replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
-from kdcache.augment import sample_view_params
+from kdcache.augment import check_view_params, sample_view_params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,9 +208,9 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
         members = plan["source_index"][where]
         samples = read_block(source, layout, block, members)
         images = [decode_sample(s) for s in samples]
+        sizes = [(img.height, img.width) for img in images]
         if config.check_params:
-            drawn = sample_view_params(spec, seed=m.seed, epoch=epoch, block_id=block, sample_ids=members,
-                                       image_sizes=[(img.height, img.width) for img in images])
+            drawn = sample_view_params(spec, seed=m.seed, epoch=epoch, block_id=block, sample_ids=members, image_sizes=sizes)
             differs = np.flatnonzero(np.any(drawn != stored["params"], axis=1))  # the whole block: all of it is replayed
             if len(differs):
                 row = next((p for p in positions if p in differs), int(differs[0]))  # a picked view first
@@ -219,6 +219,13 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                             f"{m.param_fields[col]} = {stored['params'][row, col]:.6g}, the spec and seed give {drawn[row, col]:.6g}")
                 bad += 1
                 continue  # parameters the spec cannot give are not replayed (they may not be replayable at all)
+        try:  # without the re-draw (check_params off), parameters outside the spec's ranges are still never replayed
+            check_view_params(spec, stored["params"], image_sizes=sizes, block_size=len(samples),
+                              where=f"{cache.location}: epoch {epoch} block {block}")
+        except FormatError as exc:
+            report.fail(str(exc))
+            bad += 1
+            continue
         views = replay_block(spec, stored["params"], images, path=path, device=device)
         logits = torch.cat([teacher_logits(teacher, views[i : i + m.batch_size], device)
                             for i in range(0, len(views), m.batch_size)]).cpu()

@@ -62,7 +62,7 @@ from kdcache.format import (
     sample_array_sha256,
     sha256_bytes,
 )
-from kdcache.location import Location, _fsync_dir, atomic_write_bytes, is_url
+from kdcache.location import Location, fsync_dir, atomic_write_bytes, is_url
 
 #: The version of this container (the index's ``version``); the records inside follow the
 #: cache format version of the manifest they carry.
@@ -277,7 +277,7 @@ def export_wds(cache, output_dir: str | os.PathLike, *, epochs: Sequence[int] | 
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

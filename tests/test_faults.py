@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import tarfile
 import threading
 import time
@@ -45,16 +46,18 @@ from threads import single_thread
 from typer.testing import CliRunner
 
 from kdcache import __version__
-from kdcache.augment import AugSpec
+from kdcache.augment import PRESETS, AugSpec, check_view_params, param_fields, preset, sample_view_params
 from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError, KdcacheError, VerifyError
 from kdcache.format import CacheWriter, Manifest, ledger_key, open_cache, shard_key
 from kdcache.location import Location
-from kdcache.plan import plan_layout
+from kdcache.plan import plan_layout, read_block
 from kdcache.precompute import precompute
+from kdcache.replay import replay_block
 from kdcache.runlog import read_metrics
 from kdcache.shards import write_shards
-from kdcache.sources import open_source
+from kdcache.sources import decode_sample, open_source
+from kdcache.student import MODEL_NAME
 from kdcache.teacher import TeacherConfig
 from kdcache.verify import VerifyConfig, verify
 from kdcache_cli.main import app
@@ -277,20 +280,58 @@ def test_precompute_killed_at_a_random_moment_resumes_to_identical_records(
     before = snapshot(out, committed)
     entries = ledger_entries(out) if committed else {}
 
+    left_at_kill = list(out.parent.glob(f".{out.name}.creating-*"))
     computed = resume(make_config, out)
     again = redone(before, out, committed)
     lost, wrong = compare_records(out, small_cache)
-    half_made = list(out.parent.glob(f".{out.name}.creating-*"))  # never read; the next creation does not clear it
+    half_made = list(out.parent.glob(f".{out.name}.creating-*"))  # the killed creation's: removed by the next one
     MOMENTS.append(dict(command="precompute-logits", trial=trial, moment=moment, state=state,
                         resume=f"{len(computed)} unit(s) computed, {len(committed) - len(again)} kept untouched"
-                        + ("; the half-made directory stays beside the cache" if half_made else "")))
+                        + ("; the half-made directory stays beside the cache" if half_made
+                           else "; the half-made directory was removed" if left_at_kill else "")))
     record("kill", f"SIGKILL of precompute-logits {PRECOMPUTE_MOMENTS[kind]}, then --resume", detected=None,
            outcome="records byte-identical to an uninterrupted run; no committed unit redone" if not (again or lost or wrong)
            else f"{len(again)} committed unit(s) redone", lost=lost, wrong=wrong)
-    assert (lost, wrong) == (0, 0)
+    assert (lost, wrong) == (0, 0) and half_made == []
     assert again == [] and sorted(computed) == sorted(set(UNITS) - set(committed))
     assert {key: ledger_entries(out)[key] for key in committed} == entries  # commit times included
     assert without_time(ledger_entries(out)) == without_time(ledger_entries(small_cache))
+
+
+@contextlib.contextmanager
+def process_ids():
+    """(a PID that no longer runs, a PID that runs until the block ends): both this test's own processes."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(ProcessLookupError):  # not reused since: the test would prove nothing
+            os.kill(ended.pid, 0)
+        yield ended.pid, running.pid
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_half_made_caches_of_killed_creations_are_removed_by_the_next_creation(tmp_path, precompute_argv):
+    """A `.NAME.creating-HOST-PID` directory of this host whose process is gone is removed (and said) when
+    the cache is next created; one whose process runs, another host's, or another cache's is never touched."""
+    out = tmp_path / "cache"
+    host = socket.gethostname()
+    with process_ids() as (ended, running):
+        dead, alive, other = (tmp_path / f".cache.creating-{host}-{ended}", tmp_path / f".cache.creating-{host}-{running}",
+                              tmp_path / f".other.creating-{host}-{ended}")
+        elsewhere = tmp_path / f".cache.creating-another-host-{ended}"
+        for folder in (dead, alive, other, elsewhere):
+            (folder / "values").mkdir(parents=True)
+            (folder / "zarr.json").write_text("{}")
+        result = invoke(*precompute_argv(out, data="digits:val", epochs=1, block_size=360, blocks_per_unit=1))
+        assert result.exit_code == 0, result.output
+        said = f"removed {dead}: left by a cache creation (process {ended}) that no longer runs" in result.output
+        kept = alive.is_dir() and (alive / "zarr.json").exists() and other.is_dir() and elsewhere.is_dir()
+    record("kill", "a half-made cache (.NAME.creating-HOST-PID) left by a killed creation", detected=said and not dead.exists(),
+           outcome="removed by the next creation of that cache, naming it; one whose process still runs is left alone")
+    assert said and not dead.exists() and kept and open_cache(out).complete_epochs() == [0]
 
 
 # =====================================================================================================
@@ -681,6 +722,107 @@ def test_a_hand_edited_manifest_is_detected_naming_the_field(field, change, wher
 
 
 # =====================================================================================================
+# Forged augmentation parameters with valid checksums: refused before any replay, naming the view and field
+# =====================================================================================================
+
+PRESET_CACHE = dict(data="digits:val", epochs=1, block_size=360, blocks_per_unit=1)  # one block, one unit
+
+
+@pytest.fixture(scope="module")
+def preset_caches(tmp_path_factory, make_config, helpers):
+    """``preset_caches(name) -> Path``: digits:val (360 samples, one block) cached with augmentation preset ``name``."""
+    made = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp(f"preset-{name}") / "cache"
+            helpers.run_precompute(make_config(made[name], augmentation=name, **PRESET_CACHE))
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def digits_blocks() -> list[tuple[np.ndarray, list]]:
+    """The 6 blocks of digits (blocks of 256) as a cache plans them: (source positions, decoded images)."""
+    source = open_source("digits")
+    layout, members = plan_layout(source, block_size=256, blocks_per_unit=2, seed=0)
+    return [(block, [decode_sample(s) for s in read_block(source, layout, b, block)]) for b, block in enumerate(members)]
+
+
+def test_genuine_parameters_of_every_preset_pass_the_parameter_check(digits_blocks):
+    """Every block of digits, 3 epochs, every preset at two output sizes: drawn parameters are never refused."""
+    checked = 0
+    for name in PRESETS:
+        for output_size in (32, 7):
+            spec = preset(name, output_size=output_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+            for epoch in range(3):
+                for block, (members, images) in enumerate(digits_blocks):
+                    sizes = [(image.height, image.width) for image in images]
+                    params = sample_view_params(spec, seed=7, epoch=epoch, block_id=block, sample_ids=members, image_sizes=sizes)
+                    check_view_params(spec, params, image_sizes=sizes, block_size=len(members), where=f"epoch {epoch} block {block}")
+                    checked += 1
+    record("forged parameters", "genuine parameters of every preset (none, light, strong, funmatch, cutmix; output 32 and 7)",
+           detected=None, trials=checked, outcome="every block's parameters pass the range check: no false alarm")
+    assert checked == len(PRESETS) * 2 * 3 * 6
+
+
+# (preset, field, forged value, what it is); a row with an applied RandAugment op is chosen for "ra0_mag"
+FORGERIES = [
+    ("light", "crop_top", float("nan"), "NaN"),
+    ("light", "crop_height", 1e9, "a huge crop box"),
+    ("none", "crop_width", -3.0, "a negative crop size"),
+    ("light", "flip", 0.5, "a flag that is neither 0 nor 1"),
+    ("strong", "ra1_op", 15.0, "a RandAugment op id out of range"),
+    ("strong", "ra0_mag", 1e9, "a RandAugment magnitude out of range"),
+    ("strong", "erase_height", 1000.0, "an erase box outside the output"),
+    ("funmatch", "mix_partner", 360.0, "a mix partner outside the block"),
+    ("funmatch", "mix_lam", float("inf"), "an infinite mixing weight"),
+    ("cutmix", "mix_bottom", 33.0, "a cutmix box outside the output"),
+]
+
+
+def forge(cache_path: Path, field: str, value: float, rng: random.Random) -> tuple[int, str]:
+    """Write ``value`` into ``field`` of one view of epoch 0, block 0, committed with valid checksums: (position, key)."""
+    cache = open_cache(cache_path)
+    arrays = {name: array.copy() for name, array in cache.read_unit(0, 0).items()}
+    fields = list(cache.manifest.param_fields)
+    rows = range(cache.layout.sizes[0])
+    if field.startswith("ra0_mag"):
+        rows = [r for r in rows if arrays["params"][r, fields.index("ra0_op")] >= 0]
+    row = rng.choice(list(rows))
+    arrays["params"][row, fields.index(field)] = value
+    CacheWriter(cache_path).write_unit(0, 0, arrays)
+    open_cache(cache_path).verify_unit(0, 0)  # the checksums are valid: only the values are wrong
+    return row, str(cache.samples()["key"][row])
+
+
+@pytest.mark.parametrize("name, field, value, what", FORGERIES, ids=[f"{f[0]}-{f[1]}" for f in FORGERIES])
+def test_forged_parameters_with_valid_checksums_are_refused_before_replay(name, field, value, what, preset_caches,
+                                                                         tmp_path, teacher_ckpt):
+    """train-student and show refuse the block before replaying any view (no crash, no huge image), naming the
+    epoch, block, view position and field; verify without its re-draw check fails naming the same."""
+    out = copy_cache(preset_caches(name), tmp_path / "cache")
+    row, key = forge(out, field, value, trial_rng(f"forge-{name}-{field}", 0))
+    culprit = f"epoch 0 block 0, view at position {row}: stored parameter {field} = {np.float32(value):.6g}; expected"
+    run_dir = tmp_path / "run"
+    with time_limit(60):
+        trained = error_line(invoke("train-student", "--data", "digits:val", "--cache", out, "--run-dir", run_dir,
+                                    "--model", "test_resnet", "--loss", "kd", "--epochs", "1", "--batch-size", "64",
+                                    "--amp", "none", "--device", "cpu"), 3, str(out), culprit)
+        shown = error_line(invoke("show", out, "--data", "digits:val", "--epoch", "0", "--out", tmp_path / "views.png",
+                                  "--samples", row), 3, culprit)
+        with pytest.raises(VerifyError) as caught:
+            verify(VerifyConfig(cache=str(out), data="digits:val", views=4, check_params=False,
+                                teacher=TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt))), log=lambda m: None)
+    record("forged parameters", f"{what} ({field}, preset {name}), committed with valid checksums",
+           detected=culprit in str(caught.value),
+           outcome="train-student, show and verify refuse before any replay, naming the epoch, block, view position and field")
+    assert culprit in str(caught.value), str(caught.value)
+    assert not (run_dir / "model.pt").exists() and not (tmp_path / "views.png").exists(), (trained, shown)
+
+
+# =====================================================================================================
 # Bad sources: one policy (fail naming the key or shard), never a silent change of the plan
 # =====================================================================================================
 
@@ -940,6 +1082,33 @@ def test_a_full_disk_during_train_student_is_one_line_and_the_run_resumes_exactl
         assert wrong == 0 and train_losses(target) == train_losses(run_dir)
 
 
+def test_a_full_disk_while_exporting_the_trained_model_is_one_line_and_resume_writes_it(tmp_path, small_cache, trained,
+                                                                                      monkeypatch):
+    """The run finished, then model.pt meets a full disk (regression: torch's opaque RuntimeError from C++):
+    one line naming model.pt; after space is freed, --resume writes the same weights."""
+    run_dir = tmp_path / "run"
+    disk = FullDisk(run_dir / f".{MODEL_NAME}", budget=0).install(monkeypatch)  # only the export's temporary file
+    with single_thread():
+        line = error_line(invoke(*train_args(small_cache, run_dir)), 6, f"cannot write {run_dir / MODEL_NAME}",
+                          "No space left on device (ENOSPC)", "--resume")
+    monkeypatch.undo()
+    left = sorted(p.name for p in run_dir.glob(f".{MODEL_NAME}*"))
+    result = invoke(*train_args(small_cache, run_dir, "--resume"))
+    assert result.exit_code == 0, result.output
+    want, got = weights(trained[0]), weights(run_dir)
+    wrong = sum(not torch.equal(want[name], got[name]) for name in want)
+    record("write failure", "disk full (ENOSPC) in train-student while exporting model.pt", detected=disk.full,
+           outcome="one line naming model.pt, no temporary file left; --resume wrote the same weights", wrong=wrong)
+    assert disk.full and left == [] and wrong == 0, line
+
+
+def test_write_error_is_public_with_the_other_errors():
+    import kdcache
+    from kdcache.errors import WriteError
+
+    assert kdcache.WriteError is WriteError and "WriteError" in kdcache.__all__ and issubclass(WriteError, KdcacheError)
+
+
 # =====================================================================================================
 # Remote faults: a server that fails, drops connections or serves a cut or truncated file
 # =====================================================================================================
@@ -1062,6 +1231,26 @@ def test_bad_array_metadata_from_the_server_is_named_and_not_kept(fault, faulty,
     record("remote", f"server: array metadata {'truncated' if fault == 'short' else 'failing with 500'}", detected=named,
            outcome="refused naming values/zarr.json; once the server is right, the cache reads right")
     assert named and ok
+
+
+def test_a_damaged_unit_of_a_served_cache_advises_a_fresh_copy_not_repair(tmp_path, small_cache, serve_directory):
+    """--repair cannot write to a URL: a checksum error read over http says to fetch a fresh copy or tell the
+    publisher; the same damage in a local cache says to repair it."""
+    root = tmp_path / "www"
+    out = copy_cache(small_cache, root / "cache")
+    key = shard_key("tail", 0, 1)
+    flip_byte(out / key, trial_rng("served-damage", 0))
+    url = f"{serve_directory(root)}/cache"
+    served = error_line(invoke("verify", url, "--quick"), 5, url, "epoch 0 unit 1", f"file {key}", "fetch a fresh copy",
+                        "tell whoever publishes the cache")
+    local = error_line(invoke("verify", out, "--quick"), 5, "epoch 0 unit 1", f"file {key}",
+                       "recompute it with kdcache precompute-logits --resume --repair")
+    with pytest.raises(ChecksumError) as caught:
+        open_cache(url).read_block(0, 2)
+    advised = "fetch a fresh copy" in str(caught.value) and "recompute it with" not in served
+    record("remote", "a damaged shard file in a served cache (checksum mismatch)", detected=advised,
+           outcome="one line naming the URL, epoch, unit and file; advises a fresh copy or the publisher, not --repair")
+    assert advised, (served, local)
 
 
 # =====================================================================================================
@@ -1308,3 +1497,36 @@ def test_fuzzed_parameter_arrays_with_valid_checksums_fail_verify_naming_the_vie
     check()
     CacheWriter(out).write_unit(0, 0, original)
     record_fuzz("fuzzed parameter arrays committed with valid checksums, then verify", counts)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_fuzzed_parameters_are_refused_by_the_check_or_replay_cleanly(name, digits_blocks):
+    """Forged cells (NaN, infinities, huge, negative, fractional or plausible values) in a real block's parameters:
+    either the range check refuses them with a FormatError, or every view that uses them replays on both paths
+    to finite pixels, quickly. What the check lets through cannot crash a replay or allocate a huge image."""
+    spec = preset(name, output_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    fields = param_fields(spec)
+    members, images = digits_blocks[0]
+    sizes = [(image.height, image.width) for image in images]
+    original = sample_view_params(spec, seed=3, epoch=0, block_id=0, sample_ids=members, image_sizes=sizes)
+    counts = Counter()
+    values = (st.floats(width=32, allow_nan=True, allow_infinity=True)
+              | st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1e9, -1e9, 3e38, 7.0, 8.0, 9.0, 10.0, 14.0, 15.0, 31.0, 32.0, 33.0])
+              | st.integers(-2, 40).map(float))
+    cells = st.tuples(st.integers(0, len(members) - 1), st.integers(0, len(fields) - 1), values)
+
+    def check_then_replay(params, rows, path):
+        check_view_params(spec, params, image_sizes=sizes, block_size=len(members), where="epoch 0 block 0")
+        views = replay_block(spec, params, images, positions=rows, path=path)
+        assert views.shape == (len(rows), 3, 32, 32) and bool(torch.isfinite(views).all())
+
+    @FUZZ
+    @given(st.lists(cells, min_size=1, max_size=4), st.sampled_from(["pil", "tensor"]))
+    def check(changes, path):
+        params = original.copy()
+        for row, column, value in changes:
+            params[row, column] = value
+        outcome_of(lambda: check_then_replay(params, sorted({row for row, _, _ in changes}), path), counts)
+
+    check()
+    record_fuzz(f"fuzzed parameter arrays ({name}): the range check, then replay of what passes", counts)

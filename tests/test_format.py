@@ -485,3 +485,21 @@ def test_malformed_ledger_entry_is_a_format_error(damaged):
     (damaged / ledger_key(0, 0)).write_text('{"epoch": 0}')
     with pytest.raises(FormatError, match="ledger entry e000000-u000000.json is malformed"):
         open_cache(damaged)
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from kdcache.location import atomic_write_bytes
+
+    target = tmp_path / "entry.json"
+    target.write_bytes(b"old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["entry.json"]

@@ -115,7 +115,8 @@ def test_a_flipped_byte_in_an_uploaded_unit_names_epoch_and_unit(store, small_ca
     assert result.exit_code == 5
     (line,) = result.stderr.strip().splitlines()
     assert line == (f"error: {url}: epoch 1 unit 2 (blocks 4..5): file {key} does not match its ledger checksum; "
-                    "recompute it with kdcache precompute-logits --resume --repair")
+                    "this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes "
+                    "the cache (they can repair it with kdcache precompute-logits --resume --repair)")
     with pytest.raises(ChecksumError, match=r"epoch 1 unit 2 \(blocks 4\.\.5\)"):
         open_cache(url).read_block(1, 5)
 
