@@ -40,7 +40,7 @@ from kdcache.format import (
     Cache,
     CacheWriter,
     Manifest,
-    _parse_ledger,
+    parse_ledger,
     check_compatible,
     ledger_key,
     library_versions,
@@ -191,7 +191,7 @@ def _drop_malformed_ledger_entries(out: Path, log) -> None:
             if not (out / key).exists():
                 continue
             try:
-                _parse_ledger(location, key.split("/", 1)[1])
+                parse_ledger(location, key.split("/", 1)[1])
             except FormatError as exc:
                 log(f"repair: {exc}")
                 (out / key).unlink()

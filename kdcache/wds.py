@@ -405,11 +405,9 @@ class WdsCache(HeldUnits):
 
         ``fresh``: read again even if cached, and check the sha256 even if checks are off.
         """
-        with self._lock:
-            cached = None if fresh else self._units.get((epoch, unit))
-            if cached is not None:
-                self._units.move_to_end((epoch, unit))
-                return cached
+        kept = self._kept_unit(epoch, unit, fresh)
+        if kept is not None:
+            return kept
         entry = self.ledger.get((epoch, unit))
         if entry is None:
             raise IncompleteCacheError(
@@ -423,12 +421,7 @@ class WdsCache(HeldUnits):
         if (fresh or self.verify_checksums) and sha256_bytes(data) != entry.files[name]["sha256"]:
             raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)} does not match its sha256 in {INDEX_NAME}; "
                                 "the file is damaged: fetch or export it again")
-        blocks = self._decode(epoch, unit, data)
-        with self._lock:
-            self._units[(epoch, unit)] = blocks
-            while len(self._units) > 2:
-                self._units.popitem(last=False)
-        return blocks
+        return self._keep_unit(epoch, unit, self._decode(epoch, unit, data))
 
     def _decode(self, epoch: int, unit: int, data: bytes) -> dict[int, dict[str, np.ndarray]]:
         where = f"{self.location}: {self._describe(epoch, unit)}"

@@ -1,0 +1,100 @@
+"""The on-disk cache format (v1): the only reader and writer of kdcache stores (this package).
+
+Layout (a zarr v3 hierarchy; docs/format.md is the spec):
+
+    CACHE/zarr.json                  root group; attributes["kdcache"] = the manifest (written last, atomically),
+                                     attributes["kdcache_subset"] = what a subset holds (optional, kdcache export)
+    CACHE/values/                    fp16   [epochs, slots, k]   top-k teacher logits, sorted descending
+    CACHE/indices/                   uint*  [epochs, slots, k]   their class indices
+    CACHE/tail/                      fp16   [epochs, slots, 2]   tail summary (kdcache.record)
+    CACHE/params/                    fp32   [epochs, slots, P]   augmentation parameters (manifest "param_fields")
+    CACHE/samples/{source_index,label,digest,key}   [slots]      the plan: which sample sits in each slot
+    CACHE/ledger/e{E:06d}-u{U:06d}.json                          one file per committed unit, with sha256 per shard file
+
+Slots: block b occupies slots [b * block_capacity, b * block_capacity + size_b); the rest of
+its capacity is padding (never read, compressed away). One inner zarr chunk holds one
+(epoch, block); one zarr shard file holds one *unit* = (epoch, ``blocks_per_unit`` consecutive
+blocks), the unit of work: exactly one writer per shard file, so concurrent ranks never share
+a file. A unit exists for readers only once its ledger entry is on disk, and the ledger entry
+is written only after the unit's shard files are durable (fsync) and their sha256 recorded.
+
+Modules: :mod:`~kdcache.format.manifest` (what a cache is), :mod:`~kdcache.format.store` (keys,
+codecs, checksums, the JSON files), :mod:`~kdcache.format.reader` and :mod:`~kdcache.format.writer`.
+Everything is re-exported here: import from ``kdcache.format``.
+"""
+
+from kdcache.format.manifest import (
+    BlockLayout,
+    DatasetInfo,
+    FORMAT_VERSION,
+    LEDGER_DIR,
+    MANIFEST_KEY,
+    Manifest,
+    RECORD_ARRAYS,
+    SAMPLE_ARRAYS,
+    SUBSET_KEY,
+    Subset,
+    TeacherInfo,
+    check_compatible,
+    first_difference,
+    library_versions,
+    now_iso,
+)
+from kdcache.format.store import (
+    COMPRESSION,
+    LedgerEntry,
+    parse_ledger,
+    ledger_key,
+    read_manifest,
+    read_root,
+    record_dtypes,
+    sample_array_sha256,
+    sha256_bytes,
+    shard_key,
+)
+from kdcache.format.reader import (
+    Cache,
+    HeldUnits,
+    open_cache,
+)
+from kdcache.format.writer import (
+    CacheWriter,
+    creation_dir,
+    remove_stale_creations,
+    write_manifest,
+)
+
+__all__ = [
+    "BlockLayout",
+    "DatasetInfo",
+    "FORMAT_VERSION",
+    "LEDGER_DIR",
+    "MANIFEST_KEY",
+    "Manifest",
+    "RECORD_ARRAYS",
+    "SAMPLE_ARRAYS",
+    "SUBSET_KEY",
+    "Subset",
+    "TeacherInfo",
+    "check_compatible",
+    "first_difference",
+    "library_versions",
+    "now_iso",
+    "COMPRESSION",
+    "LedgerEntry",
+    "parse_ledger",
+    "ledger_key",
+    "read_manifest",
+    "read_root",
+    "record_dtypes",
+    "sample_array_sha256",
+    "sha256_bytes",
+    "shard_key",
+    "Cache",
+    "HeldUnits",
+    "open_cache",
+    "CacheWriter",
+    "creation_dir",
+    "remove_stale_creations",
+    "write_manifest",
+]

@@ -1,0 +1,281 @@
+"""The reader: :class:`Cache` (zarr stores by path or URL, and zip archives of them) and :func:`open_cache`."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
+from kdcache.location import Location
+from kdcache.format.manifest import BlockLayout, LEDGER_DIR, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, Subset, _short
+from kdcache.format.store import LedgerEntry, parse_ledger, read_root, sample_array_sha256, sha256_bytes, shard_key
+
+
+class HeldUnits:
+    """What the two readers share (Cache and kdcache.wds.WdsCache): which units a cache holds, from its
+    ``ledger`` and ``subset``, and the small LRU of units read last.
+
+    A cache is meant to hold its *held* units: a subset's declared epochs x units, else every
+    unit of every planned epoch. A held unit without a ledger entry is missing: a precompute
+    still in flight (or killed), or a damaged subset. Committed units outside a subset are ignored.
+    """
+
+    manifest: Manifest
+    layout: BlockLayout
+    ledger: dict
+    subset: Subset | None
+
+    def unit_committed(self, epoch: int, unit: int) -> bool:
+        return (epoch, unit) in self.ledger
+
+    # Readers keep an LRU of read units (``_units``, the last UNITS_KEPT) and a lock; neither travels into
+    # DataLoader workers.
+    UNITS_KEPT = 2
+
+    def _kept_unit(self, epoch: int, unit: int, fresh: bool):
+        """The unit's cached read (None if absent, or when ``fresh`` asks to read again)."""
+        with self._lock:
+            kept = None if fresh else self._units.get((epoch, unit))
+            if kept is not None:
+                self._units.move_to_end((epoch, unit))
+            return kept
+
+    def _keep_unit(self, epoch: int, unit: int, value):
+        with self._lock:
+            self._units[(epoch, unit)] = value
+            while len(self._units) > self.UNITS_KEPT:
+                self._units.popitem(last=False)
+        return value
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_units"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def complete_epochs(self) -> list[int]:
+        """Epochs with every unit of the layout committed (a block subset has none)."""
+        units = self.layout.num_units
+        return [e for e in range(self.manifest.epochs) if all((e, u) in self.ledger for u in range(units))]
+
+    def present_units(self) -> tuple[list[int], list[int]]:
+        """(epochs with any committed unit, units committed in any epoch), sorted."""
+        return sorted({e for e, _ in self.ledger}), sorted({u for _, u in self.ledger})
+
+    def held_units(self) -> tuple[list[int], list[int]]:
+        """(epochs, units) the cache is meant to hold: a subset's declared ones, else every planned epoch and unit."""
+        if self.subset is not None:
+            return list(self.subset.epochs), list(self.subset.units)
+        return list(range(self.manifest.epochs)), list(range(self.layout.num_units))
+
+    def held_blocks(self) -> list[int]:
+        return [b for u in self.held_units()[1] for b in self.layout.unit_blocks(u)]
+
+    def missing_units(self) -> list[tuple[int, int]]:
+        """The held (epoch, unit) pairs without a ledger entry, in order."""
+        epochs, units = self.held_units()
+        return [(e, u) for e in epochs for u in units if (e, u) not in self.ledger]
+
+
+class Cache(HeldUnits):
+    """A kdcache cache opened for reading (local path or URL)."""
+
+    def __init__(self, location: str | os.PathLike, *, verify_checksums: bool = True):
+        self.location = Location(location)
+        self.manifest, self.subset = read_root(self.location)
+        self.layout = self.manifest.blocks
+        self.verify_checksums = verify_checksums
+        self._array_meta: dict[str, bytes] = {}
+        self._units: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        for array in RECORD_ARRAYS:
+            self._meta(array)  # array metadata that disagrees with the manifest is refused here, naming the field
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the ledger (units committed since opening become visible)."""
+        entries = {}
+        for name in self.location.listdir(LEDGER_DIR):
+            if name.endswith(".json"):
+                entry = parse_ledger(self.location, name)
+                entries[(entry.epoch, entry.unit)] = entry
+        self.ledger: dict[tuple[int, int], LedgerEntry] = entries
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.teacher.num_classes
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """The plan: per slot, the source index (-1 for padding), label, digest and key."""
+        out = {}
+        for name in SAMPLE_ARRAYS:
+            try:
+                out[name] = self._array(f"samples/{name}", chunk_keys=("c/0",))[...]
+            except FormatError:
+                raise
+            except Exception as exc:  # a damaged chunk fails to decode
+                raise ChecksumError(f"{self.location}: samples/{name} cannot be decoded ({exc})") from None
+            expected = self.manifest.samples_sha256.get(name)
+            if expected and sample_array_sha256(name, out[name]) != expected:
+                raise ChecksumError(f"{self.location}: samples/{name} does not match its checksum in the manifest")
+        planned = out["source_index"] >= 0
+        for block in range(self.layout.num_blocks):  # the manifest's block sizes must be the plan's
+            held = int(planned[block * self.layout.block_capacity : (block + 1) * self.layout.block_capacity].sum())
+            if len(planned) != self.layout.num_slots or held != self.layout.sizes[block] or not planned[self.layout.block_slots(block)].all():
+                raise FormatError(f"{self.location}: manifest field blocks.sizes says block {block} holds {self.layout.sizes[block]} "
+                                  f"samples, the plan (samples/source_index) {held}; the manifest was edited or damaged")
+        return out
+
+    def _array(self, name: str, *, chunk_keys: tuple[str, ...] = ()):
+        """Array ``name`` from its metadata and the given chunk files, read through the Location (any store)."""
+        import zarr
+        from zarr.storage import MemoryStore
+
+        meta = self.location.read(f"{name}/zarr.json")
+        if meta is None:
+            raise FormatError(f"{self.location}: array {name} is missing ({name}/zarr.json)")
+        contents = {"zarr.json": _buffer(meta)}
+        for key in chunk_keys:
+            data = self.location.read(f"{name}/{key}")
+            if data is None:
+                raise FormatError(f"{self.location}: array {name} is missing its chunk {name}/{key}")
+            contents[key] = _buffer(data)
+        try:
+            return zarr.open_array(MemoryStore(contents), mode="r")
+        except Exception as exc:  # zarr raises several types for corrupt metadata
+            raise FormatError(f"{self.location}: array {name} cannot be opened ({exc})") from None
+
+    def _meta(self, array: str) -> bytes:
+        """A record array's metadata, kept only once it is found to agree with the manifest."""
+        if array not in self._array_meta:
+            data = self.location.read(f"{array}/zarr.json")
+            if data is None:
+                raise FormatError(f"{self.location}: array metadata {array}/zarr.json is missing")
+            self._check_meta(array, data)
+            self._array_meta[array] = data
+        return self._array_meta[array]
+
+    def _check_meta(self, array: str, data: bytes) -> None:
+        """Refuse array metadata that cannot be read or that disagrees with the manifest, naming the field."""
+        import zarr
+        from zarr.storage import MemoryStore
+
+        try:
+            opened = zarr.open_array(MemoryStore({"zarr.json": _buffer(data)}), mode="r")
+            shape, dtype, chunks, shards = tuple(opened.shape), np.dtype(opened.dtype), tuple(opened.chunks), tuple(opened.shards or ())
+        except Exception as exc:  # zarr raises several types for corrupt metadata
+            raise FormatError(f"{self.location}: array metadata {array}/zarr.json cannot be read ({exc})") from None
+        m, layout = self.manifest, self.layout
+        width = {"values": ("k", m.k), "indices": ("k", m.k), "tail": ("tail", 2), "params": ("param_fields", len(m.param_fields))}[array]
+        checks = [
+            ("epochs", m.epochs, len(shape) == 3 and shape[0] >= m.epochs),  # more: a kill while adding epochs
+            ("blocks.block_capacity", layout.block_capacity, chunks[1:2] == (layout.block_capacity,)),
+            ("blocks.blocks_per_unit", layout.blocks_per_unit, shards[1:2] == (layout.block_capacity * layout.blocks_per_unit,)),
+            ("blocks.sizes", layout.sizes, len(shape) == 3 and shape[1] == layout.num_slots),
+            (width[0], width[1], len(shape) == 3 and shape[2] == width[1]),
+            (f"dtypes.{array}", m.dtypes[array], dtype == np.dtype(m.dtypes[array])),
+        ]
+        for name, value, agrees in checks:
+            if not agrees:
+                raise FormatError(f"{self.location}: manifest field {name} = {_short(value)} disagrees with {array}/zarr.json "
+                                  f"(shape {list(shape)}, dtype {dtype}, chunks {list(chunks)}, shards {list(shards)}); "
+                                  "the manifest or the array metadata was edited or damaged")
+
+    def _describe(self, epoch: int, unit: int) -> str:
+        blocks = self.layout.unit_blocks(unit)
+        return f"epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1})"
+
+    def repair_advice(self) -> str:
+        """What to do about a damaged unit: repair a local cache; a URL or an archive is someone else's copy."""
+        if self.location.local:
+            return "recompute it with kdcache precompute-logits --resume --repair"
+        return ("this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes the cache "
+                "(they can repair it with kdcache precompute-logits --resume --repair)")
+
+    def _unit_bytes(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, bytes]:
+        """The shard files of one committed unit, read whole and checked against the ledger (LRU of 2).
+
+        ``fresh``: read again even if cached, and check the sha256 even if checks are off.
+        """
+        kept = self._kept_unit(epoch, unit, fresh)
+        if kept is not None:
+            return kept
+        entry = self.ledger.get((epoch, unit))
+        if entry is None:
+            raise IncompleteCacheError(
+                f"{self.location}: {self._describe(epoch, unit)} is not committed; "
+                "resume the precompute (kdcache precompute-logits --resume) to finish it"
+            )
+        files = {}
+        for array in RECORD_ARRAYS:
+            key = shard_key(array, epoch, unit)
+            try:
+                data = self.location.read(key)
+            except ChecksumError:  # a zip archive's member failing its CRC-32
+                raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is damaged in the archive "
+                                    "(its CRC-32 does not match); fetch or export the archive again") from None
+            if data is None:
+                raise IncompleteCacheError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is missing")
+            expected = entry.files.get(key, {}).get("sha256")
+            if (fresh or self.verify_checksums) and sha256_bytes(data) != expected:
+                raise ChecksumError(
+                    f"{self.location}: {self._describe(epoch, unit)}: file {key} does not match its ledger checksum; "
+                    + self.repair_advice()
+                )
+            files[array] = data
+        return self._keep_unit(epoch, unit, files)
+
+    def _decode(self, array: str, epoch: int, unit: int, data: bytes, rows: slice) -> np.ndarray:
+        import zarr
+        from zarr.storage import MemoryStore
+
+        store = MemoryStore({"zarr.json": _buffer(self._meta(array)), f"c/{epoch}/{unit}/0": _buffer(data)})
+        try:
+            return zarr.open_array(store, mode="r")[epoch, rows]
+        except Exception as exc:  # a damaged chunk fails its crc32c or cannot be decompressed
+            raise ChecksumError(
+                f"{self.location}: {self._describe(epoch, unit)}: file {shard_key(array, epoch, unit)} cannot be decoded ({exc})"
+            ) from None
+
+    def read_unit(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, np.ndarray]:
+        """All record arrays of one committed unit, ``[unit slots, ...]``, checksums verified."""
+        blocks = self.layout.unit_blocks(unit)
+        rows = slice(blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity)
+        files = self._unit_bytes(epoch, unit, fresh=fresh)
+        return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
+
+    def read_block(self, epoch: int, block: int) -> dict[str, np.ndarray]:
+        """The record arrays of one block, ``[block size, ...]``: one inner chunk of its (verified) unit."""
+        unit = self.layout.unit_of(block)
+        files = self._unit_bytes(epoch, unit)
+        rows = self.layout.block_slots(block)
+        return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
+
+    def verify_unit(self, epoch: int, unit: int) -> None:
+        """Re-hash one unit's files against the ledger (raises ChecksumError / IncompleteCacheError)."""
+        self.read_unit(epoch, unit, fresh=True)
+
+
+def _buffer(data: bytes):
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def open_cache(location: str | os.PathLike, *, verify_checksums: bool = True) -> Cache:
+    """Open a cache for reading; raises FormatError if it is not a readable kdcache cache."""
+    loc = Location(location)
+    if not loc.remote and not loc.path.exists():
+        raise FormatError(f"cache {location} does not exist")
+    from kdcache.wds import open_wds  # a webdataset export (kdcache export --format wds) holds its own index
+
+    exported = open_wds(loc, verify_checksums=verify_checksums)
+    if exported is not None:
+        return exported
+    return Cache(location, verify_checksums=verify_checksums)

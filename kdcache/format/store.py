@@ -1,0 +1,109 @@
+"""Codecs, file keys, checksums, and the JSON files of a cache: root attributes and ledger entries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import FormatError
+from kdcache.location import Location
+from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, SUBSET_KEY, Subset
+
+
+#: Compression per record array, chosen by measurement (benchmarks/storage.py, docs/benchmarks.md).
+COMPRESSION = {
+    "values": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+    "indices": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+    "tail": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+    "params": {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"},
+}
+
+
+def _compressors(config: dict, dtype: np.dtype) -> list:
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    if config["codec"] == "blosc":
+        codec = BloscCodec(cname=config["cname"], clevel=config["clevel"], shuffle=config["shuffle"], typesize=dtype.itemsize)
+    elif config["codec"] == "zstd":
+        codec = ZstdCodec(level=config["clevel"])
+    else:
+        raise FormatError(f"compression codec {config['codec']!r}; expected blosc or zstd")
+    return [codec, Crc32cCodec()]
+
+
+def record_dtypes(num_classes: int) -> dict:
+    from kdcache.record import index_dtype
+
+    return {"values": "float16", "indices": index_dtype(num_classes).name, "tail": "float16", "params": "float32"}
+
+
+def shard_key(array: str, epoch: int, unit: int) -> str:
+    """The store key of one unit's shard file of a record array."""
+    return f"{array}/c/{epoch}/{unit}/0"
+
+
+def ledger_key(epoch: int, unit: int) -> str:
+    return f"{LEDGER_DIR}/e{epoch:06d}-u{unit:06d}.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sample_array_sha256(name: str, data: np.ndarray) -> str:
+    """Checksum of one plan array: keys as newline-joined UTF-8, numbers as their little-endian bytes."""
+    if name == "key":
+        return sha256_bytes("\n".join(str(k) for k in data.tolist()).encode())
+    return sha256_bytes(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes())
+
+
+def _read_json(location: Location, key: str, what: str) -> Any:
+    data = location.read(key)
+    if data is None:
+        raise FormatError(f"{location}: {what} {key} is missing")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{location}: {what} {key} is not valid JSON ({exc})") from None
+
+
+def read_root(location: Location) -> tuple[Manifest, Subset | None]:
+    """The manifest and, for a subset made by ``kdcache export``, what it kept (else None)."""
+    root = _read_json(location, "zarr.json", "root metadata")
+    if not isinstance(root, dict) or not isinstance(root.get("attributes"), dict) or MANIFEST_KEY not in root["attributes"]:
+        raise FormatError(f"{location}: not a kdcache cache (zarr.json has no attributes.{MANIFEST_KEY})")
+    manifest = Manifest.from_dict(root["attributes"][MANIFEST_KEY], where=f"{location}: manifest")
+    subset = root["attributes"].get(SUBSET_KEY)
+    if subset is not None:
+        subset = Subset.from_dict(subset, manifest, where=f"{location}: attributes.{SUBSET_KEY}")
+    return manifest, subset
+
+
+def read_manifest(location: Location) -> Manifest:
+    return read_root(location)[0]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    epoch: int
+    unit: int
+    files: dict  # shard key -> {"sha256": ..., "bytes": ...}
+    views: int
+    committed: str
+
+
+def parse_ledger(location: Location, name: str) -> LedgerEntry:
+    data = _read_json(location, f"{LEDGER_DIR}/{name}", "ledger entry")
+    try:
+        entry = LedgerEntry(int(data["epoch"]), int(data["unit"]), dict(data["files"]), int(data["views"]), str(data["committed"]))
+        if not all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in entry.files.values()):
+            raise ValueError("files: expected {shard key: {sha256, bytes}}")
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise FormatError(f"{location}: ledger entry {name} is malformed ({exc!r})") from None
+    if f"{LEDGER_DIR}/{name}" != ledger_key(entry.epoch, entry.unit):
+        raise FormatError(f"{location}: ledger entry {name} is malformed (it commits epoch {entry.epoch} unit {entry.unit})")
+    return entry
