@@ -72,8 +72,10 @@ def step(out: Path, name: str, *args: str, threads: int) -> Path:
     target, done = out / name, out / f"{name}.done"
     if done.exists():
         return target
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if target.is_dir():
+        shutil.rmtree(target)  # left by an interrupted run of this step
+    elif target.exists():
+        target.unlink()
     start = time.perf_counter()
     kdcache(*args, log=out / f"{name}.log", threads=threads)
     done.write_text(f"{time.perf_counter() - start:.1f}\n")

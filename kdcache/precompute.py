@@ -183,8 +183,8 @@ def _prepare_output(config, source, teacher_info, spec, log) -> None:
 
 def _drop_malformed_ledger_entries(out: Path, log) -> None:
     """--repair: a ledger entry that cannot be read (damaged on disk) makes its unit uncommitted."""
-    manifest = read_manifest(Location(out))
     location = Location(out)
+    manifest = read_manifest(location)
     for epoch in range(manifest.epochs):
         for unit in range(manifest.blocks.num_units):
             key = ledger_key(epoch, unit)

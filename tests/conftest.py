@@ -10,6 +10,7 @@ import functools
 import hashlib
 import http.server
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -126,6 +127,14 @@ def small_cache(tmp_path_factory, make_config) -> Path:
     path = tmp_path_factory.mktemp("small") / "cache"
     run_precompute(make_config(path))
     return path
+
+
+@pytest.fixture
+def cache_copy(small_cache, tmp_path, helpers):
+    """A private copy of small_cache, and its file hashes (to check that a refusal changes nothing)."""
+    path = tmp_path / "cache"
+    shutil.copytree(small_cache, path)
+    return path, helpers.tree_hashes(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Run a command and SIGKILL it the moment a condition holds (the kill-and-resume tests)."""
+"""Run a command and SIGKILL it the moment a condition holds, and read what it committed (the kill-and-resume tests)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -26,3 +27,12 @@ def kill_when(command: list[str], ready, *, what: str, log_path: Path, env: dict
             process.kill()
             process.wait()
     assert process.returncode == -signal.SIGKILL
+
+
+def ledger_entries(path: Path) -> dict[tuple[int, int], dict]:
+    """A cache's ledger entries as written, keyed by (epoch, unit): a resume must leave the committed ones as they were."""
+    entries = {}
+    for file in sorted((Path(path) / "ledger").glob("e*-u*.json")):
+        data = json.loads(file.read_text())
+        entries[data["epoch"], data["unit"]] = data
+    return entries

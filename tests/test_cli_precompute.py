@@ -41,14 +41,6 @@ def assert_refused(result, *culprits: str, exit_code: int | None = None) -> str:
     return line
 
 
-@pytest.fixture
-def cache_copy(small_cache, tmp_path, helpers):
-    """A private copy of small_cache, and its file hashes (to check that a refusal changes nothing)."""
-    path = tmp_path / "cache"
-    shutil.copytree(small_cache, path)
-    return path, helpers.tree_hashes(path)
-
-
 def write_imagefolder(root: Path, classes: int, per_class: int) -> Path:
     rng = np.random.default_rng(0)
     for c in range(classes):

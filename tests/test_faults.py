@@ -41,7 +41,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from processes import kill_when
+from processes import kill_when, ledger_entries
 from threads import single_thread
 from typer.testing import CliRunner
 
@@ -134,14 +134,6 @@ def fault_report():
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
-
-
-def ledger_entries(path: Path) -> dict[tuple[int, int], dict]:
-    entries = {}
-    for file in sorted((Path(path) / "ledger").glob("e*-u*.json")):
-        data = json.loads(file.read_text())
-        entries[data["epoch"], data["unit"]] = data
-    return entries
 
 
 def unit_files(path: Path, epoch: int, unit: int) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import kill_when
+from processes import kill_when, ledger_entries
 from typer.testing import CliRunner
 
 from kdcache.errors import IncompleteCacheError
@@ -28,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNITS = [(e, u) for e in range(2) for u in range(3)]  # small_cache: 2 epochs x 3 units
 
-
-
-def ledger_entries(path: Path) -> dict[tuple[int, int], dict]:
-    entries = {}
-    for file in sorted((Path(path) / "ledger").glob("e*-u*.json")):
-        data = json.loads(file.read_text())
-        entries[data["epoch"], data["unit"]] = data
-    return entries
 
 
 def without_time(entries: dict) -> dict:

@@ -340,14 +340,6 @@ def cli_args(run_dir, **options) -> list:
     return args
 
 
-@pytest.fixture
-def cache_copy(small_cache, tmp_path, helpers):
-    """A private copy of small_cache and its file hashes."""
-    path = tmp_path / "cache"
-    shutil.copytree(small_cache, path)
-    return path, helpers.tree_hashes(path)
-
-
 @pytest.mark.parametrize("options, culprits", [
     ({"--data": "digits:val"}, ["digits:val", "360 samples", "1437"]),
     ({"--data": "fashion-mnist"}, ["fashion-mnist", "60000 samples", "1437"]),
