@@ -22,6 +22,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from fashion_mnist import random_images, write_fashion_mnist
 from threads import single_thread
 
 #: The small configuration every stage-one test starts from (digits: 1,437 train images).
@@ -135,6 +136,16 @@ def cache_copy(small_cache, tmp_path, helpers):
     path = tmp_path / "cache"
     shutil.copytree(small_cache, path)
     return path, helpers.tree_hashes(path)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory) -> str:
+    """A Fashion-MNIST directory as Debian lays it out (gzipped IDX files), with 40 train and 10 val
+    images of 28x28, labels 0-9 in turn. Treat as read-only."""
+    directory = tmp_path_factory.mktemp("fashion-mnist")
+    write_fashion_mnist(directory, labels=np.arange(40) % 10, images=random_images(40, seed=1), compress=True)
+    write_fashion_mnist(directory, split="val", labels=np.arange(10), images=random_images(10, seed=2), compress=True)
+    return str(directory)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kdcache.format import open_cache
-from kdcache.sources import FASHION_MNIST_DIR
 from kdcache_cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,12 +203,10 @@ def test_resume_with_another_setting_is_refused_naming_it(cache_copy, precompute
     assert helpers.tree_hashes(path) == before
 
 
-def test_resume_with_fashion_mnist_is_refused(cache_copy, precompute_argv, helpers):
-    if not Path(FASHION_MNIST_DIR).is_dir():
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+def test_resume_with_fashion_mnist_is_refused(cache_copy, precompute_argv, helpers, fashion_mnist_dir):
     path, before = cache_copy
-    result = invoke(precompute_argv(path, data="fashion-mnist", resume=True))
-    assert_refused(result, "cannot resume", "dataset", "1437", "60000", exit_code=4)
+    result = invoke(precompute_argv(path, data=f"fashion-mnist:{fashion_mnist_dir}", resume=True))
+    assert_refused(result, "cannot resume", "dataset", "1437", "40", exit_code=4)
     assert helpers.tree_hashes(path) == before
 
 
@@ -274,9 +272,10 @@ def test_cli_runs_as_a_module_and_as_a_script(small_cache, subprocess_env, helpe
                          env=subprocess_env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["epochs_complete"] == [0, 1]
-    script = shutil.which("kdcache")
-    if script is None:
-        pytest.skip("the kdcache console script is not on PATH")
+    # pip puts the console script in the interpreter's scripts directory (a venv's bin/), on PATH or not
+    scripts = sysconfig.get_path("scripts")
+    script = shutil.which("kdcache", path=scripts) or shutil.which("kdcache")
+    assert script is not None, f"no kdcache console script in {scripts} or on PATH: is the package installed?"
     run = subprocess.run([script, "info", str(Path(small_cache) / "nope")], capture_output=True, text=True,
                          env=subprocess_env, timeout=120)
     assert run.returncode == 3

@@ -12,17 +12,15 @@ import logging
 
 import numpy as np
 import pytest
+from moto import server as moto_server
 from typer.testing import CliRunner
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-from kdcache.errors import ChecksumError  # noqa: E402
-from kdcache.export import ExportConfig, export_cache  # noqa: E402
-from kdcache.format import open_cache, shard_key  # noqa: E402
-from kdcache.losses import LossConfig  # noqa: E402
-from kdcache.student import StudentConfig, train_student  # noqa: E402
-from kdcache_cli.main import app  # noqa: E402
+from kdcache.errors import ChecksumError
+from kdcache.export import ExportConfig, export_cache
+from kdcache.format import open_cache, shard_key
+from kdcache.losses import LossConfig
+from kdcache.student import StudentConfig, train_student
+from kdcache_cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

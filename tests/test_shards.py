@@ -153,7 +153,6 @@ def test_jpeg_passes_through_and_png_reencodes(tmp_path):
 
 
 def test_http_shards_round_trip(digits_shards):
-    pytest.importorskip("aiohttp", reason="reading shards over http needs aiohttp (the 'remote' extra)")
     _, out_pattern, paths = digits_shards
 
     class Quiet(http.server.SimpleHTTPRequestHandler):

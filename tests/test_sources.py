@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
+import re
 import struct
 
 import numpy as np
 import pytest
+from fashion_mnist import random_images, write_fashion_mnist
 from PIL import Image
 
+import kdcache.sources
 from kdcache.errors import ConfigError, SourceError
 from kdcache.sources import (
-    FASHION_MNIST_DIR,
     Sample,
     decode_image,
     decode_sample,
     npy_bytes,
     open_source,
-)
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(FASHION_MNIST_DIR),
-    reason=f"{FASHION_MNIST_DIR} missing (install Debian's dataset-fashion-mnist)",
 )
 
 
@@ -150,43 +146,58 @@ def test_decode_sample_names_the_key():
 # --- fashion-mnist --------------------------------------------------------------------------
 
 
-@needs_fashion_mnist
-def test_fashion_mnist_lengths_labels_and_images():
-    train = open_source("fashion-mnist")
-    val = open_source(f"fashion-mnist:{FASHION_MNIST_DIR}:val")
-    assert (len(train), len(val)) == (60000, 10000)
-    with gzip.open(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")) as f:
-        first_label = f.read(9)[8]
-    first = train.read([0])[0]
-    assert (first.key, first.label) == ("fmnist-train-00000", first_label)
-    image = decode_sample(first)
+def test_fashion_mnist_splits_keys_classes_and_uri(tmp_path):
+    images, val_images = random_images(4, seed=0), random_images(2, seed=1)
+    directory = write_fashion_mnist(tmp_path / "fm", labels=(9, 0, 0, 3), images=images, compress=True)
+    write_fashion_mnist(directory, split="val", labels=(1, 7), images=val_images, compress=True)
+    train, val = open_source(f"fashion-mnist:{directory}"), open_source(f"fashion-mnist:{directory}:val")
+    assert (len(train), len(val)) == (4, 2)
+    assert [(s.key, s.label) for s in train.iter_samples()] == [
+        ("fmnist-train-00000", 9), ("fmnist-train-00001", 0), ("fmnist-train-00002", 0), ("fmnist-train-00003", 3),
+    ]  # fmt: skip
+    image = decode_sample(train.read([3])[0])
     assert (image.mode, image.size) == ("RGB", (28, 28))
-    assert val.read([9999])[0].key == "fmnist-val-09999"
-    assert train.class_names[0] == "T-shirt/top" and train.num_classes == 10
-    assert train.uri == f"fashion-mnist:{FASHION_MNIST_DIR}:train"
-    assert open_source(val.uri).split == "val"
+    pixels = np.asarray(image)
+    assert all(np.array_equal(pixels[..., c], images[3]) for c in range(3))
+    assert [(s.key, s.label) for s in val.read([1])] == [("fmnist-val-00001", 7)]
+    assert np.array_equal(np.asarray(decode_sample(val.read([1])[0]))[..., 0], val_images[1])
+    assert train.class_names[0] == "T-shirt/top" and train.class_names[9] == "Ankle boot" and train.num_classes == 10
+    assert (train.kind, train.uri) == ("fashion-mnist", f"fashion-mnist:{directory}:train")
+    reopened = open_source(val.uri)
+    assert (reopened.uri, reopened.split) == (f"fashion-mnist:{directory}:val", "val")
+    assert [s.digest for s in reopened.read([0, 1])] == [s.digest for s in val.read([0, 1])]
 
 
-def write_idx(path, magic: int, array: np.ndarray, *, compress: bool) -> None:
-    raw = struct.pack(">I", magic) + struct.pack(">" + "I" * array.ndim, *array.shape) + array.tobytes()
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
-        f.write(raw)
+def test_fashion_mnist_split_argument_suffix_and_num_classes(tmp_path):
+    directory = write_fashion_mnist(tmp_path / "fm", labels=(1, 2, 3))
+    write_fashion_mnist(directory, split="val", labels=(4,))
+    assert len(open_source(f"fashion-mnist:{directory}", split="val")) == 1
+    assert len(open_source(f"fashion-mnist:{directory}:train", split="val")) == 3  # the suffix wins
+    assert open_source(f"fashion-mnist:{directory}", num_classes=10).num_classes == 10
+    with pytest.raises(ConfigError, match="num_classes=5 does not match the 10 classes of fashion-mnist; pass 10"):
+        open_source(f"fashion-mnist:{directory}", num_classes=5)
+    with pytest.raises(ConfigError, match="fashion-mnist split 'test'; expected one of train, val"):
+        open_source(f"fashion-mnist:{directory}", split="test")
 
 
-def fake_fashion_mnist(directory, *, labels=(3, 1, 4), images=None, compress=False, label_magic=0x801):
-    os.makedirs(directory, exist_ok=True)
-    labels = np.asarray(labels, np.uint8)
-    if images is None:
-        images = np.arange(len(labels) * 4, dtype=np.uint8).reshape(len(labels), 2, 2)
-    suffix = ".gz" if compress else ""
-    write_idx(os.path.join(directory, f"train-images-idx3-ubyte{suffix}"), 0x803, images, compress=compress)
-    write_idx(os.path.join(directory, f"train-labels-idx1-ubyte{suffix}"), label_magic, labels, compress=compress)
-    return str(directory)
+def test_fashion_mnist_default_directory_is_debians(tmp_path, monkeypatch):
+    assert kdcache.sources.FASHION_MNIST_DIR == "/usr/share/datasets/fashion-mnist"
+    directory = write_fashion_mnist(tmp_path / "fm", labels=(5, 6), compress=True)
+    write_fashion_mnist(directory, split="val", labels=(8,), compress=True)
+    monkeypatch.setattr(kdcache.sources, "FASHION_MNIST_DIR", directory)
+    assert [s.key for s in open_source("fashion-mnist").iter_samples()] == ["fmnist-train-00000", "fmnist-train-00001"]
+    val = open_source("fashion-mnist:val")
+    assert (val.uri, len(val)) == (f"fashion-mnist:{directory}:val", 1)
+    monkeypatch.setattr(kdcache.sources, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    message = (f"fashion-mnist directory '{tmp_path / 'not-installed'}' does not exist "
+               r"\(install Debian's dataset-fashion-mnist or pass fashion-mnist:DIR\)")
+    with pytest.raises(SourceError, match=message):
+        open_source("fashion-mnist")
 
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_fashion_mnist_tiny_idx_files(tmp_path, compress):
-    directory = fake_fashion_mnist(tmp_path / "fm", compress=compress)
+    directory = write_fashion_mnist(tmp_path / "fm", compress=compress)
     source = open_source(f"fashion-mnist:{directory}")
     assert len(source) == 3
     samples = source.read([2, 0])
@@ -197,20 +208,20 @@ def test_fashion_mnist_tiny_idx_files(tmp_path, compress):
 def test_fashion_mnist_missing_directory_and_file(tmp_path):
     with pytest.raises(SourceError, match=f"directory '{tmp_path / 'nowhere'}' does not exist"):
         open_source(f"fashion-mnist:{tmp_path / 'nowhere'}")
-    directory = fake_fashion_mnist(tmp_path / "fm")
+    directory = write_fashion_mnist(tmp_path / "fm")
     with pytest.raises(SourceError, match=r"t10k-images-idx3-ubyte\.gz' does not exist"):
         open_source(f"fashion-mnist:{directory}:val")
 
 
 def test_fashion_mnist_wrong_file_is_named(tmp_path):
-    directory = fake_fashion_mnist(tmp_path / "fm", label_magic=0x803)
+    directory = write_fashion_mnist(tmp_path / "fm", label_magic=0x803)
     message = r"train-labels-idx1-ubyte' is not the expected IDX file: magic number 0x00000803, expected 0x00000801"
     with pytest.raises(SourceError, match=message):
         len(open_source(f"fashion-mnist:{directory}"))
 
 
 def test_fashion_mnist_truncated_and_mismatched_counts(tmp_path):
-    directory = fake_fashion_mnist(tmp_path / "fm", images=np.zeros((2, 2, 2), np.uint8))
+    directory = write_fashion_mnist(tmp_path / "fm", images=np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(SourceError, match=r"train-images-idx3-ubyte' holds 2 images but .*labels-idx1-ubyte' holds 3"):
         open_source(f"fashion-mnist:{directory}").read([0])
     path = os.path.join(directory, "train-labels-idx1-ubyte")
@@ -220,14 +231,29 @@ def test_fashion_mnist_truncated_and_mismatched_counts(tmp_path):
         len(open_source(f"fashion-mnist:{directory}"))
 
 
+def test_fashion_mnist_unreadable_and_short_files_are_named(tmp_path):
+    directory = write_fashion_mnist(tmp_path / "fm", compress=True)
+    labels = tmp_path / "fm" / "train-labels-idx1-ubyte.gz"
+    whole = labels.read_bytes()
+    labels.write_bytes(whole[: len(whole) // 2])  # a gzip stream cut in the middle
+    with pytest.raises(SourceError, match=f"cannot read IDX file '{re.escape(str(labels))}'"):
+        len(open_source(f"fashion-mnist:{directory}"))
+    labels.write_bytes(b"\x00\x00")
+    with pytest.raises(SourceError, match=r"magic number none \(file too short\), expected 0x00000801"):
+        len(open_source(f"fashion-mnist:{directory}"))
+    labels.write_bytes(struct.pack(">I", 0x801))  # the magic number, then no dimension
+    with pytest.raises(SourceError, match=r"IDX header truncated \(4 bytes, expected 8\)"):
+        len(open_source(f"fashion-mnist:{directory}"))
+
+
 def test_fashion_mnist_bad_label_names_key_and_label(tmp_path):
-    directory = fake_fashion_mnist(tmp_path / "fm", labels=(1, 12, 3))
+    directory = write_fashion_mnist(tmp_path / "fm", labels=(1, 12, 3))
     with pytest.raises(SourceError, match=r"sample 'fmnist-train-00001' has label 12, expected 0 <= label < 10"):
         len(open_source(f"fashion-mnist:{directory}"))
 
 
 def test_fashion_mnist_empty_contains_no_samples(tmp_path):
-    directory = fake_fashion_mnist(tmp_path / "fm", labels=(), images=np.zeros((0, 2, 2), np.uint8))
+    directory = write_fashion_mnist(tmp_path / "fm", labels=(), images=np.zeros((0, 2, 2), np.uint8))
     with pytest.raises(SourceError, match=r"train-labels-idx1-ubyte' contains no samples"):
         len(open_source(f"fashion-mnist:{directory}"))
 
