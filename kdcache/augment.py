@@ -183,8 +183,14 @@ def preset(name: str, *, output_size: int, mean, std, interpolation: str = "bili
 
 
 def resolve_spec(value: str, *, output_size: int, mean, std, interpolation: str) -> AugSpec:
-    """A preset name, or the path of a JSON spec file."""
+    """A preset name (sized, normalised and interpolated as the teacher declares), or the path of a JSON spec file."""
     if value in PRESETS:
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"the teacher declares interpolation {interpolation!r}, which augmentation preset {value!r} would copy "
+                f"into the spec's interpolation field; expected one of {', '.join(INTERPOLATIONS)} (the ones replay "
+                "reproduces): give a JSON spec file (--augmentation FILE) with one of them"
+            )
         return preset(value, output_size=output_size, mean=mean, std=std, interpolation=interpolation)
     path = Path(value)
     if not path.is_file():

@@ -8,7 +8,10 @@ tensor the teacher scored. Two paths:
   own transforms do with the same parameters.
 - ``tensor`` (batched-friendly, any device): torchvision ``transforms.v2.functional`` ops on
   uint8 tensors; pixels differ from ``pil`` by interpolation details, which `kdcache verify`
-  measures against the teacher.
+  measures against the teacher. The resized crop uses the spec's interpolation; torchvision's
+  tensor affine ops (RandAugment's Rotate, Shear and Translate) have no bicubic, so there a
+  bicubic spec is replayed bilinear (:data:`TENSOR_AFFINE_INTERPOLATION`, recorded in the
+  fingerprint).
 
 The path and the versions of the libraries that shape the pixels are recorded in the cache
 (:func:`replay_fingerprint`).
@@ -28,22 +31,29 @@ from kdcache.errors import ConfigError
 
 PATHS = ("pil", "tensor")
 
+#: The interpolation the tensor path's affine ops (Rotate, ShearX/Y, Translate*) use for each
+#: interpolation a spec may declare: torchvision's tensor affine has nearest and bilinear only.
+TENSOR_AFFINE_INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bilinear"}
+
 
 def replay_fingerprint(path: str) -> dict:
-    """What determines the replayed pixels besides the parameters: the path and library versions."""
+    """What determines the replayed pixels besides the parameters: the path, its substitutions, library versions."""
     import PIL
     import timm
     import torchvision
 
     if path not in PATHS:
         raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
-    return {
+    fingerprint = {
         "path": path,
         "torch": torch.__version__.split("+")[0],
         "torchvision": torchvision.__version__.split("+")[0],
         "timm": timm.__version__,
         "pillow": PIL.__version__,
     }
+    if path == "tensor":
+        fingerprint["affine_interpolation"] = dict(TENSOR_AFFINE_INTERPOLATION)
+    return fingerprint
 
 
 def _columns(spec: AugSpec) -> dict[str, int]:
@@ -54,6 +64,12 @@ def _interpolation(spec: AugSpec):
     from torchvision.transforms import InterpolationMode
 
     return InterpolationMode(spec.interpolation)
+
+
+def _tensor_affine_interpolation(spec: AugSpec):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(TENSOR_AFFINE_INTERPOLATION[spec.interpolation])
 
 
 def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.Image) -> torch.Tensor:
@@ -155,10 +171,11 @@ def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torc
     if spec.randaug_n:
         hparams = randaug_hparams(spec)
         fill = [float(v) for v in hparams["img_mean"]]
+        affine = _tensor_affine_interpolation(spec)
         for slot in range(spec.randaug_n):
             op = _randaug_op(spec, row, cols, slot, hparams)
             if op is not None:
-                img = _tensor_op(op[0], img, op[1], fill, interpolation)
+                img = _tensor_op(op[0], img, op[1], fill, affine)
     return img
 
 

@@ -179,7 +179,8 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     meta_loader = None
     on_gpu = distributed.resolve_device(config.device, ranks).type == "cuda"
     loader_config = LoaderConfig(batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,
-                                 num_workers=config.num_workers, defer_finish=on_gpu)
+                                 num_workers=config.num_workers, defer_finish=on_gpu,
+                                 replay_path=m.replay["path"] if cache is not None else "pil")  # the path the teacher saw
     common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
                   cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
     if config.loss.name == "mkd":
