@@ -1,5 +1,7 @@
-"""README.md gives a new user two commands; CI must run exactly the test command."""
+"""README.md gives a new user two commands; CI runs exactly the test command, then the checks a fresh machine cannot make."""
 
+import importlib.machinery
+import importlib.util
 import re
 from pathlib import Path
 
@@ -21,3 +23,21 @@ def test_ci_runs_the_readme_test_command():
     _, test_command = _commands()
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
+
+
+def test_ci_then_checks_debians_data_and_a_fresh_clone():
+    _, test_command = _commands()
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    later = lines[lines.index(test_command) + 1:]
+    assert "python -m pytest -q tests/real_data.py" in later
+    assert "python .ci/fresh-clone" in later
+
+
+def test_fresh_clone_reads_the_commands_out_of_readme():
+    loader = importlib.machinery.SourceFileLoader("fresh_clone", str(ROOT / ".ci" / "fresh-clone"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    main_job, test_command = _commands()
+    (main_install, quickstart), (test_install, pytest_command) = module.readme_commands()
+    assert main_job == f"{main_install} && {quickstart}" and test_command == f"{test_install} && {pytest_command}"
+    assert quickstart.startswith("kdcache quickstart") and pytest_command.startswith("python -m pytest")
