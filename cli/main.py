@@ -123,7 +123,7 @@ def train_student(
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
     opt: str = typer.Option("adamw", "--opt", help="timm optimizer name."),
     sched: str = typer.Option("cosine", "--sched", help="timm scheduler name."),
-    warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
+    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="Epochs of linear learning-rate warmup (default: a tenth of --epochs, at most 5)."),
     ema: bool = typer.Option(False, "--ema", help="Keep a timm EMA of the weights (exported as the model)."),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers per rank."),

@@ -63,7 +63,8 @@ def quickstart(config: QuickstartConfig, *, log=print) -> list[dict]:
     teacher = train_student(StudentConfig(
         data=config.data, val_data=config.val_data, model=config.teacher_model, run_dir=str(out / "teacher"),
         loss=LossConfig(name="ce"), augmentation=config.augmentation, img_size=config.img_size,
-        epochs=config.teacher_epochs, batch_size=config.batch_size, lr=2e-3, seed=config.seed, log_every=10**9,
+        epochs=config.teacher_epochs, batch_size=config.batch_size, lr=2e-3, warmup_epochs=0, seed=config.seed,
+        log_every=10**9,
     ), log=log)
     rows.append({"run": f"teacher {config.teacher_model}", "loss": "ce", "top1": teacher.final_top1,
                  "seconds": time.perf_counter() - start, "images_per_s": teacher.images_per_s})

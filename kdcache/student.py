@@ -55,7 +55,7 @@ class StudentConfig:
     weight_decay: float = 0.05
     opt: str = "adamw"
     sched: str = "cosine"
-    warmup_epochs: int = 0
+    warmup_epochs: int | None = None  # None: kdcache.train.default_warmup_epochs(epochs)
     ema: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -81,6 +81,8 @@ class StudentConfig:
             raise ConfigError(f"loss {self.loss.name!r} needs teacher records: give --cache, or --teacher for online distillation")
         if self.cache is None and self.img_size is None:
             raise ConfigError("without --cache the views are drawn from --augmentation: give --img-size too")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs}; expected 0 to --epochs ({self.epochs})")
         if self.meta_blocks < 1:
             raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
 

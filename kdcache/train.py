@@ -57,6 +57,11 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG,
 RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device")
 
 
+def default_warmup_epochs(epochs: int) -> int:
+    """The warmup when none is set: a tenth of the epochs, rounded down, and at most 5 (none below 10 epochs)."""
+    return min(5, epochs // 10)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything that defines a student training run; written to ``<run_dir>/config.json``."""
@@ -71,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     opt: str = "adamw"
     sched: str = "cosine"
-    warmup_epochs: int = 5
+    warmup_epochs: int | None = None  # None: default_warmup_epochs(epochs), resolved here
     min_lr: float = 1e-6
     ema: bool = False
     ema_decay: float = 0.9998
@@ -115,6 +120,8 @@ class TrainConfig:
         if not isinstance(self.run_dir, (str, os.PathLike)) or not str(self.run_dir):
             raise bad("run_dir", "a directory path")
         self.run_dir = str(self.run_dir)
+        if self.warmup_epochs is None and is_int(self.epochs):
+            self.warmup_epochs = default_warmup_epochs(self.epochs)
         for name, low in (("num_classes", 2), ("img_size", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0),
                           ("warmup_epochs", 0), ("checkpoint_every", 0), ("log_every", 1), ("eval_every", 1),
                           ("mkd_meta_every", 1)):

@@ -23,7 +23,7 @@ from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.errors import ConfigError
 from kdcache.losses import LossConfig
 from kdcache.runlog import read_metrics
-from kdcache.train import TrainConfig, train
+from kdcache.train import TrainConfig, default_warmup_epochs, train
 
 NUM_CLASSES = 10
 BATCH = 64
@@ -209,6 +209,37 @@ def test_bad_config_fields_are_named(tmp_path, bad):
     (field,) = bad
     with pytest.raises(ConfigError, match=f"TrainConfig.{field}="):
         _config(tmp_path / "run", **bad)
+
+
+# ---- the warmup fits the schedule -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(1, 0), (3, 0), (6, 0), (9, 0), (10, 1), (19, 1), (30, 3), (50, 5),
+                                                (300, 5)])
+def test_an_unset_warmup_is_a_tenth_of_the_epochs_and_at_most_5(tmp_path, epochs, warmup):
+    assert default_warmup_epochs(epochs) == warmup
+    config = TrainConfig(model="test_resnet", num_classes=NUM_CLASSES, run_dir=str(tmp_path / "run"), epochs=epochs)
+    assert config.warmup_epochs == warmup
+    assert TrainConfig.from_dict(config.to_dict()) == config  # config.json holds the warmup the run used
+
+
+def test_an_explicit_warmup_is_honoured(tmp_path):
+    assert _config(tmp_path / "run", epochs=6, warmup_epochs=4).warmup_epochs == 4
+    assert _config(tmp_path / "run", epochs=300, warmup_epochs=0).warmup_epochs == 0
+    with pytest.raises(ConfigError, match="TrainConfig.warmup_epochs=7: expected at most epochs=6"):
+        _config(tmp_path / "run", epochs=6, warmup_epochs=7)
+
+
+def _first_lrs(run_dir, **overrides) -> list[float]:
+    train(_config(run_dir, max_steps=3, **overrides), DigitsLoader(), log=_quiet)
+    return [line["lr"] for line in read_metrics(run_dir / "metrics.jsonl") if line["kind"] == "train"]
+
+
+def test_the_scheduler_warms_up_only_when_the_schedule_has_room(tmp_path):
+    short = _first_lrs(tmp_path / "short", epochs=6, warmup_epochs=None)
+    assert short[0] == pytest.approx(3e-3)  # no warmup in 6 epochs: the first step runs at the full rate
+    long = _first_lrs(tmp_path / "long", epochs=20, warmup_epochs=None)  # 2 warmup epochs of 21 steps
+    assert long[0] < 1e-4 and long[0] < long[1] < long[2] < 3e-3
 
 
 def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
