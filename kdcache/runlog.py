@@ -10,6 +10,9 @@
 - ``end``: the final numbers (also written to ``result.json``).
 
 Every line also carries ``time`` (seconds since the epoch). Only rank 0 writes.
+
+On a terminal a run also shows a progress bar (:class:`Progress`); its messages are written
+beside the bar, never over it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +97,50 @@ class RunLog:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+class Progress:
+    """The run's progress bar (tqdm, on stderr) when stderr is a terminal, and the run's messages.
+
+    :meth:`say` hands a message to ``log`` with the bar cleared first and drawn again after
+    (tqdm's ``external_write_mode``), so a line such as an epoch's accuracy never lands on the
+    bar; without a terminal there is no bar and messages are plain lines. ``enabled`` False
+    (ranks other than 0) shows nothing and says nothing.
+    """
+
+    def __init__(self, log: Callable[[str], None], *, total: int, initial: int = 0, enabled: bool = True) -> None:
+        self.log = log if enabled else None
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def say(self, message: str) -> None:
+        if self.log is None:
+            return
+        if self.bar is None:
+            self.log(message)
+            return
+        with self.bar.external_write_mode():
+            self.log(message)
+
+    def epoch(self, epoch: int, epochs: int) -> None:
+        """Name the epoch (0-based ``epoch`` of ``epochs``) in front of the bar."""
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+
+    def step(self, **postfix: str) -> None:
+        """One step done; ``postfix`` (e.g. loss and lr, when they were just logged) shown after the bar."""
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class StepMeter:

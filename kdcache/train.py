@@ -20,7 +20,6 @@ import errno
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from kdcache.checkpoint import (
 from kdcache.errors import ConfigError, WriteError, describe_os_error
 from kdcache.losses import LossConfig, compute_loss
 from kdcache.record import TeacherRecord
-from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, RunLog, StepMeter, plot_run, write_json
+from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, Progress, RunLog, StepMeter, plot_run, write_json
 
 #: Learning-rate schedules (timm.scheduler.create_scheduler_v2 names) that step per update.
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "rsqrt", "none")
@@ -482,11 +481,8 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
             dist.all_reduce(value, op=dist.ReduceOp.AVG)
         return value
 
-    progress = None
-    if ranks.main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = tqdm(total=stop_step, initial=position.step, unit="step", dynamic_ncols=True)
+    progress = Progress(log, total=stop_step, initial=position.step, enabled=ranks.main)
+    say = progress.say  # beside the bar on a terminal, never over it
     meta_stream = _cycle_from(meta_batches, position.meta_batches) if is_mkd else None
     meter = StepMeter(device)
     step = position.step
@@ -496,6 +492,7 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
     epoch = position.epoch
     while epoch < config.epochs and not stopped:
         start_batch = position.batch if epoch == position.epoch else 0
+        progress.epoch(epoch, config.epochs)
         tick = time.perf_counter()
         for index, batch in enumerate(loader.epoch_batches(epoch, start_batch=start_batch), start=start_batch):
             batch = batch.to(device, channels_last=config.channels_last)
@@ -543,6 +540,7 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
             position = TrainPosition(epoch=epoch, batch=index + 1, step=step, meta_batches=position.meta_batches)
             end_of_epoch = index + 1 >= batches_per_epoch
             stopped = step >= stop_step and not end_of_epoch
+            postfix = {}
             if step % config.log_every == 0 or end_of_epoch or stopped:
                 if on_cuda:
                     torch.cuda.synchronize(device)
@@ -550,10 +548,8 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
                 if temps is not None:
                     line.update(temps.summary())
                 runlog.write("train", **line)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if progress is not None:
-                progress.update(1)
+                postfix = {"loss": f"{line['loss']:.4f}", "lr": f"{lr:.2e}"}
+            progress.step(**postfix)
             if stopped or (config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch):
                 train_time += time.perf_counter() - tick
                 save(position)
@@ -583,8 +579,7 @@ def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_st
             stopped = step < total_steps
             break
 
-    if progress is not None:
-        progress.close()
+    progress.close()
     result = RunResult(
         final_top1=final_top1,
         best_top1=best_top1,

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from kdcache.batch import Batch
 from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.errors import ConfigError
 from kdcache.losses import LossConfig
-from kdcache.runlog import read_metrics
+from kdcache.runlog import Progress, read_metrics
 from kdcache.train import TrainConfig, default_warmup_epochs, train
 
 NUM_CLASSES = 10
@@ -240,6 +242,72 @@ def test_the_scheduler_warms_up_only_when_the_schedule_has_room(tmp_path):
     assert short[0] == pytest.approx(3e-3)  # no warmup in 6 epochs: the first step runs at the full rate
     long = _first_lrs(tmp_path / "long", epochs=20, warmup_epochs=None)  # 2 warmup epochs of 21 steps
     assert long[0] < 1e-4 and long[0] < long[1] < long[2] < 3e-3
+
+
+# ---- progress on a terminal -------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: a carriage return goes back to the line's start,
+    and what follows overwrites it (the bar's line, not yet ended, is the last)."""
+    assert "\x1b" not in text, "a single bar needs no cursor movement"
+    lines, line, column = [], [], 0
+    for char in text:
+        if char == "\n":
+            lines.append("".join(line).rstrip())
+            line, column = [], 0
+        elif char == "\r":
+            column = 0
+        else:
+            line[column:column + 1] = [char]
+            column += 1
+    return lines + ["".join(line).rstrip()]
+
+
+def _run_with_stderr(tmp_path, monkeypatch, stream) -> str:
+    monkeypatch.setattr(sys, "stderr", stream)
+    train(_config(tmp_path / "run", epochs=3), DigitsLoader(), val_batches=VAL_BATCHES,
+          log=lambda message: sys.stderr.write(message + "\n"))
+    return stream.getvalue()
+
+
+def test_epoch_lines_do_not_break_the_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    screen = _screen(_run_with_stderr(tmp_path, monkeypatch, _Terminal()))
+    steps = 3 * DigitsLoader().batches_per_epoch
+    epochs = [line for line in screen if "top-1" in line and not line.startswith("finished")]
+    assert len(epochs) == 3
+    for number, line in enumerate(epochs, start=1):
+        assert re.fullmatch(rf"epoch {number}/3: top-1 \d+\.\d\d%", line), line  # whole, with nothing of the bar
+    bars = [line for line in screen if f"/{steps} [" in line]
+    assert bars and all("top-1" not in line for line in bars)
+    assert f"100%" in bars[-1] and f"{steps}/{steps}" in bars[-1] and bars[-1].startswith("epoch 3/3")
+    assert screen.index(bars[-1]) > screen.index(epochs[-1])  # the finished bar stays below the last epoch line
+    assert screen[-2].startswith(f"finished at step {steps}") and screen[-1] == ""
+
+
+def test_without_a_terminal_there_is_no_bar_and_the_lines_are_plain(tmp_path, monkeypatch):
+    text = _run_with_stderr(tmp_path, monkeypatch, io.StringIO())
+    assert "\r" not in text and "%|" not in text
+    lines = text.splitlines()
+    assert [line for line in lines if line.startswith("epoch")] == [
+        line for line in lines if re.fullmatch(r"epoch \d/3: top-1 \d+\.\d\d%", line)]
+    assert len([line for line in lines if line.startswith("epoch")]) == 3
+
+
+def test_ranks_other_than_0_show_no_bar_and_say_nothing(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    said = []
+    progress = Progress(said.append, total=10, enabled=False)
+    progress.say("epoch 1/1: top-1 50.00%")
+    progress.step(loss="1.0")
+    progress.close()
+    assert said == [] and terminal.getvalue() == ""
 
 
 def test_killed_and_resumed_run_ends_with_identical_weights(tmp_path):
