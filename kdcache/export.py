@@ -13,6 +13,9 @@ cache without it must hold every unit, so a precompute stopped early is never ta
   file per array, so only whole units can be stored); default: every block, or a subset's.
 - Every chosen unit must be committed in the source; its four shard files are copied byte for
   byte, each checked against the source's ledger, and its ledger entry keeps its commit time.
+  Every exported epoch then gets its epoch index (all its exported units are there), whether
+  the source had one or not: the export opens in a few requests, and has the source's digest
+  when it holds every unit.
 - ``--format zarr`` writes a directory; ``--format zip`` writes one zip archive of the same
   files, stored uncompressed (the shard files are already compressed), which kdcache reads in
   place from a path or URL ending in ``.zip``.
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from kdcache.errors import ConfigError, IncompleteCacheError
 from kdcache.format import Cache, CacheWriter, Subset, ledger_key, open_cache
+from kdcache.format.ledger import epoch_index_bytes, epoch_index_key, index_epochs
 from kdcache.location import fsync_dir, is_url
 from kdcache.merge import check_entry, copy_unit, ledger_entry_bytes, read_unit_files
 
@@ -209,6 +213,10 @@ def _write_zip(staged: Path, cache: Cache, keys: list[tuple[int, int]], target: 
                 for member, data in read_unit_files(name, cache, entry).items():
                     add(archive, member, data)
                 add(archive, ledger_key(*key), ledger_entry_bytes(entry))
+            for epoch in sorted({e for e, _ in keys}):  # every exported epoch holds all its units: one index each
+                entries = [cache.ledger[key] for key in keys if key[0] == epoch]
+                add(archive, epoch_index_key(epoch),
+                    epoch_index_bytes(epoch, entries, sum(len(ledger_entry_bytes(e)) for e in entries)))
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -250,6 +258,7 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
             CacheWriter.create(staged, m, plan, subset=subset)  # the source's manifest, unchanged: same teacher, epochs, layout
             for key in keys:
                 copy_unit(str(cache.location), cache, cache.ledger[key], staged)
+            index_epochs(staged, log=log)
             final = staged
         if os.path.lexists(out):  # something appeared there meanwhile
             raise ConfigError(f"output {out} already exists; export writes a new cache, choose a new path")

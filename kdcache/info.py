@@ -17,7 +17,8 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
     m = cache.manifest
     complete = cache.complete_epochs()
     views = sum(entry.views for entry in cache.ledger.values())
-    size = cache.location.size()
+    size, files = cache.stored_size()  # from the ledger's byte counts: no request per file
+    indexed = None if is_wds(cache) else cache.indexed_epochs()
     subset = None
     if cache.subset is not None:
         epochs, units = cache.held_units()
@@ -31,6 +32,7 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
             "units_total": len(epochs) * len(units),
         }
     return {
+        "digest": cache.digest(),
         "location": str(cache.location),
         "container": "wds" if is_wds(cache) else "zarr",  # a zarr cache, or a webdataset export (kdcache export --format wds)
         "zip_archive": cache.location.archive,
@@ -60,13 +62,14 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
         "k": m.k,
         "epochs_planned": m.epochs,
         "epochs_complete": complete,
+        "epochs_indexed": indexed,  # epochs read from an epoch index (a webdataset export: null, its index lists every shard)
         "units_committed": len(cache.ledger),
         "units_total": m.epochs * m.blocks.num_units,
         "blocks": m.blocks.num_blocks,
         "views_committed": views,
         "replay": m.replay,
         "size_bytes": size,
-        "files": cache.location.file_count(),
+        "files": files,
         "bytes_per_view": size / views if views else None,
     }
 
@@ -101,8 +104,13 @@ def format_info(info: dict) -> str:
                   f"{len(sub['epochs_complete'])} of {len(sub['epochs'])} epochs whole, {sub['units_committed']}/{sub['units_total']} "
                   f"units committed\n"
                   f"            exported {sub['exported']} from {sub['source']}")
+    if info["epochs_indexed"] is not None:
+        indexed = info["epochs_indexed"]
+        epochs += ("\nledger      epoch indexes of epochs " + _ranges(indexed) if indexed else
+                   "\nledger      no epoch index (kdcache index adds them: the cache then opens in a few requests)")
     lines = [
         f"cache       {info['location']}: {kind} (format v{info['format_version']}, kdcache {info['tool_version']}, created {info['created']})",
+        f"digest      {info['digest']}  (sha256 of the content: publish it with the cache)",
         f"teacher     {t['name']}  {t['num_classes']} classes  input {'x'.join(map(str, t['input_size']))}  "
         f"{t['interpolation']}  mean {t['mean']} std {t['std']}",
         f"            weights sha256 {t['weights_sha256']}",

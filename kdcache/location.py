@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kdcache.errors import ChecksumError, FormatError, KdcacheError
@@ -123,6 +124,38 @@ class Location:
             except FileNotFoundError:
                 return None
         return self._retry(key, lambda: self.fs.cat_file(self._key(key)))
+
+    #: Files fetched at once when many are read from a URL (ledger entries, epoch indexes, a unit's shard files).
+    #: More than a small server's listen backlog (Python's http.server: 5) leaves some connections waiting a
+    #: second for the kernel to send them again (measured in benchmarks/scale.py's setting: 16 at once stalled).
+    FETCH_WORKERS = 8
+
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        """``read`` of every key: concurrently from a URL (each file retried on its own), in turn from a path or an archive."""
+        if not self.remote or self.archive or len(keys) < 2:
+            return {key: self.read(key) for key in keys}
+        with ThreadPoolExecutor(max_workers=min(self.FETCH_WORKERS, len(keys))) as pool:
+            return dict(zip(keys, pool.map(self.read, keys)))
+
+    def sizes(self, keys: list[str]) -> dict[str, int | None]:
+        """The size of each file (None if there is none): a stat, the archive's directory, or from a URL one
+        metadata request per file, concurrently."""
+        if self.local:
+            def size(key):
+                try:
+                    return (self.path / key).stat().st_size
+                except FileNotFoundError:
+                    return None
+            return {key: size(key) for key in keys}
+
+        def remote_size(key):
+            info = self._retry(key, lambda: self.fs.info(self._key(key)))
+            return None if info is None or info.get("size") is None else int(info["size"])
+
+        if self.archive:
+            return {key: remote_size(key) for key in keys}
+        with ThreadPoolExecutor(max_workers=min(self.FETCH_WORKERS, max(1, len(keys)))) as pool:
+            return dict(zip(keys, pool.map(remote_size, keys)))
 
     def _retry(self, key: str, call):
         for attempt in range(self.ATTEMPTS):

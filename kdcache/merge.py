@@ -5,7 +5,8 @@ other machines, over other epoch ranges (``--from-epoch``) or over other units (
 each hold some committed units of the same logical cache. ``merge_caches`` checks that the
 inputs agree on everything that determines the records, then builds a new cache with the first
 input's manifest (epochs: the largest of the inputs) and plan, and copies every committed unit's
-shard files byte for byte, each checked against its input's ledger. A unit committed in more
+shard files byte for byte, each checked against its input's ledger; every complete epoch of the
+output gets its epoch index. A unit committed in more
 than one input must have the same files in each (it is copied once). The result is built in a
 hidden sibling directory and renamed into place at the end: a failed merge leaves no output.
 
@@ -39,6 +40,7 @@ from kdcache.format import (
     sha256_bytes,
     shard_key,
 )
+from kdcache.format.ledger import index_epochs
 from kdcache.location import atomic_write_bytes, is_url
 from kdcache.wds import WdsCache
 
@@ -215,6 +217,7 @@ def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print
         for key in sorted(owner):
             i = owner[key]
             copy_unit(names[i], caches[i], caches[i].ledger[key], tmp)
+        index_epochs(tmp, log=log)  # every complete epoch gets its index, whether the inputs had one or not
         _check_output(out)  # nothing appeared there meanwhile
         if out.exists():
             out.rmdir()

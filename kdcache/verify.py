@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache import distributed
-from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
+from kdcache.errors import ConfigError, FormatError, KdcacheError, MismatchError, VerifyError
 from kdcache.export import format_selection
 from kdcache.format import RECORD_ARRAYS, Cache, open_cache
 from kdcache.plan import check_block, dataset_digest, read_block
@@ -139,8 +139,8 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
                             f"{m.blocks.unit_blocks(unit).stop - 1}) is not committed")
                 continue
             try:
-                cache.verify_unit(epoch, unit)
-            except (ChecksumError, IncompleteCacheError) as exc:
+                cache.verify_unit(epoch, unit)  # with its epoch index, if any: the unit's own entry must agree with it
+            except FormatError as exc:
                 damaged += 1
                 report.fail(str(exc))
     held = ""
@@ -148,6 +148,8 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
         held = (f" (a subset: epochs {format_selection(epochs)} of {m.epochs}, "
                 f"units {format_selection(units)} of {m.blocks.num_units})")
     report.add("ledger", f"{len(cache.ledger)} unit(s) committed, {missing} missing, {damaged} damaged{held}")
+    for reason in cache.stale_indexes() if isinstance(cache, Cache) else []:  # its unit is missing: failed above
+        report.add("ledger", reason)
 
 
 def _check_dataset(cache: Cache, source, plan, report: VerifyReport, data: str) -> None:

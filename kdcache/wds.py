@@ -356,6 +356,12 @@ class WdsCache(HeldUnits):
                                                           s["views"], s["committed"])
         self.ledger: dict[tuple[int, int], LedgerEntry] = ledger
         self.images = bool(index.get("images"))
+        self._index_bytes = len(data)
+
+    def stored_size(self) -> tuple[int, int]:
+        """(bytes, files) of the export, from its index's byte counts (no request per shard)."""
+        shards = sum(meta.get("bytes") or 0 for entry in self.ledger.values() for meta in entry.files.values())
+        return self._index_bytes + int(self.samples_file.get("bytes") or 0) + shards, 2 + len(self.ledger)
 
     def refresh(self) -> None:
         """Re-read the index (an export is written once, so this normally changes nothing)."""

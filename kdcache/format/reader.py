@@ -10,8 +10,10 @@ import numpy as np
 
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
 from kdcache.location import Location
-from kdcache.format.manifest import BlockLayout, LEDGER_DIR, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, Subset, _short
-from kdcache.format.store import LedgerEntry, parse_ledger, read_root, sample_array_sha256, sha256_bytes, shard_key
+from kdcache.format.manifest import BlockLayout, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, Subset, _short
+from kdcache.format.digest import content_digest
+from kdcache.format.ledger import Ledger, check_agreement, load_ledger
+from kdcache.format.store import LedgerEntry, ledger_key, metadata_keys, read_root, sample_array_sha256, sha256_bytes, shard_key
 
 
 class HeldUnits:
@@ -82,6 +84,10 @@ class HeldUnits:
         epochs, units = self.held_units()
         return [(e, u) for e in epochs for u in units if (e, u) not in self.ledger]
 
+    def digest(self) -> str:
+        """The content digest (kdcache.format.digest): the manifest, what a subset declares, every ledger entry."""
+        return content_digest(self.manifest, self.subset, self.ledger.values())
+
 
 class Cache(HeldUnits):
     """A kdcache cache opened for reading (local path or URL)."""
@@ -99,13 +105,26 @@ class Cache(HeldUnits):
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the ledger (units committed since opening become visible)."""
-        entries = {}
-        for name in self.location.listdir(LEDGER_DIR):
-            if name.endswith(".json"):
-                entry = parse_ledger(self.location, name)
-                entries[(entry.epoch, entry.unit)] = entry
-        self.ledger: dict[tuple[int, int], LedgerEntry] = entries
+        """Re-read the ledger (units committed since opening become visible): epoch indexes, then the other entries."""
+        self._ledger: Ledger = load_ledger(self.location)
+        self.ledger: dict[tuple[int, int], LedgerEntry] = self._ledger.entries
+
+    def stale_indexes(self) -> list[str]:
+        """Why each ignored epoch index was ignored (it lists a unit whose own ledger entry is gone)."""
+        return [self._ledger.stale[e] for e in sorted(self._ledger.stale)]
+
+    def indexed_epochs(self) -> list[int]:
+        """The epochs whose ledger entries were read from an epoch index."""
+        return sorted(self._ledger.indexes)
+
+    def stored_size(self) -> tuple[int, int]:
+        """(bytes, files) of the cache's files, from the ledger's byte counts and one size per metadata file:
+        no request per unit. The claims of writers at work are not part of the cache and are not counted."""
+        sizes = self.location.sizes(metadata_keys())
+        shards = [meta.get("bytes") or 0 for entry in self.ledger.values() for meta in entry.files.values()]
+        size = sum(shards) + self._ledger.ledger_bytes + sum(v for v in sizes.values() if v is not None)
+        files = len(shards) + self._ledger.ledger_files + sum(v is not None for v in sizes.values())
+        return size, files
 
     @property
     def num_classes(self) -> int:
@@ -213,17 +232,25 @@ class Cache(HeldUnits):
                 "resume the precompute (kdcache precompute-logits --resume) to finish it"
             )
         files = {}
-        for array in RECORD_ARRAYS:
-            key = shard_key(array, epoch, unit)
-            try:
-                data = self.location.read(key)
-            except ChecksumError:  # a zip archive's member failing its CRC-32
-                raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is damaged in the archive "
-                                    "(its CRC-32 does not match); fetch or export the archive again") from None
+        keys = [shard_key(array, epoch, unit) for array in RECORD_ARRAYS]
+        check = fresh or self.verify_checksums
+        agree = check and self._ledger.indexed(epoch, unit)  # its own entry must say what the epoch index says
+        try:
+            fetched = self.location.read_many(keys + [ledger_key(epoch, unit)] if agree else keys)
+        except ChecksumError as exc:  # a zip archive's member failing its CRC-32
+            key = next((k for k in keys if k in str(exc)), None)
+            if key is None:
+                raise
+            raise ChecksumError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is damaged in the archive "
+                                "(its CRC-32 does not match); fetch or export the archive again") from None
+        if agree:
+            check_agreement(self.location, entry, fetched[ledger_key(epoch, unit)])
+        for array, key in zip(RECORD_ARRAYS, keys):
+            data = fetched[key]
             if data is None:
                 raise IncompleteCacheError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is missing")
             expected = entry.files.get(key, {}).get("sha256")
-            if (fresh or self.verify_checksums) and sha256_bytes(data) != expected:
+            if check and sha256_bytes(data) != expected:
                 raise ChecksumError(
                     f"{self.location}: {self._describe(epoch, unit)}: file {key} does not match its ledger checksum; "
                     + self.repair_advice()

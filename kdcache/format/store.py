@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 
 from kdcache.errors import FormatError
 from kdcache.location import Location
-from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, SUBSET_KEY, Subset
+from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, RECORD_ARRAYS, SAMPLE_ARRAYS, Manifest, SUBSET_KEY, Subset
 
 
 #: Compression per record array, chosen by measurement (benchmarks/storage.py, docs/benchmarks.md).
@@ -96,14 +97,51 @@ class LedgerEntry:
     committed: str
 
 
-def parse_ledger(location: Location, name: str) -> LedgerEntry:
-    data = _read_json(location, f"{LEDGER_DIR}/{name}", "ledger entry")
+def entry_from_dict(data: Any, where: str) -> LedgerEntry:
+    """A ledger entry from its JSON object (a ledger file, or one item of an epoch index)."""
     try:
         entry = LedgerEntry(int(data["epoch"]), int(data["unit"]), dict(data["files"]), int(data["views"]), str(data["committed"]))
         if not all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in entry.files.values()):
             raise ValueError("files: expected {shard key: {sha256, bytes}}")
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise FormatError(f"{location}: ledger entry {name} is malformed ({exc!r})") from None
-    if f"{LEDGER_DIR}/{name}" != ledger_key(entry.epoch, entry.unit):
-        raise FormatError(f"{location}: ledger entry {name} is malformed (it commits epoch {entry.epoch} unit {entry.unit})")
+        raise FormatError(f"{where} is malformed ({exc!r})") from None
     return entry
+
+
+def entry_to_dict(entry: LedgerEntry) -> dict:
+    return dataclasses.asdict(entry)
+
+
+def parse_ledger_bytes(location: Location, name: str, data: bytes) -> LedgerEntry:
+    """The ledger entry ``ledger/NAME`` from its bytes; it must commit the unit its name says."""
+    where = f"{location}: ledger entry {name}"
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{location}: ledger entry {LEDGER_DIR}/{name} is not valid JSON ({exc})") from None
+    entry = entry_from_dict(parsed, where)
+    if f"{LEDGER_DIR}/{name}" != ledger_key(entry.epoch, entry.unit):
+        raise FormatError(f"{where} is malformed (it commits epoch {entry.epoch} unit {entry.unit})")
+    return entry
+
+
+def parse_ledger(location: Location, name: str) -> LedgerEntry:
+    data = location.read(f"{LEDGER_DIR}/{name}")
+    if data is None:
+        raise FormatError(f"{location}: ledger entry {LEDGER_DIR}/{name} is missing")
+    return parse_ledger_bytes(location, name, data)
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte encoding of a JSON value that checksums and the content digest hash (docs/format.md).
+
+    Keys sorted, no whitespace, ASCII only (other characters as lower-case ``\\uXXXX`` escapes),
+    integers in decimal, floats as Python's ``repr``; NaN and infinities are refused.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def metadata_keys() -> list[str]:
+    """Every file of a cache besides its shard files and its ledger: the root, the arrays' metadata, the plan."""
+    keys = ["zarr.json", *(f"{array}/zarr.json" for array in RECORD_ARRAYS), "samples/zarr.json"]
+    return keys + [f"samples/{name}/{file}" for name in SAMPLE_ARRAYS for file in ("zarr.json", "c/0")]

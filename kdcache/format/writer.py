@@ -148,8 +148,17 @@ class CacheWriter:
         atomic_write_bytes(self.path / ledger_key(epoch, unit), json.dumps(dataclasses.asdict(entry), indent=1).encode())
         return entry
 
+    def write_epoch_index(self, epoch: int) -> str:
+        """Write the epoch index of ``epoch`` once all its units are committed (kdcache.format.ledger.write_epoch_index)."""
+        from kdcache.format.ledger import write_epoch_index
+
+        return write_epoch_index(self.path, epoch)
+
     def uncommit(self, epoch: int, unit: int) -> None:
-        """Drop a unit's ledger entry (before recomputing a damaged unit)."""
+        """Drop a unit's ledger entry (before recomputing a damaged unit), and first its epoch's index."""
+        from kdcache.format.ledger import remove_epoch_index
+
+        remove_epoch_index(self.path, epoch)
         path = self.path / ledger_key(epoch, unit)
         if path.exists():
             path.unlink()
