@@ -141,6 +141,7 @@ def train_student(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (0: epoch ends)."),
     no_verify_checksums: bool = typer.Option(False, "--no-verify-checksums", help="Skip sha256 checks of cache units (trusted local caches)."),
     no_data_check: bool = typer.Option(False, "--no-data-check", help="Skip the up-front digest check of every sample (blocks are still checked as read)."),
+    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -156,7 +157,7 @@ def train_student(
         num_workers=workers, block_size=block_size, meta_blocks=meta_blocks, mkd_meta_every=mkd_meta_every,
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-        verify_checksums=not no_verify_checksums, check_data=not no_data_check,
+        verify_checksums=not no_verify_checksums, check_data=not no_data_check, expect_digest=expect_digest,
     )
     result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
@@ -205,6 +206,7 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the view sample."),
     replay_path: Optional[str] = typer.Option(None, "--replay-path", help="Replay with another path (default: the cache's)."),
     quick: bool = typer.Option(False, "--quick", help="Structure and checksums only, no data or teacher."),
+    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
     from kdcache.verify import VerifyConfig, verify as run_verify
@@ -212,6 +214,7 @@ def verify(
     has_teacher = teacher is not None or teacher_file is not None
     config = VerifyConfig(
         cache=cache, data=data, views=views, seed=seed, replay_path=replay_path, quick=quick,
+        expect_digest=expect_digest,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
     run_verify(config, log=typer.echo)

@@ -25,6 +25,7 @@ from kdcache.augment import AugSpec, resolve_spec
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError, WriteError, describe_os_error
 from kdcache.export import format_selection
 from kdcache.format import open_cache
+from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.location import atomic_write_bytes
 from kdcache.losses import LossConfig
@@ -75,8 +76,12 @@ class StudentConfig:
     max_steps: int | None = None
     verify_checksums: bool = True
     check_data: bool = True
+    expect_digest: str | None = None  # refuse a cache whose content digest is another
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "expect_digest", check_digest_option(self.expect_digest))
+        if self.expect_digest is not None and self.cache is None:
+            raise ConfigError("--expect-digest names the cache to train from: give --cache too")
         if self.loss.needs_teacher and self.cache is None and self.teacher is None:
             raise ConfigError(f"loss {self.loss.name!r} needs teacher records: give --cache, or --teacher for online distillation")
         if self.cache is None and self.img_size is None:
@@ -152,6 +157,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     ranks = distributed.ranks_from_env()
     if config.cache is not None:
         cache = open_cache(config.cache, verify_checksums=config.verify_checksums)
+        require_digest(cache, config.expect_digest)
         m = cache.manifest
         shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
         source = open_source(config.data, split=m.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))

@@ -21,6 +21,7 @@ from kdcache import distributed
 from kdcache.errors import ConfigError, FormatError, KdcacheError, MismatchError, VerifyError
 from kdcache.export import format_selection
 from kdcache.format import RECORD_ARRAYS, Cache, open_cache
+from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
 from kdcache.record import make_records
 from kdcache.replay import PATHS, replay_block
@@ -39,8 +40,10 @@ class VerifyConfig:
     replay_path: str | None = None
     quick: bool = False
     check_params: bool = True
+    expect_digest: str | None = None  # refuse a cache whose content digest is another, before any other check
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "expect_digest", check_digest_option(self.expect_digest))
         if self.views < 0:
             raise ConfigError(f"--views {self.views}; expected 0 or more")
         if self.replay_path is not None and self.replay_path not in PATHS:
@@ -58,6 +61,7 @@ class VerifyReport:
     views_checked: int = 0
     max_abs_diff: float = 0.0
     replay_path: str = ""
+    digest: str = ""  # the cache's content digest, shown first
 
     @property
     def ok(self) -> bool:
@@ -70,7 +74,7 @@ class VerifyReport:
         self.failures.append(message)
 
     def format(self) -> str:
-        lines = [f"verify {self.cache}"]
+        lines = [f"verify {self.cache}"] + ([f"  {'digest':<12} {self.digest}"] if self.digest else [])
         lines += [f"  {check:<12} {outcome}" for check, outcome in self.checks]
         lines += [f"  FAILED       {failure}" for failure in self.failures[:20]]
         if len(self.failures) > 20:
@@ -248,7 +252,8 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
 def verify(config: VerifyConfig, *, log=print) -> VerifyReport:
     """Run every check; raises VerifyError (after logging the report) if any failed."""
     cache = open_cache(config.cache, verify_checksums=True)
-    report = VerifyReport(cache=str(cache.location))
+    require_digest(cache, config.expect_digest)
+    report = VerifyReport(cache=str(cache.location), digest=cache.digest() + (" (as expected)" if config.expect_digest else ""))
     _check_structure(cache, report)
     _check_ledger(cache, report)
     plan = cache.samples()
