@@ -140,7 +140,8 @@ def train_student(
     log_every: int = typer.Option(50, "--log-every"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (0: epoch ends)."),
     no_verify_checksums: bool = typer.Option(False, "--no-verify-checksums", help="Skip sha256 checks of cache units (trusted local caches)."),
-    no_data_check: bool = typer.Option(False, "--no-data-check", help="Skip the up-front digest check of every sample (blocks are still checked as read)."),
+    check_data: bool = typer.Option(False, "--check-data", help="Check every sample's digest before the first step (one pass over the data); blocks are checked as they stream anyway."),
+    no_data_check: bool = typer.Option(False, "--no-data-check", hidden=True, help="No pass over the data before the first step: the default now."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
@@ -157,7 +158,7 @@ def train_student(
         num_workers=workers, block_size=block_size, meta_blocks=meta_blocks, mkd_meta_every=mkd_meta_every,
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-        verify_checksums=not no_verify_checksums, check_data=not no_data_check, expect_digest=expect_digest,
+        verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
     )
     result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"

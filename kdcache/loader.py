@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdcache.augment import AugSpec, check_view_params, partner_positions, preset, sample_view_params
 from kdcache.batch import Batch
 from kdcache.distributed import Ranks
-from kdcache.errors import ConfigError, KdcacheError
+from kdcache.errors import ConfigError, KdcacheError, MismatchError
 from kdcache.format import BlockLayout, Cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -219,8 +219,11 @@ class _WindowReader:
             where = v.layout.block_slots(block)
             members = v.plan["source_index"][where]
             samples = read_block(v.source, v.layout, block, members)
-            if v.cache is not None:
-                check_block(samples, v.plan, where, what=f"training data (block {block})")
+            if v.cache is not None:  # every sample's digest, before any view of the block is replayed or stepped on
+                try:
+                    check_block(samples, v.plan, where, what=f"data {v.source.uri} block {block} of the cache {v.cache.location}")
+                except MismatchError as exc:
+                    raise MismatchError(f"{exc}; training stopped before any step on this block") from None
             images = _LazyImages(samples)
             if v.cache is not None:
                 params = records[block]["params"]

@@ -1,13 +1,17 @@
 """`kdcache train-student`: wire a cache, a source and a student into the trainer.
 
 ``train_student(config)`` opens the cache (path or URL) and the training data, refuses any
-mismatch before the first step (dataset digests, class count, image size, uncommitted units),
-builds the view loader (cached views and teacher records), the validation batches and, for
-MKD, a held-out meta split of whole blocks, then runs :func:`kdcache.train.train`. Without a
-cache (``--loss ce``, or a live ``--teacher``) the views are drawn from an augmentation spec
-and the seed, exactly as precompute would draw them. The trained weights are exported as
-``model.pt``, a checkpoint that ``precompute-logits --teacher`` accepts (so teachers are made
-this way too).
+mismatch before the first step (the cache's content digest if one is expected, class count,
+dataset size, image size, uncommitted units), builds the view loader (cached views and teacher
+records), the validation batches and, for MKD, a held-out meta split of whole blocks, then runs
+:func:`kdcache.train.train`. Without a cache (``--loss ce``, or a live ``--teacher``) the views
+are drawn from an augmentation spec and the seed, exactly as precompute would draw them. The
+trained weights are exported as ``model.pt``, a checkpoint that ``precompute-logits --teacher``
+accepts (so teachers are made this way too).
+
+Sample digests are checked as the loader reads each block, before any of its views is replayed,
+so a run starts without a pass over the data and still never steps on a sample the teacher did
+not see (``check_data`` adds that pass before the first step).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class StudentConfig:
     checkpoint_every: int = 0
     max_steps: int | None = None
     verify_checksums: bool = True
-    check_data: bool = True
+    check_data: bool = False  # every sample's digest before the first step (one pass over the data); else as blocks stream
     expect_digest: str | None = None  # refuse a cache whose content digest is another
 
     def __post_init__(self) -> None:
@@ -124,7 +128,7 @@ def _check_cache_against_data(cache, source, plan, config: StudentConfig) -> tup
             f"this subset (it declares epochs {format_selection(epochs)}, blocks {format_selection(cache.held_blocks())}); "
             f"export it again from {cache.subset.source}"
         )
-    if config.check_data:  # every sample's digest, before anything is written (the loader checks again as it reads)
+    if config.check_data:  # asked for: every sample's digest before anything is written (the loader checks each block anyway)
         for block in range(m.blocks.num_blocks):
             where = m.blocks.block_slots(block)
             check_block(read_block(source, m.blocks, block, plan["source_index"][where]), plan, where,

@@ -456,14 +456,14 @@ def test_a_changed_sample_in_the_first_block_is_named(tmp_path, folder_cache):
     copy, key = changed_copy(folder_cache, tmp_path, block=0)
     result = invoke(cli_args(tmp_path / "run", **{"--cache": folder_cache[1], "--data": f"imagefolder:{copy}",
                                                   "--batch-size": 8}))
-    assert_refused(result, repr(key), "digest")
-    assert result.exit_code == 4 and not (tmp_path / "run").exists()
+    assert_refused(result, repr(key), "digest", "block 0 ")
+    assert result.exit_code == 4 and not (tmp_path / "run" / CHECKPOINT_NAME).exists()  # checked as blocks stream
 
 
-def test_a_changed_sample_in_a_later_block_is_refused_before_the_first_step(tmp_path, folder_cache):
+def test_a_changed_sample_in_a_later_block_is_refused_before_the_first_step_with_check_data(tmp_path, folder_cache):
     copy, key = changed_copy(folder_cache, tmp_path, block=2)
     result = invoke(cli_args(tmp_path / "run", **{"--cache": folder_cache[1], "--data": f"imagefolder:{copy}",
-                                                  "--batch-size": 8}))
+                                                  "--batch-size": 8}) + ["--check-data"])
     assert_refused(result, repr(key), "digest")
     assert not (tmp_path / "run").exists()
 
