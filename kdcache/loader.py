@@ -72,6 +72,15 @@ class _Views:
         self.cache, self.cache_epochs, self.seed, self.source = cache, cache_epochs, seed, source
 
 
+def _block_positions(layout: BlockLayout, blocks: list[int]) -> np.ndarray:
+    """``[(block, position)]`` of every view of ``blocks``, block by block: built in numpy (1.28M views in milliseconds)."""
+    sizes = np.array([layout.sizes[b] for b in blocks], dtype=np.int64)
+    members = np.empty((int(sizes.sum()), 2), dtype=np.int64)
+    members[:, 0] = np.repeat(np.asarray(blocks, dtype=np.int64), sizes)
+    members[:, 1] = np.arange(len(members)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return members
+
+
 class _EpochPlan:
     """The epoch's windows: lists of (block, position) and how they are cut into global batches."""
 
@@ -92,8 +101,7 @@ class _EpochPlan:
             members_of_unit = units[unit]
             order = [members_of_unit[i] for i in _rng(config.seed, train_epoch, unit, 0x626C6B).permutation(len(members_of_unit))]
             for w in range(0, len(order), config.window_blocks):
-                members = np.array([(b, p) for b in order[w : w + config.window_blocks] for p in range(layout.sizes[b])],
-                                   dtype=np.int64)
+                members = _block_positions(layout, order[w : w + config.window_blocks])
                 members = members[_rng(config.seed, train_epoch, unit, w, 0x77696E).permutation(len(members))]
                 cut = len(members) - len(members) % batch
                 self.windows.append(members[:cut])

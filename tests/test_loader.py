@@ -260,3 +260,14 @@ def test_funmatch_views_mix_with_a_partner_from_the_same_block(funmatch_cache):
             torch.testing.assert_close(batch.target[row], want, rtol=0, atol=1e-6)
             assert int(batch.labels[row]) == int(labels[pos])
     assert mixed >= len(batches) * BATCH - 1
+
+
+def test_the_epoch_plan_lists_every_view_of_a_window_block_by_block():
+    from kdcache.format import BlockLayout
+    from kdcache.loader import _block_positions
+
+    layout = BlockLayout(kind="permutation", block_capacity=7, blocks_per_unit=2, sizes=[7, 3, 5, 7])
+    for blocks in ([0], [3, 1, 2], [2, 0, 1, 3]):
+        expected = np.array([(b, p) for b in blocks for p in range(layout.sizes[b])], dtype=np.int64)
+        got = _block_positions(layout, blocks)
+        assert got.dtype == np.int64 and np.array_equal(got, expected)
