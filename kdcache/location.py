@@ -126,9 +126,10 @@ class Location:
         return self._retry(key, lambda: self.fs.cat_file(self._key(key)))
 
     #: Files fetched at once when many are read from a URL (ledger entries, epoch indexes, a unit's shard files).
-    #: More than a small server's listen backlog (Python's http.server: 5) leaves some connections waiting a
-    #: second for the kernel to send them again (measured in benchmarks/scale.py's setting: 16 at once stalled).
-    FETCH_WORKERS = 8
+    #: Not more than a small server's listen backlog (Python's http.server: 5): beyond it, some connections wait a
+    #: second for the kernel to send them again (300 files from http.server on 127.0.0.1: 8 at once stalled in
+    #: 5 of 10 rounds, 4 in none, and took 0.2 s).
+    FETCH_WORKERS = 4
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         """``read`` of every key: concurrently from a URL (each file retried on its own), in turn from a path or an archive."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache import distributed
-from kdcache.errors import ConfigError, FormatError, KdcacheError, MismatchError, VerifyError
+from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
 from kdcache.export import format_selection
 from kdcache.format import RECORD_ARRAYS, Cache, open_cache
 from kdcache.format.digest import check_digest_option, require_digest
@@ -144,7 +144,7 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
                 continue
             try:
                 cache.verify_unit(epoch, unit)  # with its epoch index, if any: the unit's own entry must agree with it
-            except FormatError as exc:
+            except (ChecksumError, IncompleteCacheError) as exc:  # damage; a server that fails is an error, not damage
                 damaged += 1
                 report.fail(str(exc))
     held = ""

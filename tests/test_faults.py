@@ -1020,11 +1020,12 @@ def test_a_source_changed_after_the_plan_is_refused_never_replanned(change, fold
                                "--run-dir", tmp_path / "run", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
                                "--amp", "none"), 4, *trained)]
     record("bad source", f"the source changed after the cache was made: {change}", detected=True,
-           outcome="precompute --resume and train-student refuse naming the count or the sample; the plan is unchanged")
+           outcome="precompute --resume refuses and train-student refuses or stops before any step on the block, naming "
+                   "the count or the sample; the plan is unchanged")
     refused_block = [int(b) for b in re.findall(r"\(epoch 0 block (\d)\)", lines[0])]
     assert all((0, block) not in ledger_entries(partial) for block in refused_block)  # one block per unit
     assert redone(kept, partial, [(0, 0), (0, 1)]) == [] and helpers.tree_hashes(whole) == before
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()  # a count is refused at once; a sample when its block streams
 
 
 # =====================================================================================================

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.errors import ChecksumError, ConfigError, FormatError
+from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
 from kdcache.location import Location, fsync_dir
 from kdcache.format.manifest import LEDGER_DIR
 from kdcache.format.store import (
@@ -189,11 +189,12 @@ def _index_epoch(location: Location, key: str, name: str) -> int:
 
 
 def check_agreement(location: Location, index_entry: LedgerEntry, data: bytes | None) -> None:
-    """Refuse a unit whose own ledger entry (``data``) differs from its epoch index's, naming both files and the field."""
+    """Refuse a unit whose own ledger entry (``data``) differs from its epoch index's, naming both files and the field:
+    a ChecksumError (two records of one unit that disagree), or IncompleteCacheError when the entry is gone."""
     epoch, unit = index_entry.epoch, index_entry.unit
     key, index_key = ledger_key(epoch, unit), epoch_index_key(epoch)
     if data is None:
-        raise FormatError(f"{location}: epoch {epoch} unit {unit}: its ledger entry {key} is missing, but the epoch index "
+        raise IncompleteCacheError(f"{location}: epoch {epoch} unit {unit}: its ledger entry {key} is missing, but the epoch index "
                           f"{index_key} lists it; " + _rebuild_advice(location))
     own = parse_ledger_bytes(location, key.split("/", 1)[1], data)
     if own != index_entry:
@@ -201,7 +202,7 @@ def check_agreement(location: Location, index_entry: LedgerEntry, data: bytes | 
         if field_name == "files":
             field_name = next((f"files.{k}" for k in sorted(set(own.files) | set(index_entry.files))
                                if own.files.get(k) != index_entry.files.get(k)), "files")
-        raise FormatError(f"{location}: epoch {epoch} unit {unit}: its ledger entry {key} and the epoch index {index_key} "
+        raise ChecksumError(f"{location}: epoch {epoch} unit {unit}: its ledger entry {key} and the epoch index {index_key} "
                           f"disagree ({field_name}); the ledger was changed after the index was written: run kdcache verify, "
                           "then " + _rebuild_advice(location).replace("rebuild it", "rebuild the index"))
 
