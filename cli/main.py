@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import shlex
+import signal
 import sys
 from typing import Optional
 
@@ -31,9 +32,15 @@ def handles_errors(func):
             return func(*args, **kwargs)
         except KdcacheError as exc:
             typer.echo(f"error: {exc}", err=True)
+            if exc.units_computed is not None:  # precompute's last line, whatever stopped it
+                typer.echo(f"computed {exc.units_computed} unit(s)", err=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _log(message: str) -> None:
@@ -79,8 +86,14 @@ def precompute_logits(
     workers: int = typer.Option(0, "--workers", help="Processes preparing blocks (0: in the main process, a background thread with a GPU teacher)."),
     resume: bool = typer.Option(False, "--resume", help="Finish or extend an existing cache."),
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
+    lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
+    max_units: Optional[int] = typer.Option(None, "--max-units", help="Compute at most this many units, then stop (exit 7 if the cache is unfinished)."),
 ):
-    """Run the teacher once per augmentation epoch and store every view's teacher record."""
+    """Run the teacher once per augmentation epoch and store every view's teacher record.
+
+    Any number of ranks and jobs may work on one cache at once (with --resume): they share the
+    units through claims. The last line says how many units this process computed.
+    """
     # A CPU teacher alternates with block preparation: spinning OpenMP threads skip the wake-up
     # after every pause (measured in docs/benchmarks.md). Set before torch starts its threads.
     os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
@@ -91,11 +104,14 @@ def precompute_logits(
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, num_classes),
         augmentation=augmentation, epochs=epochs, from_epoch=from_epoch, seed=seed, topk=_topk(topk), block_size=block_size,
         blocks_per_unit=blocks_per_unit, batch_size=batch_size, replay_path=replay_path, workers=workers, resume=resume,
-        repair=repair, command=_command_line(),
+        repair=repair, lease_seconds=lease, max_units=max_units, command=_command_line(),
     )
-    result = precompute(config, log=_log)
+    # A scheduler stops a job with SIGTERM: exit through the claims' release, so others take its units at once.
+    signal.signal(signal.SIGTERM, _interrupt)
+    result = precompute(config, log=_log, progress=sys.stderr.isatty())
     _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
          f"epochs complete: {result.epochs_complete}")
+    _log(f"computed {result.units_done} unit(s)")
 
 
 @app.command("train-student")
@@ -207,6 +223,7 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the view sample."),
     replay_path: Optional[str] = typer.Option(None, "--replay-path", help="Replay with another path (default: the cache's)."),
     quick: bool = typer.Option(False, "--quick", help="Structure and checksums only, no data or teacher."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
@@ -214,7 +231,7 @@ def verify(
 
     has_teacher = teacher is not None or teacher_file is not None
     config = VerifyConfig(
-        cache=cache, data=data, views=views, seed=seed, replay_path=replay_path, quick=quick,
+        cache=cache, data=data, views=views, seed=seed, replay_path=replay_path, quick=quick, batch_size=batch_size,
         expect_digest=expect_digest,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )

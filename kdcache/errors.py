@@ -11,6 +11,8 @@ class KdcacheError(Exception):
     """Base class: a problem a user can act on (never a bug in kdcache)."""
 
     exit_code = 2
+    #: Set by ``kdcache.precompute`` on what it raises: the units this process computed before it stopped.
+    units_computed: int | None = None
 
 
 class ConfigError(KdcacheError):
@@ -54,6 +56,12 @@ class WriteError(KdcacheError):
     """
 
     exit_code = 6
+
+
+class UnfinishedCacheError(KdcacheError):
+    """A precompute stopped with planned units uncommitted that no live writer holds: run it again to finish."""
+
+    exit_code = 7
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -9,6 +9,8 @@ ZipFileSystem). It knows nothing of the format: ``kdcache.format`` decides what 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +45,8 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and rename, durable on return."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Unique to this process on any host (a shared file system), so two writers never share a temporary.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{socket.gethostname()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)

@@ -1,16 +1,19 @@
 """Stage one: run the teacher once per augmentation seed and store every view's teacher record.
 
 ``precompute(config)`` plans blocks (or reads the plan of an existing cache), then works
-through the uncommitted units (epoch, group of blocks): read and decode each block's samples,
-draw the views' augmentation parameters, replay them, run the teacher, keep the top-k logits and
-the tail summary, and commit the unit. Under torchrun each rank takes every world-th pending
-unit, so ranks never share a shard file; rank 0 alone creates or extends the cache. Preparing
-the next block (decode, replay) overlaps the teacher's forward pass on the current one.
+through the uncommitted units (epoch, group of blocks): claim the unit, read and decode each
+block's samples, draw the views' augmentation parameters, replay them, run the teacher, keep the
+top-k logits and the tail summary, commit the unit and release its claim. Any number of ranks
+(torchrun) and independent jobs share one cache through the claims (kdcache.format.claims): a
+unit is computed only by the live process holding its claim, and the claims of dead processes
+are taken over. Rank 0 of a job alone creates or extends the cache. Preparing the next block
+(decode, replay) overlaps the teacher's forward pass on the current one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,7 @@ from kdcache.errors import (
     KdcacheError,
     MismatchError,
     SourceError,
+    UnfinishedCacheError,
     WriteError,
     describe_os_error,
 )
@@ -37,8 +41,11 @@ from kdcache.format import (
     COMPRESSION,
     FORMAT_VERSION,
     RECORD_ARRAYS,
+    LEDGER_DIR,
     Cache,
     CacheWriter,
+    Claims,
+    CreatedElsewhere,
     Manifest,
     parse_ledger,
     check_compatible,
@@ -47,8 +54,9 @@ from kdcache.format import (
     now_iso,
     read_manifest,
     record_dtypes,
-    shard_key,
+    unit_claim,
 )
+from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
 from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
@@ -76,6 +84,7 @@ class PrecomputeConfig:
     repair: bool = False
     max_units: int | None = None
     from_epoch: int = 0  # compute only epochs [from_epoch, epochs): a job's share of an epoch range (see `kdcache merge`)
+    lease_seconds: float = DEFAULT_LEASE  # how long another machine's claim stays valid without renewal
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -83,12 +92,16 @@ class PrecomputeConfig:
             raise ConfigError(f"--epochs {self.epochs}; expected at least 1")
         if not 0 <= self.from_epoch < self.epochs:
             raise ConfigError(f"--from-epoch {self.from_epoch}; expected 0 <= from-epoch < --epochs {self.epochs}")
+        if self.max_units is not None and self.max_units < 0:
+            raise ConfigError(f"--max-units {self.max_units}; expected 0 or more")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}; expected 0 or more")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}; expected a positive integer")
         if not (self.topk == "full" or (isinstance(self.topk, int) and self.topk >= 1)):
             raise ConfigError(f"--topk {self.topk!r}; expected a positive integer or 'full'")
+        if not self.lease_seconds > 0:
+            raise ConfigError(f"--lease {self.lease_seconds}; expected a positive number of seconds")
         if self.repair and not self.resume:
             raise ConfigError("--repair works on an existing cache; pass it together with --resume")
 
@@ -101,6 +114,8 @@ class PrecomputeResult:
     views: int
     seconds: float
     epochs_complete: list[int]
+    unheld: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # uncommitted, no live writer holds them
+    held_elsewhere: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # uncommitted, held by live writers
 
     @property
     def views_per_second(self) -> float:
@@ -139,7 +154,7 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
     )
 
 
-def _prepare_output(config, source, teacher_info, spec, log) -> None:
+def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> None:
     """Rank 0: create the cache, or check and extend an existing one. Nothing is overwritten on error."""
     out = Path(config.output)
     if out.exists() and not out.is_dir():
@@ -153,8 +168,13 @@ def _prepare_output(config, source, teacher_info, spec, log) -> None:
     if not exists:
         log(f"planning {len(source)} samples in {layout.num_blocks} blocks ({layout.num_units} units per epoch)")
         plan = scan_plan(source, layout, members)
-        CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec), plan, log=log)
-        return
+        try:
+            CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec), plan, log=log)
+            return
+        except CreatedElsewhere as exc:
+            if not config.resume:
+                raise ConfigError(f"{exc}; pass --resume to share its work") from None
+            log(f"{exc}: joining it")
     if not config.resume:
         raise ConfigError(f"output {out} is already a kdcache cache; pass --resume to finish or extend it")
     if config.repair:
@@ -176,7 +196,7 @@ def _prepare_output(config, source, teacher_info, spec, log) -> None:
     writer = CacheWriter(out)
     if config.epochs > existing.epochs:
         log(f"extending {out} from {existing.epochs} to {config.epochs} epochs")
-        writer.extend_epochs(config.epochs)
+        writer.extend_epochs(config.epochs, claims)
     if config.repair:
         _repair(cache, writer, log)
 
@@ -210,33 +230,20 @@ def _repair(cache: Cache, writer: CacheWriter, log) -> None:
     log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
 
 
-def _discard_uncommitted_files(writer: CacheWriter, epoch: int, unit: int) -> None:
-    """Remove what an earlier, interrupted or damaged write of an uncommitted unit left in its shard files.
+class _BlockPreparer:
+    """Reads, checks, decodes and replays blocks: item ``(epoch, unit, block)`` is that block's views.
 
-    zarr merges a write into the shard file already there, so a torn or damaged one would make
-    the rewrite fail; an uncommitted unit's files hold nothing a reader may use.
-    """
-    for array in RECORD_ARRAYS:
-        (writer.path / shard_key(array, epoch, unit)).unlink(missing_ok=True)
-
-
-class _BlockPreparer(torch.utils.data.Dataset):
-    """Reads, checks, decodes and replays blocks: item ``i`` is job ``i`` = (epoch, block).
-
-    A map-style dataset so that a DataLoader can prepare blocks in worker processes (in order)
-    while the teacher scores the current one; it holds no model and pickles cheaply.
+    It holds no model and pickles cheaply, so DataLoader workers can prepare blocks (in order)
+    while the teacher scores the current one.
     """
 
-    def __init__(self, config, source, manifest: Manifest, plan, jobs: list[tuple[int, int]]):
-        self.data, self.source, self.manifest, self.plan, self.jobs = config.data, source, manifest, plan, jobs
+    def __init__(self, config, source, manifest: Manifest, plan):
+        self.data, self.source, self.manifest, self.plan = config.data, source, manifest, plan
         self.layout = manifest.blocks
         self.spec = manifest.spec()
 
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, index: int):
-        epoch, block = self.jobs[index]
+    def __getitem__(self, job: tuple[int, int, int]):
+        epoch, _, block = job
         where = self.layout.block_slots(block)
         members = self.plan["source_index"][where]
         samples = read_block(self.source, self.layout, block, members)
@@ -265,8 +272,15 @@ def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
     }
 
 
-def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
-    """Create (or resume, or extend) a cache. Returns what this rank did."""
+def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False) -> PrecomputeResult:
+    """Create (or resume, or extend) a cache and compute the units this process can claim.
+
+    Returns what this process did. Raises :class:`UnfinishedCacheError` (with ``result``) when units
+    of the planned range are left uncommitted with no live writer holding them: ``max_units``
+    reached, or an interrupt (KeyboardInterrupt, which the CLI raises on SIGTERM). An error raised
+    once units are being claimed carries ``units_computed`` (bad input refused before that does
+    not). ``progress``: a bar on a terminal.
+    """
     device = distributed.resolve_device("auto", distributed.ranks_from_env())
     ranks = distributed.init(device)
     source = open_source(config.data, split=config.split)
@@ -286,97 +300,249 @@ def precompute(config: PrecomputeConfig, *, log=print) -> PrecomputeResult:
     )
     if len(source) == 0:
         raise ConfigError(f"data {config.data} contains no samples")
-    failure: BaseException | None = None
-    if ranks.main:
+    with Claims(config.output, lease_seconds=config.lease_seconds) as claims:
+        failure: BaseException | None = None
+        if ranks.main:
+            try:
+                try:
+                    _prepare_output(config, source, teacher_info, spec, claims, log)
+                except OSError as exc:
+                    raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
+                                     "computed: free space, then run the same command (with --resume if the cache exists)") from None
+            except KdcacheError as exc:
+                failure = exc
+        message = distributed.broadcast_object(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
+        work = _Work(config, ranks, claims, log, progress)
+        interrupted = False
         try:
-            try:
-                _prepare_output(config, source, teacher_info, spec, log)
-            except OSError as exc:
-                raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
-                                 "computed: free space, then run the same command (with --resume if the cache exists)") from None
+            work.run(source, teacher, device)
         except KdcacheError as exc:
-            failure = exc
-    message = distributed.broadcast_object(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
-    writer = CacheWriter(config.output)
-    manifest = writer.manifest
-    cache = Cache(config.output, verify_checksums=False)
-    plan = cache.samples()
-    committed = set(cache.ledger)
-    layout = manifest.blocks
-    pending = [(e, u) for e in range(config.from_epoch, manifest.epochs) for u in range(layout.num_units)
-               if (e, u) not in committed]
-    mine = pending[ranks.rank :: ranks.world]
-    if config.max_units is not None:
-        mine = mine[: config.max_units]
-    if ranks.main:
-        log(f"{len(committed)} unit(s) already committed, {len(pending)} to compute on {ranks.world} rank(s)")
-    start = time.perf_counter()
-    views_done = _run_units(config, source, teacher, device, manifest, plan, writer, mine, log)
-    seconds = time.perf_counter() - start
-    distributed.barrier()
-    cache.refresh()
-    return PrecomputeResult(
-        output=str(config.output), units_done=len(mine), units_skipped=len(committed), views=views_done,
-        seconds=seconds, epochs_complete=cache.complete_epochs(),
-    )
+            exc.units_computed = work.units_done
+            raise
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler (the CLI turns it into this)
+            interrupted = True
+    return work.finish(interrupted=interrupted)
 
 
-def _run_units(config, source, teacher, device, manifest: Manifest, plan, writer: CacheWriter, units, log) -> int:
-    """Compute and commit ``units``; blocks are prepared ahead (a thread, or ``workers`` processes)."""
-    layout = manifest.blocks
-    jobs = [(e, u, b) for e, u in units for b in layout.unit_blocks(u)]
-    preparer = _BlockPreparer(config, source, manifest, plan, [(e, b) for e, _, b in jobs])
-    views_done = 0
-    arrays, current = None, None
-    spec = manifest.spec()
-    overlap = torch.device(device).type == "cuda"
-    for (epoch, unit, block), (pending, params) in zip(jobs, _prepared(preparer, config.workers, overlap=overlap)):
-        views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
-        if current != (epoch, unit):
-            arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
-        logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device)
-                            for i in range(0, len(views), config.batch_size)]).cpu()
-        values, indices, tail = make_records(logits, manifest.k)
-        offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
-        rows = slice(offset, offset + len(views))
-        arrays["values"][rows] = values.numpy()
-        arrays["indices"][rows] = indices.numpy().astype(arrays["indices"].dtype)
-        arrays["tail"][rows] = tail.numpy()
-        arrays["params"][rows] = np.asarray(params)
-        views_done += len(views)
-        if block == layout.unit_blocks(unit)[-1]:
-            try:
-                _discard_uncommitted_files(writer, epoch, unit)
-                writer.write_unit(epoch, unit, arrays)
-            except OSError as exc:
-                raise WriteError(f"cannot write epoch {epoch} unit {unit} of {config.output}: {describe_os_error(exc)}; "
-                                 "the units committed before it are kept: free space, then resume with "
-                                 "kdcache precompute-logits --resume") from None
-            log(f"committed epoch {epoch} unit {unit} ({views_done} views so far)")
-    return views_done
+class _Work:
+    """One process's share of a precompute: claim a pending unit, compute it, commit it, release it; repeat."""
+
+    def __init__(self, config: PrecomputeConfig, ranks, claims: Claims, log, progress: bool):
+        self.config, self.ranks, self.claims, self.log = config, ranks, claims, log
+        self.writer = CacheWriter(config.output)
+        self.manifest = self.writer.manifest
+        self.cache = Cache(config.output, verify_checksums=False)
+        self.layout = self.manifest.blocks
+        # One snapshot for every rank (rank 0's): it orders the work; the claims decide who does what.
+        committed = distributed.broadcast_object(sorted(self.cache.ledger))
+        self.planned = [(e, u) for e in range(config.from_epoch, self.manifest.epochs) for u in range(self.layout.num_units)]
+        pending = [key for key in self.planned if key not in set(committed)]
+        mine = pending[ranks.rank :: ranks.world]  # each rank starts on its own share, then helps with the rest
+        self.order = mine + [key for key in pending if key not in set(mine)]
+        self.already = len(self.planned) - len(pending)
+        self.units_done = self.views_done = 0
+        self.start = time.perf_counter()
+        self.bar = _Progress(self, bar=progress and ranks.main)
+        if ranks.main:
+            log(f"{self.already} unit(s) already committed, {len(pending)} to compute; "
+                f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
+
+    def _committed(self, epoch: int, unit: int) -> bool:
+        return (self.writer.path / ledger_key(epoch, unit)).exists()
+
+    def claimed_units(self):
+        """The units this process claims, one at a time as the pipeline asks for them.
+
+        Passes over the uncommitted units until every one left is held by another live writer: a
+        unit skipped because a live writer held it is tried again, so units that writer released or
+        died with are taken over.
+        """
+        order = self.order
+        while order:
+            claimed = False
+            for epoch, unit in order:
+                if self.config.max_units is not None and self.units_claimed >= self.config.max_units:
+                    return
+                if self._committed(epoch, unit) or not self.claims.try_claim(unit_claim(epoch, unit)):
+                    continue
+                if self._committed(epoch, unit):  # committed between the look and the claim
+                    self.claims.release(unit_claim(epoch, unit), committed=True)
+                    continue
+                claimed = True
+                self.units_claimed += 1
+                yield epoch, unit
+            order = [key for key in order if not self._committed(*key)]
+            if not claimed and all(self.claims.live_holder(unit_claim(*key)) for key in order):
+                return
+
+    def run(self, source, teacher, device) -> None:
+        config, manifest, layout = self.config, self.manifest, self.layout
+        self.units_claimed = 0
+        jobs = ((e, u, b) for e, u in self.claimed_units() for b in layout.unit_blocks(u))
+        preparer = _BlockPreparer(config, source, manifest, self.cache.samples())
+        spec = manifest.spec()
+        overlap = torch.device(device).type == "cuda"
+        arrays, current = None, None
+        try:
+            for (epoch, unit, block), pending, params in _prepared(preparer, jobs, config.workers, overlap=overlap):
+                views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
+                if current != (epoch, unit):
+                    arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
+                logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device)
+                                    for i in range(0, len(views), config.batch_size)]).cpu()
+                values, indices, tail = make_records(logits, manifest.k)
+                offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
+                rows = slice(offset, offset + len(views))
+                arrays["values"][rows] = values.numpy()
+                arrays["indices"][rows] = indices.numpy().astype(arrays["indices"].dtype)
+                arrays["tail"][rows] = tail.numpy()
+                arrays["params"][rows] = np.asarray(params)
+                self.views_done += len(views)
+                if block == layout.unit_blocks(unit)[-1]:
+                    self._commit(epoch, unit, arrays)
+        finally:
+            self.bar.close()
+
+    def _commit(self, epoch: int, unit: int, arrays) -> None:
+        key = unit_claim(epoch, unit)
+        if not self.claims.still_held(key):  # a lease that lapsed under a stalled process: the files are whole either way
+            self.log(f"warning: the claim on epoch {epoch} unit {unit} was taken over; committing this copy too")
+        try:
+            self.writer.write_unit(epoch, unit, arrays)
+        except OSError as exc:
+            raise WriteError(f"cannot write epoch {epoch} unit {unit} of {self.config.output}: {describe_os_error(exc)}; "
+                             "the units committed before it are kept: free space, then resume with "
+                             "kdcache precompute-logits --resume") from None
+        self.claims.release(key, committed=True)
+        self.units_done += 1
+        self.bar.committed(epoch, unit)
+
+    def finish(self, *, interrupted: bool = False) -> PrecomputeResult:
+        seconds = time.perf_counter() - self.start
+        if not interrupted:  # an interrupted job's other ranks may be gone: no barrier to wait at
+            distributed.barrier()
+        self.cache.refresh()
+        missing = [key for key in self.planned if key not in self.cache.ledger]
+        held = {key: self.claims.live_holder(unit_claim(*key)) for key in missing}
+        self.claims.forget(unit_claim(*key) for key in self.cache.ledger)  # what killed writers left on committed units
+        result = PrecomputeResult(
+            output=str(self.config.output), units_done=self.units_done, units_skipped=self.already, views=self.views_done,
+            seconds=seconds, epochs_complete=self.cache.complete_epochs(),
+            unheld=[key for key in missing if held[key] is None],
+            held_elsewhere=[key for key in missing if held[key] is not None],
+        )
+        if result.held_elsewhere:
+            holders = sorted({held[key].describe() for key in result.held_elsewhere})
+            self.log(f"{len(result.held_elsewhere)} unit(s) of this cache are still being computed by "
+                     f"{', '.join(holders[:4])}{' and others' if len(holders) > 4 else ''}")
+        if result.unheld:
+            epoch, unit = result.unheld[0]
+            why = "interrupted: " if interrupted else ""
+            error = UnfinishedCacheError(
+                f"{why}cache {self.config.output}: epoch {epoch} unit {unit} is not committed and no live writer holds it "
+                f"({len(result.unheld)} such unit(s)); finish the cache with: {_finishing_command(self.config)}")
+            error.units_computed, error.result = self.units_done, result
+            raise error
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
 
 
-def _prepared(preparer: _BlockPreparer, workers: int, *, overlap: bool):
-    """Prepared blocks in job order: through a DataLoader with worker processes, two ahead in a
-    thread (``overlap``: the teacher runs on a GPU), or inline (a CPU teacher already uses every
-    core; a preparing thread beside it only makes its threads wait)."""
+def _finishing_command(config: PrecomputeConfig) -> str:
+    """The command that finishes the cache: this one, with --resume."""
+    command = config.command or "kdcache precompute-logits"
+    return command if " --resume" in f"{command} " else f"{command} --resume"
+
+
+class _Progress:
+    """Progress of the cache's planned units: a tqdm bar on a terminal, else one line per committed unit.
+
+    Units committed by other processes count too (read from the ledger), so the ETA is the cache's.
+    """
+
+    def __init__(self, work: _Work, *, bar: bool):
+        self.work = work
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(work.planned), initial=work.already, unit="unit", dynamic_ncols=True,
+                            desc="precompute", smoothing=0.1)
+
+    def _units_committed(self) -> int:
+        ledger = self.work.writer.path / LEDGER_DIR
+        first = self.work.config.from_epoch
+        return sum(1 for name in os.listdir(ledger) if name.endswith(".json") and int(name[1:7]) >= first)
+
+    def committed(self, epoch: int, unit: int) -> None:
+        work = self.work
+        seconds = time.perf_counter() - work.start
+        rate = work.views_done / seconds if seconds else 0.0
+        done = self._units_committed()
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{work.views_done} views, {rate:.0f} views/s", refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
+        left = len(work.planned) - done
+        eta = f", ETA {_clock(left * seconds / work.units_done)}" if work.units_done and left else ""
+        work.log(f"committed epoch {epoch} unit {unit} ({done}/{len(work.planned)} units; {work.views_done} views here, "
+                 f"{rate:.0f} views/s{eta})")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _prepared(preparer: "_BlockPreparer", jobs, workers: int, *, overlap: bool):
+    """``(job, pending, params)`` for the jobs (epoch, unit, block) in order: through a DataLoader
+    with worker processes, two ahead in a thread (``overlap``: the teacher runs on a GPU), or
+    inline (a CPU teacher already uses every core; a preparing thread beside it only makes its
+    threads wait). Jobs are drawn from ``jobs`` only as they are prepared (claims are taken then)."""
     if workers == 0 and not overlap:
-        for i in range(len(preparer)):
-            yield preparer[i]
+        for job in jobs:
+            yield (job, *preparer[job])
         return
     if workers > 0:
-        loader = torch.utils.data.DataLoader(preparer, batch_size=None, shuffle=False, num_workers=workers,
+        loader = torch.utils.data.DataLoader(_Keyed(preparer), batch_size=None, sampler=_Jobs(jobs), num_workers=workers,
                                              prefetch_factor=2, pin_memory=torch.cuda.is_available())
-        yield from loader
+        for job, pending, params in loader:
+            yield tuple(int(x) for x in job), pending, params
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = [pool.submit(preparer.__getitem__, i) for i in range(min(2, len(preparer)))]
-        for i in range(len(preparer)):
-            if i + 2 < len(preparer):
-                ahead.append(pool.submit(preparer.__getitem__, i + 2))
-            yield ahead[i].result()
-            ahead[i] = None
+        ahead: list = []
+        for job in jobs:
+            ahead.append((job, pool.submit(preparer.__getitem__, job)))
+            if len(ahead) > 2:
+                done, future = ahead.pop(0)
+                yield (done, *future.result())
+        for done, future in ahead:
+            yield (done, *future.result())
+
+
+class _Jobs(torch.utils.data.Sampler):
+    """The DataLoader's sampler: the jobs as the loader asks for them (so units are claimed lazily)."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def __iter__(self):
+        return iter(self.jobs)
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """A worker's item: the job with its prepared block, so the order of results names their units."""
+
+    def __init__(self, preparer: "_BlockPreparer"):
+        self.preparer = preparer
+
+    def __getitem__(self, job):
+        return (job, *self.preparer[job])

@@ -83,11 +83,17 @@ def index_dtype(num_classes: int) -> np.dtype:
 
 
 def make_records(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split teacher logits ``[B, C]`` into (values fp16 [B,k], indices int64 [B,k], tail fp16 [B,2])."""
+    """Split teacher logits ``[B, C]`` into (values fp16 [B,k], indices int64 [B,k], tail fp16 [B,2]).
+
+    The k classes are ranked canonically on their stored fp16 values: value descending, then class
+    index ascending. Equal fp16 values thus give equal records, whatever order the float32 logits
+    happened to come in (thread count, batch size, rank count move their last bits).
+    """
     logits = logits.float()
     num_classes = logits.shape[-1]
-    values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
-    values16 = values.to(torch.float16)
+    rounded = logits.to(torch.float16)
+    indices = torch.sort(rounded, dim=-1, descending=True, stable=True).indices[:, :k]  # stable: ties by index
+    values16 = rounded.gather(-1, indices)
     masked = logits.scatter(-1, indices, float("-inf"))
     top1 = values16[:, :1].float()
     tail = []

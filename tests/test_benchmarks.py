@@ -63,3 +63,10 @@ def test_accuracy_study_runs_every_method_at_reduced_size(tmp_path):
     # A rerun finds every step done and only prints the table again.
     again = run("accuracy.py", "--quick", "--out", str(tmp_path / "study"))
     assert "  runs/" not in again and again.split("teacher test_resnet")[1] == out.split("teacher test_resnet")[1]
+
+
+@pytest.mark.slow
+def test_writers_benchmark_counts_every_unit_once():
+    summary = json.loads(run("writers.py", "--quick"))
+    assert summary["median_ratio_2_jobs_over_1"] > 0 and summary["claim_protocol_ms"] > 0
+    assert [sum(units) for units in summary["units_per_job_in_2_job_rounds"]] == [23]  # the benchmark itself refuses a miscount

@@ -94,3 +94,20 @@ def test_index_dtype_holds_the_stored_indices():
     stored = indices.numpy().astype(index_dtype(1000))
     assert stored.dtype == np.uint16
     np.testing.assert_array_equal(stored.astype(np.int64), indices.numpy())
+
+
+def test_exact_ties_are_ranked_by_class_index_whatever_the_column_order():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 0.5, 3.0]])  # classes 1, 3, 6 tie; 2 and 4 tie
+    values, indices, tail = make_records(logits, 4)
+    assert indices.tolist() == [[1, 3, 6, 2]] and values.tolist() == [[3.0, 3.0, 3.0, 2.0]]
+    flipped_values, flipped_indices, flipped_tail = make_records(logits.flip(-1), 4)  # the same logits, columns reversed
+    assert flipped_indices.tolist() == [[0, 3, 5, 2]] and torch.equal(flipped_values, values) and torch.equal(flipped_tail, tail)
+
+
+def test_values_equal_in_fp16_are_ties_broken_by_class_index():
+    # 1 + 2**-13 and 1 are distinct in float32 and equal in fp16 (spacing 2**-10 at 1): the record may not depend on which is larger
+    ahead = torch.tensor([[1.0, 1.0 + 2**-13, 0.0]])
+    behind = torch.tensor([[1.0 + 2**-13, 1.0, 0.0]])
+    for logits in (ahead, behind):
+        values, indices, _ = make_records(logits, 2)
+        assert indices.tolist() == [[0, 1]] and values.dtype == torch.float16

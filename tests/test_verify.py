@@ -27,7 +27,7 @@ from kdcache.record import make_records
 from kdcache.replay import replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
-from kdcache.verify import VerifyConfig, _pick_views, verify
+from kdcache.verify import VerifyConfig, _pick_views, compare_records, verify
 from kdcache_cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -310,3 +310,50 @@ def test_replay_without_data_or_teacher_is_a_config_error(small_cache, teacher_c
 def test_missing_cache_is_named(tmp_path):
     line = one_error_line(invoke("verify", tmp_path / "nope", "--quick"), 3)
     assert line == f"error: cache {tmp_path / 'nope'} does not exist"
+
+
+# ---- near-ties: records that differ only where fp16 cannot tell classes apart ------------------
+
+
+def _record(values, indices) -> dict:
+    return {"values": np.asarray(values, dtype=np.float16), "indices": np.asarray(indices, dtype=np.uint8)}
+
+
+def test_a_reordering_within_fp16_rounding_is_a_near_tie():
+    logits = np.array([0.0, 2.0, 2.0 + 2**-12, -1.0], dtype=np.float32)  # classes 1 and 2 equal in fp16
+    problem, near = compare_records(_record([2.0, 2.0], [2, 1]), np.array([2.0, 2.0], np.float32), np.array([1, 2]), logits)
+    assert near and "class at rank 0 is 1" in problem
+
+
+def test_a_swap_at_the_kth_place_between_near_equal_logits_is_a_near_tie():
+    logits = np.array([3.0, 1.0, 1.0 + 2**-12, -1.0], dtype=np.float32)  # the 2nd place: class 1 or 2
+    problem, near = compare_records(_record([3.0, 1.0], [0, 2]), np.array([3.0, 1.0], np.float32), np.array([0, 1]), logits)
+    assert near and "rank 1" in problem
+
+
+def test_another_class_is_a_failure_even_with_equal_values():
+    logits = np.array([3.0, 1.0, 0.5, -1.0], dtype=np.float32)  # class 2 is far below the 2nd place
+    problem, near = compare_records(_record([3.0, 1.0], [0, 2]), np.array([3.0, 1.0], np.float32), np.array([0, 1]), logits)
+    assert not near and problem.startswith("class at rank 1 is 1")
+
+
+def test_equal_records_are_neither_failures_nor_near_ties():
+    assert compare_records(_record([3.0, 1.0], [0, 1]), np.array([3.0, 1.0], np.float32), np.array([0, 1])) == (None, False)
+
+
+@pytest.mark.slow
+def test_a_one_thread_cache_verifies_with_two_threads_and_another_batch_size(small_cache, teacher_ckpt, subprocess_env, helpers):
+    """small_cache is scored with one thread in batches of 256; verify re-scores with two threads in batches of 37."""
+    import subprocess
+
+    env = dict(subprocess_env, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    run = subprocess.run([*helpers.cli_command(), "verify", str(small_cache), "--data", "digits", "--teacher", "test_resnet",
+                          "--teacher-checkpoint", str(teacher_ckpt), "--views", "300", "--batch-size", "37"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"300 view\(s\) on path pil: 300 match", run.stdout), run.stdout
+
+
+def test_bad_verify_batch_size_is_refused(small_cache):
+    result = CliRunner().invoke(app, ["verify", str(small_cache), "--quick", "--batch-size", "0"])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --batch-size 0; expected a positive integer"

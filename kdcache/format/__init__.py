@@ -10,12 +10,13 @@ Layout (a zarr v3 hierarchy; docs/format.md is the spec):
     CACHE/params/                    fp32   [epochs, slots, P]   augmentation parameters (manifest "param_fields")
     CACHE/samples/{source_index,label,digest,key}   [slots]      the plan: which sample sits in each slot
     CACHE/ledger/e{E:06d}-u{U:06d}.json                          one file per committed unit, with sha256 per shard file
+    CACHE/claims/e{E:06d}-u{U:06d}.g{G}.json                     a writer's claim on a unit it computes (kdcache.format.claims)
 
 Slots: block b occupies slots [b * block_capacity, b * block_capacity + size_b); the rest of
 its capacity is padding (never read, compressed away). One inner zarr chunk holds one
 (epoch, block); one zarr shard file holds one *unit* = (epoch, ``blocks_per_unit`` consecutive
-blocks), the unit of work: exactly one writer per shard file, so concurrent ranks never share
-a file. A unit exists for readers only once its ledger entry is on disk, and the ledger entry
+blocks), the unit of work, computed only by the process holding its claim and put in place
+whole, so concurrent writers never share a file. A unit exists for readers only once its ledger entry is on disk, and the ledger entry
 is written only after the unit's shard files are durable (fsync) and their sha256 recorded.
 
 Modules: :mod:`~kdcache.format.manifest` (what a cache is), :mod:`~kdcache.format.store` (keys,
@@ -25,6 +26,7 @@ Everything is re-exported here: import from ``kdcache.format``.
 
 from kdcache.format.manifest import (
     BlockLayout,
+    CLAIMS_DIR,
     DatasetInfo,
     FORMAT_VERSION,
     LEDGER_DIR,
@@ -57,8 +59,14 @@ from kdcache.format.reader import (
     HeldUnits,
     open_cache,
 )
+from kdcache.format.claims import (
+    Claims,
+    Holder,
+    unit_claim,
+)
 from kdcache.format.writer import (
     CacheWriter,
+    CreatedElsewhere,
     creation_dir,
     remove_stale_creations,
     write_manifest,
@@ -66,6 +74,7 @@ from kdcache.format.writer import (
 
 __all__ = [
     "BlockLayout",
+    "CLAIMS_DIR",
     "DatasetInfo",
     "FORMAT_VERSION",
     "LEDGER_DIR",
@@ -93,7 +102,11 @@ __all__ = [
     "Cache",
     "HeldUnits",
     "open_cache",
+    "Claims",
+    "Holder",
+    "unit_claim",
     "CacheWriter",
+    "CreatedElsewhere",
     "creation_dir",
     "remove_stale_creations",
     "write_manifest",

@@ -22,6 +22,7 @@ SUBSET_KEY = "kdcache_subset"  # optional root attribute: what `kdcache export` 
 RECORD_ARRAYS = ("values", "indices", "tail", "params")
 SAMPLE_ARRAYS = ("source_index", "label", "digest", "key")
 LEDGER_DIR = "ledger"
+CLAIMS_DIR = "claims"  # claim files of the writers computing units now (kdcache.format.claims)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,15 +8,21 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
 
 from kdcache.errors import ConfigError
-from kdcache.location import Location, fsync_dir, atomic_write_bytes, fsync_file
+from kdcache.location import Location, fsync_dir, atomic_write_bytes
 from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, SUBSET_KEY, Subset, now_iso
 from kdcache.format.store import LedgerEntry, _compressors, ledger_key, read_root, sample_array_sha256, sha256_bytes, shard_key
 from kdcache.format.reader import Cache
+from kdcache.format.claims import MANIFEST_CLAIM, Claims
+
+
+class CreatedElsewhere(ConfigError):
+    """Another process created the cache while this one was creating it (a job started twice at once)."""
 
 
 def creation_dir(final: Path) -> Path:
@@ -57,6 +63,7 @@ class CacheWriter:
         self.path = Path(path)
         self.manifest, self.subset = read_root(Location(self.path))
         self.layout = self.manifest.blocks
+        self._array_meta: dict[str, dict] = {}
 
     @staticmethod
     def create(path: str | os.PathLike, manifest: Manifest, samples: dict[str, np.ndarray], *,
@@ -69,6 +76,8 @@ class CacheWriter:
         from zarr.storage import LocalStore
 
         final = Path(path)
+        if (final / "zarr.json").exists():
+            raise CreatedElsewhere(f"output {final} was created by another process meanwhile")
         if final.exists() and any(final.iterdir()):
             raise ConfigError(f"output {final} exists and is not empty; choose a new directory or pass --resume for a kdcache cache")
         # Built beside its final place and renamed in one step: a kill during creation leaves no half cache.
@@ -102,46 +111,89 @@ class CacheWriter:
         (path / LEDGER_DIR).mkdir(exist_ok=True)
         manifest = dataclasses.replace(manifest, samples_sha256=hashes)
         write_manifest(path, manifest, subset=subset)
-        if final.exists():
-            final.rmdir()
-        os.replace(path, final)
+        try:
+            if final.exists():
+                final.rmdir()  # empty (checked above), unless another process created the cache meanwhile
+            os.replace(path, final)
+        except OSError:
+            if not (final / "zarr.json").exists():
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+            raise CreatedElsewhere(f"output {final} was created by another process meanwhile") from None
         fsync_dir(final.parent)
         return CacheWriter(final)
 
-    def extend_epochs(self, epochs: int) -> None:
-        """Grow the cache to ``epochs`` epochs; earlier epochs are untouched."""
-        import zarr
-        from zarr.storage import LocalStore
+    def extend_epochs(self, epochs: int, claims: Claims, *, wait: float = 60.0) -> None:
+        """Grow the cache to ``epochs`` epochs; earlier epochs are untouched, and so are units being written.
 
-        if epochs <= self.manifest.epochs:
-            return
-        for name in RECORD_ARRAYS:
-            array = zarr.open_array(LocalStore(self.path / name), mode="r+")
-            array.resize((epochs,) + array.shape[1:])
-        self.manifest = dataclasses.replace(self.manifest, epochs=epochs)
-        write_manifest(self.path, self.manifest, subset=self.subset)
+        Other writers may be committing units meanwhile: they never write the manifest or the array
+        metadata, and their shard files do not depend on the epoch count. Two processes that add
+        epochs take turns through the manifest claim, and each re-reads the manifest under it, so
+        neither can shrink what the other added. Waits up to ``wait`` seconds for the claim.
+        """
+        deadline = time.monotonic() + wait
+        while not claims.try_claim(MANIFEST_CLAIM):
+            if time.monotonic() > deadline:
+                holder = claims.live_holder(MANIFEST_CLAIM)
+                raise ConfigError(f"cannot add epochs to {self.path}: {holder.describe() if holder else 'another writer'} "
+                                  f"has been changing its manifest for {wait:.0f} s; run the same command again later")
+            time.sleep(0.05)
+        try:
+            self.manifest, self.subset = read_root(Location(self.path))
+            if epochs <= self.manifest.epochs:
+                return
+            for name in RECORD_ARRAYS:  # the metadata only: zarr's resize would also drop chunks beyond a smaller shape
+                meta = json.loads((self.path / name / "zarr.json").read_bytes())
+                if meta["shape"][0] < epochs:
+                    meta["shape"][0] = epochs
+                    atomic_write_bytes(self.path / name / "zarr.json", json.dumps(meta, indent=2).encode())
+            self._array_meta.clear()
+            self.manifest = dataclasses.replace(self.manifest, epochs=epochs)
+            write_manifest(self.path, self.manifest, subset=self.subset)
+        finally:
+            claims.release(MANIFEST_CLAIM)
 
     def committed(self) -> set[tuple[int, int]]:
         cache = Cache(self.path, verify_checksums=False)
         return set(cache.ledger)
 
-    def write_unit(self, epoch: int, unit: int, arrays: dict[str, np.ndarray]) -> LedgerEntry:
-        """Write one unit's record arrays (``[unit slots, ...]``), make them durable, then commit."""
+    def _shard_bytes(self, array: str, epoch: int, unit: int, data: np.ndarray) -> bytes:
+        """One unit's shard file of ``array``, encoded in memory by zarr from the array's own metadata."""
         import zarr
-        from zarr.storage import LocalStore
+        from zarr.storage import MemoryStore
 
+        from kdcache.format.reader import _buffer
+
+        if array not in self._array_meta:
+            self._array_meta[array] = json.loads((self.path / array / "zarr.json").read_bytes())
+        meta = dict(self._array_meta[array])
+        meta["shape"] = [max(meta["shape"][0], epoch + 1), *meta["shape"][1:]]  # epochs added by another writer meanwhile
+        store = MemoryStore({"zarr.json": _buffer(json.dumps(meta).encode())})
+        target = zarr.open_array(store, mode="r+")
         blocks = self.layout.unit_blocks(unit)
-        lo, hi = blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity
+        target[epoch, blocks.start * self.layout.block_capacity : blocks.stop * self.layout.block_capacity] = (
+            data.astype(target.dtype, copy=False))
+        encoded = store._store_dict.get(f"c/{epoch}/{unit}/0")
+        if encoded is None:
+            raise ValueError(f"epoch {epoch} unit {unit} of {array}: zarr wrote no shard")
+        return encoded.to_bytes()
+
+    def write_unit(self, epoch: int, unit: int, arrays: dict[str, np.ndarray]) -> LedgerEntry:
+        """Write one unit's record arrays (``[unit slots, ...]``), make them durable, then commit.
+
+        Each shard file is encoded in memory and put in place whole (a temporary file, fsync,
+        rename), so a file on disk is always complete, whoever else writes the same unit.
+        """
+        blocks = self.layout.unit_blocks(unit)
+        rows = (blocks.stop - blocks.start) * self.layout.block_capacity
         files = {}
         for name in RECORD_ARRAYS:
             data = arrays[name]
-            if data.shape[0] != hi - lo:
-                raise ValueError(f"unit {unit} of {name}: {data.shape[0]} rows, expected {hi - lo}")
-            array = zarr.open_array(LocalStore(self.path / name), mode="r+")
-            array[epoch, lo:hi] = data.astype(array.dtype, copy=False)
+            if data.shape[0] != rows:
+                raise ValueError(f"unit {unit} of {name}: {data.shape[0]} rows, expected {rows}")
+            content = self._shard_bytes(name, epoch, unit, data)
             key = shard_key(name, epoch, unit)
-            fsync_file(self.path / key)
-            content = (self.path / key).read_bytes()
+            atomic_write_bytes(self.path / key, content)
             files[key] = {"sha256": sha256_bytes(content), "bytes": len(content)}
         views = int(sum(self.layout.sizes[b] for b in blocks))
         entry = LedgerEntry(epoch, unit, files, views, now_iso())

@@ -1,0 +1,124 @@
+"""What sharing a cache costs: N jobs on one cache against one job, and the claims' share of a unit's time.
+
+    python benchmarks/writers.py [--rounds 3] [--epochs 4] [--quick]
+
+1. Throughput: the same cache (digits, light, top-5, blocks of 64, one block a unit) made by one
+   job with 2 threads and by 2 jobs with 1 thread each, on one machine: both use 2 cores. Rounds
+   alternate; each figure is the cache's views divided by the wall time from the first start to
+   the last exit (process start-up included, the same for both).
+2. Claims: the time of one unit's claim protocol (look at the ledger, claim, check, look again,
+   still held, release), measured on this disk, against one unit's compute time at the default
+   unit size (64 blocks of 1,024 views) from the views/s measured in 1.
+
+Prints a JSON summary; docs/benchmarks.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def _argv(output: Path, teacher: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "kdcache_cli.main", "precompute-logits", "--data", "digits", "--teacher", "test_resnet",
+            "--teacher-checkpoint", str(teacher), "--topk", "5", "--augmentation", "light", "--epochs", str(epochs),
+            "--block-size", "64", "--blocks-per-unit", "1", "--output", str(output), "--resume"]
+
+
+def run_jobs(output: Path, teacher: Path, epochs: int, jobs: int, threads: int) -> tuple[float, list[int]]:
+    """Wall seconds for ``jobs`` processes of ``threads`` threads each to complete one cache, and the units each computed."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    processes = [subprocess.Popen(_argv(output, teacher, epochs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(jobs)]
+    outputs = [p.communicate()[1] for p in processes]
+    seconds = time.perf_counter() - start
+    for process, text in zip(processes, outputs):
+        if process.returncode != 0:
+            raise SystemExit(f"a job failed: {text[-2000:]}")
+    computed = [int(text.strip().splitlines()[-1].split()[1]) for text in outputs]
+    return seconds, computed
+
+
+def claim_cost(folder: Path, count: int) -> float:
+    """Median seconds of one unit's claim protocol on this disk."""
+    from kdcache.format import Claims, ledger_key, unit_claim
+
+    folder.mkdir(parents=True)
+    (folder / "ledger").mkdir()
+    times = []
+    with Claims(folder) as claims:
+        for unit in range(count):
+            key = unit_claim(0, unit)
+            start = time.perf_counter()
+            (folder / ledger_key(0, unit)).exists()
+            claims.try_claim(key)
+            (folder / ledger_key(0, unit)).exists()
+            claims.still_held(key)
+            claims.release(key, committed=True)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="one round of one epoch (CI size)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.epochs = 1, 1
+    from conftest import save_teacher
+
+    units = args.epochs * 23
+    views = args.epochs * 1437
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        teacher = save_teacher(tmp / "teacher.pt")
+        rows = {"1 job x 2 threads": [], "2 jobs x 1 thread": []}
+        split = []
+        for round_ in range(args.rounds):
+            for name, jobs, threads in (("1 job x 2 threads", 1, 2), ("2 jobs x 1 thread", 2, 1)):
+                seconds, computed = run_jobs(tmp / f"{round_}-{jobs}" / "cache", teacher, args.epochs, jobs, threads)
+                if sum(computed) != units:
+                    raise SystemExit(f"{name}: {sum(computed)} units computed for {units} planned")
+                rows[name].append(views / seconds)
+                if jobs == 2:
+                    split.append(computed)
+        claim = claim_cost(tmp / "claims-bench", 200)
+    one = statistics.median(rows["1 job x 2 threads"])
+    unit_seconds = 64 * 1024 / one
+    summary = {
+        "views_per_s": {name: [round(v, 1) for v in values] for name, values in rows.items()},
+        "median_ratio_2_jobs_over_1": round(statistics.median(rows["2 jobs x 1 thread"]) / one, 3),
+        "units_per_job_in_2_job_rounds": split,
+        "claim_protocol_ms": round(claim * 1000, 3),
+        "default_unit_seconds_at_measured_rate": round(unit_seconds, 1),
+        "claims_share_of_default_unit": f"{claim / unit_seconds:.2e}",
+        "cpu": _cpu(),
+    }
+    print(json.dumps(summary, indent=1))
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
