@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from typing import Optional
 
 import typer
@@ -37,10 +38,6 @@ def handles_errors(func):
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _log(message: str) -> None:
@@ -106,9 +103,10 @@ def precompute_logits(
         blocks_per_unit=blocks_per_unit, batch_size=batch_size, replay_path=replay_path, workers=workers, resume=resume,
         repair=repair, lease_seconds=lease, max_units=max_units, command=_command_line(),
     )
-    # A scheduler stops a job with SIGTERM: exit through the claims' release, so others take its units at once.
-    signal.signal(signal.SIGTERM, _interrupt)
-    result = precompute(config, log=_log, progress=sys.stderr.isatty())
+    # A scheduler stops a job with SIGTERM: stop at the next block and release the claims, so others take the units at once.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    result = precompute(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
     _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
          f"epochs complete: {result.epochs_complete}")
     _log(f"computed {result.units_done} unit(s)")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -272,14 +274,16 @@ def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
     }
 
 
-def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False) -> PrecomputeResult:
+def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False,
+               stop: threading.Event | None = None) -> PrecomputeResult:
     """Create (or resume, or extend) a cache and compute the units this process can claim.
 
     Returns what this process did. Raises :class:`UnfinishedCacheError` (with ``result``) when units
     of the planned range are left uncommitted with no live writer holding them: ``max_units``
     reached, or an interrupt (KeyboardInterrupt, which the CLI raises on SIGTERM). An error raised
     once units are being claimed carries ``units_computed`` (bad input refused before that does
-    not). ``progress``: a bar on a terminal.
+    not). ``progress``: a bar on a terminal. ``stop``: once set (the CLI sets it on SIGTERM), the
+    process stops at the next block boundary, releases its claims and ends as interrupted.
     """
     device = distributed.resolve_device("auto", distributed.ranks_from_env())
     ranks = distributed.init(device)
@@ -316,7 +320,7 @@ def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False) -
             raise failure
         if message is not None:
             raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
-        work = _Work(config, ranks, claims, log, progress)
+        work = _Work(config, ranks, claims, log, progress, stop)
         interrupted = False
         try:
             work.run(source, teacher, device)
@@ -331,8 +335,8 @@ def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False) -
 class _Work:
     """One process's share of a precompute: claim a pending unit, compute it, commit it, release it; repeat."""
 
-    def __init__(self, config: PrecomputeConfig, ranks, claims: Claims, log, progress: bool):
-        self.config, self.ranks, self.claims, self.log = config, ranks, claims, log
+    def __init__(self, config: PrecomputeConfig, ranks, claims: Claims, log, progress: bool, stop: threading.Event | None):
+        self.config, self.ranks, self.claims, self.log, self.stop = config, ranks, claims, log, stop
         self.writer = CacheWriter(config.output)
         self.manifest = self.writer.manifest
         self.cache = Cache(config.output, verify_checksums=False)
@@ -345,11 +349,11 @@ class _Work:
         self.order = mine + [key for key in pending if key not in set(mine)]
         self.already = len(self.planned) - len(pending)
         self.units_done = self.views_done = 0
-        self.start = time.perf_counter()
-        self.bar = _Progress(self, bar=progress and ranks.main)
         if ranks.main:
             log(f"{self.already} unit(s) already committed, {len(pending)} to compute; "
                 f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
+        self.start = time.perf_counter()
+        self.bar = _Progress(self, bar=progress and ranks.main)
 
     def _committed(self, epoch: int, unit: int) -> bool:
         return (self.writer.path / ledger_key(epoch, unit)).exists()
@@ -389,6 +393,8 @@ class _Work:
         arrays, current = None, None
         try:
             for (epoch, unit, block), pending, params in _prepared(preparer, jobs, config.workers, overlap=overlap):
+                if self.stop is not None and self.stop.is_set():  # between blocks: no claim is half made or half released
+                    raise KeyboardInterrupt
                 views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
                 if current != (epoch, unit):
                     arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
@@ -458,6 +464,9 @@ def _finishing_command(config: PrecomputeConfig) -> str:
     return command if " --resume" in f"{command} " else f"{command} --resume"
 
 
+_LEDGER_ENTRY = re.compile(r"^e(\d{6})-u\d{6}\.json$")
+
+
 class _Progress:
     """Progress of the cache's planned units: a tqdm bar on a terminal, else one line per committed unit.
 
@@ -476,7 +485,7 @@ class _Progress:
     def _units_committed(self) -> int:
         ledger = self.work.writer.path / LEDGER_DIR
         first = self.work.config.from_epoch
-        return sum(1 for name in os.listdir(ledger) if name.endswith(".json") and int(name[1:7]) >= first)
+        return sum(1 for name in os.listdir(ledger) if (entry := _LEDGER_ENTRY.match(name)) and int(entry.group(1)) >= first)
 
     def committed(self, epoch: int, unit: int) -> None:
         work = self.work
