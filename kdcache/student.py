@@ -55,8 +55,8 @@ class StudentConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64  # the defaults suit short runs on small data (docs/cli.md)
+    lr: float = 3e-3
     weight_decay: float = 0.05
     opt: str = "adamw"
     sched: str = "cosine"

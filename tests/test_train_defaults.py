@@ -34,3 +34,18 @@ def test_a_warmup_outside_the_schedule_is_one_line(tmp_path, warmup):
     assert result.exit_code == ConfigError.exit_code
     assert result.output.strip() == f"error: --warmup-epochs {warmup}; expected 0 to --epochs (6)"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_and_the_library_share_their_defaults():
+    import dataclasses
+
+    import typer.main
+
+    from kdcache.student import StudentConfig
+
+    command = typer.main.get_command(app).commands["train-student"]
+    options = {param.name: param.default for param in command.params}
+    library = {f.name: f.default for f in dataclasses.fields(StudentConfig) if f.default is not dataclasses.MISSING}
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "opt", "sched", "warmup_epochs", "seed", "augmentation"):
+        assert options[name] == library[name], name
+    assert (library["batch_size"], library["lr"], library["warmup_epochs"]) == (64, 3e-3, None)
