@@ -16,6 +16,7 @@ from kdcache.errors import (
     KdcacheError,
     MismatchError,
     SourceError,
+    UnfinishedCacheError,
     VerifyError,
     WriteError,
 )
@@ -28,6 +29,7 @@ _LAZY = {
     "Batch": "kdcache.batch",
     "Cache": "kdcache.format",
     "CacheWriter": "kdcache.format",
+    "Claims": "kdcache.format",
     "FORMAT_VERSION": "kdcache.format",
     "Manifest": "kdcache.format",
     "Subset": "kdcache.format",
@@ -76,5 +78,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "ChecksumError", "ConfigError", "FormatError", "IncompleteCacheError", "KdcacheError", "MismatchError",
-    "SourceError", "VerifyError", "WriteError", "__version__", *_LAZY,
+    "SourceError", "UnfinishedCacheError", "VerifyError", "WriteError", "__version__", *_LAZY,
 ]

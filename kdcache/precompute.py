@@ -280,7 +280,7 @@ def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False,
 
     Returns what this process did. Raises :class:`UnfinishedCacheError` (with ``result``) when units
     of the planned range are left uncommitted with no live writer holding them: ``max_units``
-    reached, or an interrupt (KeyboardInterrupt, which the CLI raises on SIGTERM). An error raised
+    reached, ``stop`` set, or a KeyboardInterrupt (Ctrl-C). An error raised
     once units are being claimed carries ``units_computed`` (bad input refused before that does
     not). ``progress``: a bar on a terminal. ``stop``: once set (the CLI sets it on SIGTERM), the
     process stops at the next block boundary, releases its claims and ends as interrupted.
@@ -327,7 +327,7 @@ def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False,
         except KdcacheError as exc:
             exc.units_computed = work.units_done
             raise
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler (the CLI turns it into this)
+        except KeyboardInterrupt:  # Ctrl-C, or ``stop`` set (SIGTERM from a scheduler, through the CLI)
             interrupted = True
     return work.finish(interrupted=interrupted)
 
