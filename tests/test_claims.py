@@ -220,3 +220,13 @@ def test_exactly_one_of_many_processes_wins_each_claim(tmp_path, stale):
         assert all(len(pids) == 1 for pids in winners.values()), (trial, winners)
         files = sorted(p.name for p in (cache / CLAIMS_DIR).iterdir())
         assert len(files) == len(keys), files  # one claim file per key: the dead ones were removed, no temporaries
+
+
+def test_claim_names_are_pinned():
+    """docs/format.md: claims/eEEEEEE-uUUUUUU.gG.json and claims/manifest.gG.json."""
+    from kdcache.format.claims import MANIFEST_CLAIM
+
+    assert CLAIMS_DIR == "claims"
+    assert claim_name(unit_claim(3, 7), 2) == "e000003-u000007.g2.json"
+    assert claim_name(MANIFEST_CLAIM, 0) == "manifest.g0.json"
+    assert sorted(Holder.__dataclass_fields__) == sorted(["host", "boot_id", "pid", "pid_start", "token", "claimed", "lease_seconds"])
