@@ -137,7 +137,9 @@ def _plan_units(names: list[str], caches: list[Cache]) -> dict[tuple[int, int], 
 
 
 def read_unit_files(name: str, cache: Cache, entry: LedgerEntry) -> dict[str, bytes]:
-    """One committed unit's shard files (store key -> bytes) read whole, each checked against its ledger entry."""
+    """One committed unit's shard files (store key -> bytes) read whole, each checked against its ledger entry
+    (and that entry, if read from an epoch index, against the unit's own entry)."""
+    cache.check_own_entry(entry.epoch, entry.unit)
     files = {}
     for array in RECORD_ARRAYS:
         key = shard_key(array, entry.epoch, entry.unit)

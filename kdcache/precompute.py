@@ -419,6 +419,7 @@ class _Work:
             self.log(f"warning: the claim on epoch {epoch} unit {unit} was taken over; committing this copy too")
         try:
             self.writer.write_unit(epoch, unit, arrays)
+            self.writer.write_epoch_index(epoch)  # once every unit of the epoch is committed: its index (else nothing)
         except OSError as exc:
             raise WriteError(f"cannot write epoch {epoch} unit {unit} of {self.config.output}: {describe_os_error(exc)}; "
                              "the units committed before it are kept: free space, then resume with "

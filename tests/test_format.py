@@ -24,6 +24,7 @@ from kdcache.format import (
     DatasetInfo,
     Manifest,
     TeacherInfo,
+    epoch_index_key,
     ledger_key,
     open_cache,
     sample_array_sha256,
@@ -287,8 +288,10 @@ def test_store_layout_is_pinned(small_cache):
         expected.add(f"{array}/zarr.json")
         expected |= {shard_key(array, e, u) for e in range(2) for u in range(3)}
     expected |= {ledger_key(e, u) for e in range(2) for u in range(3)}
+    expected |= {epoch_index_key(e) for e in range(2)}  # precompute indexes each epoch once it is complete
     assert files == expected
     assert ledger_key(1, 2) == "ledger/e000001-u000002.json" and shard_key("tail", 1, 2) == "tail/c/1/2/0"
+    assert epoch_index_key(1) == "ledger/epochs/e000001.json"
     widths = {"values": 5, "indices": 5, "tail": 2, "params": 5}
     dtypes = {"values": "float16", "indices": "uint8", "tail": "float16", "params": "float32"}
     for array in RECORD_ARRAYS:
@@ -483,6 +486,10 @@ def test_deleted_shard_file_is_refused(damaged):
 
 def test_malformed_ledger_entry_is_a_format_error(damaged):
     (damaged / ledger_key(0, 0)).write_text('{"epoch": 0}')
+    cache = open_cache(damaged)  # epoch 0 is read from its index; the entry is parsed when its unit is read
+    with pytest.raises(FormatError, match="ledger entry e000000-u000000.json is malformed"):
+        cache.read_block(0, 0)
+    (damaged / epoch_index_key(0)).unlink()  # without the index, opening reads (and refuses) the entry
     with pytest.raises(FormatError, match="ledger entry e000000-u000000.json is malformed"):
         open_cache(damaged)
 

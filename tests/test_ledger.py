@@ -46,9 +46,17 @@ def one_error_line(result, exit_code: int) -> str:
 
 @pytest.fixture
 def indexed(small_cache, tmp_path) -> Path:
-    """A copy of small_cache with the index of both its epochs."""
+    """A copy of small_cache, whose two epochs precompute indexed as each became complete."""
     path = Path(shutil.copytree(small_cache, tmp_path / "indexed"))
-    assert index_cache(path, log=quiet) == {"written": [0, 1], "rewritten": [], "unchanged": [], "incomplete": []}
+    assert index_cache(path, log=quiet) == {"written": [], "rewritten": [], "unchanged": [0, 1], "incomplete": []}
+    return path
+
+
+@pytest.fixture
+def plain(small_cache, tmp_path) -> Path:
+    """A copy of small_cache in the previous layout: no epoch index."""
+    path = Path(shutil.copytree(small_cache, tmp_path / "plain"))
+    shutil.rmtree(path / "ledger" / "epochs")
     return path
 
 
@@ -60,8 +68,8 @@ def disk_size(path: Path) -> tuple[int, int]:
 # ---- the epoch index ------------------------------------------------------------------------------
 
 
-def test_readers_prefer_the_epoch_index_and_see_the_same_ledger_and_digest(small_cache, indexed):
-    plain, fast = open_cache(small_cache), open_cache(indexed)
+def test_readers_prefer_the_epoch_index_and_see_the_same_ledger_and_digest(plain, indexed):
+    plain, fast = open_cache(plain), open_cache(indexed)
     assert plain.indexed_epochs() == [] and fast.indexed_epochs() == [0, 1]
     assert fast.ledger == plain.ledger
     assert fast.digest() == plain.digest()  # the previous layout (no index files) names the same content
@@ -99,7 +107,8 @@ def test_an_index_is_the_same_bytes_whoever_writes_it_and_writing_again_changes_
 def test_an_epoch_with_a_unit_to_compute_gets_no_index(tmp_path, make_config, helpers):
     path = tmp_path / "partial"
     helpers.run_precompute(make_config(path, max_units=4))  # epoch 0 whole, epoch 1 has one unit
-    assert index_cache(path, log=quiet) == {"written": [0], "rewritten": [], "unchanged": [], "incomplete": [1]}
+    assert (path / epoch_index_key(0)).is_file()  # written by precompute as the epoch's last unit was committed
+    assert index_cache(path, log=quiet) == {"written": [], "rewritten": [], "unchanged": [0], "incomplete": [1]}
     assert not (path / epoch_index_key(1)).exists()
     assert open_cache(path).indexed_epochs() == [0] and len(open_cache(path).ledger) == 4
 
@@ -122,15 +131,20 @@ def test_a_damaged_index_is_refused_naming_it(indexed):
 def test_an_entry_that_disagrees_with_its_index_is_refused_when_its_unit_is_read(indexed, tmp_path):
     entry_path = indexed / ledger_key(0, 1)
     entry = json.loads(entry_path.read_bytes())
-    entry["committed"] = "2000-01-01T00:00:00+00:00"
+    entry["committed"] = "2000-01-01T00:00:00+00:00"  # a commit time is no content: a unit committed twice agrees
+    entry_path.write_text(json.dumps(entry, indent=1))
+    open_cache(indexed).read_block(0, 2)
+    entry["views"] += 1
     entry_path.write_text(json.dumps(entry, indent=1))
     cache = open_cache(indexed)  # opening reads the index only
     cache.read_block(0, 0)  # another unit
-    with pytest.raises(FormatError, match=r"epoch 0 unit 1: its ledger entry ledger/e000000-u000001.json and the epoch index "
-                                          r"ledger/epochs/e000000.json disagree \(committed\)"):
+    with pytest.raises(ChecksumError, match=r"epoch 0 unit 1: its ledger entry ledger/e000000-u000001.json and the epoch index "
+                                            r"ledger/epochs/e000000.json disagree \(views\)"):
         cache.read_block(0, 2)
     result = invoke("verify", indexed, "--quick")
-    assert result.exit_code == 5 and "disagree (committed)" in result.stderr
+    assert result.exit_code == 5 and "disagree (views)" in result.stderr
+    result = invoke("merge", tmp_path / "merged", indexed, indexed)
+    assert result.exit_code == 3 and "disagree (views)" in result.stderr
     messages = []
     assert index_cache(indexed, log=messages.append)["rewritten"] == [0]
     assert messages == [f"{indexed}: the index of epoch 0 disagreed with its ledger entries; rewritten from them"]
@@ -150,22 +164,22 @@ def test_a_unit_uncommitted_after_its_index_was_written_is_absent(indexed):
     assert not (indexed / epoch_index_key(0)).exists() and not (indexed / ledger_key(0, 1)).exists()
 
 
-def test_an_index_of_a_later_version_is_passed_over_for_the_entries(indexed, small_cache):
+def test_an_index_of_a_later_version_is_passed_over_for_the_entries(indexed, plain):
     path = indexed / epoch_index_key(0)
     body = json.loads(path.read_bytes())
     body["version"] = 2
     path.write_text(json.dumps(body))
     cache = open_cache(indexed)
-    assert cache.indexed_epochs() == [1] and cache.ledger == open_cache(small_cache).ledger
+    assert cache.indexed_epochs() == [1] and cache.ledger == open_cache(plain).ledger
 
 
-def test_merge_and_export_write_the_indexes_and_keep_the_digest(small_cache, tmp_path):
+def test_merge_and_export_write_the_indexes_and_keep_the_digest(small_cache, plain, tmp_path):
     digest = open_cache(small_cache).digest()
-    export_cache(ExportConfig(cache=str(small_cache), output=str(tmp_path / "e0"), epochs=(0,)), log=quiet)
-    export_cache(ExportConfig(cache=str(small_cache), output=str(tmp_path / "e1"), epochs=(1,)), log=quiet)
+    export_cache(ExportConfig(cache=str(plain), output=str(tmp_path / "e0"), epochs=(0,)), log=quiet)  # from a cache without
+    export_cache(ExportConfig(cache=str(plain), output=str(tmp_path / "e1"), epochs=(1,)), log=quiet)
     assert open_cache(tmp_path / "e0").indexed_epochs() == [0]
     merge_caches(str(tmp_path / "merged"), [str(tmp_path / "e0"), str(tmp_path / "e1")], log=quiet)
-    export_cache(ExportConfig(cache=str(small_cache), output=str(tmp_path / "all.zip"), format="zip"), log=quiet)
+    export_cache(ExportConfig(cache=str(plain), output=str(tmp_path / "all.zip"), format="zip"), log=quiet)
     for name in ("merged", "all.zip"):
         cache = open_cache(tmp_path / name)
         assert cache.indexed_epochs() == [0, 1] and cache.digest() == digest, name
@@ -179,8 +193,8 @@ def test_info_counts_the_files_from_the_ledger_as_they_are_on_disk(indexed):
     assert info["epochs_indexed"] == [0, 1] and len(info["digest"]) == 64
 
 
-def test_the_index_command_says_what_it_did_and_refuses_what_it_cannot_index(small_cache, tmp_path):
-    path = Path(shutil.copytree(small_cache, tmp_path / "cache"))
+def test_the_index_command_says_what_it_did_and_refuses_what_it_cannot_index(small_cache, plain, tmp_path):
+    path = plain
     result = invoke("index", path)
     assert result.exit_code == 0 and result.stdout.strip() == (
         f"{path}: epoch indexes 2 written, 0 rewritten, 0 already up to date; 0 epoch(s) not complete")

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.errors import ChecksumError, ConfigError, FormatError, MismatchError
-from kdcache.format import RECORD_ARRAYS, ledger_key, open_cache, sha256_bytes, shard_key
+from kdcache.format import RECORD_ARRAYS, ledger_key, open_cache, sha256_bytes, shard_key, write_epoch_index
 from kdcache.merge import merge_caches
 from kdcache.verify import VerifyConfig, verify
 from kdcache_cli.main import app
@@ -158,6 +158,7 @@ def test_a_unit_with_other_bytes_in_two_inputs_is_refused(tmp_path, unit_jobs, s
     entry = json.loads(entry_path.read_text())
     entry["files"][key]["sha256"] = sha256_bytes((bad / key).read_bytes())  # the input is consistent in itself
     entry_path.write_text(json.dumps(entry))
+    write_epoch_index(bad, 1)  # its epoch index too
     out = tmp_path / "merged"
     with pytest.raises(MismatchError) as caught:
         merge(out, small_cache, bad)

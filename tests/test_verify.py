@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from kdcache.augment import PRESETS
 from kdcache.errors import ConfigError, VerifyError
-from kdcache.format import CacheWriter, ledger_key, open_cache, shard_key
+from kdcache.format import CacheWriter, ledger_key, open_cache, shard_key, write_epoch_index
 from kdcache.plan import read_block
 from kdcache.record import make_records
 from kdcache.replay import replay_block
@@ -160,6 +160,7 @@ def rewrite_picked_view(path: Path, array: str, change) -> tuple[int, int, str]:
     row = (block - layout.unit_blocks(unit).start) * layout.block_capacity + position
     change(arrays[array][row], cache.manifest)
     CacheWriter(path).write_unit(epoch, unit, arrays)
+    write_epoch_index(path, epoch)  # a recommit consistent in every checksum, the epoch index too
     key = str(cache.samples()["key"][layout.block_slots(block)][position])
     return epoch, block, key
 

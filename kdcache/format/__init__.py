@@ -20,7 +20,9 @@ whole, so concurrent writers never share a file. A unit exists for readers only 
 is written only after the unit's shard files are durable (fsync) and their sha256 recorded.
 
 Modules: :mod:`~kdcache.format.manifest` (what a cache is), :mod:`~kdcache.format.store` (keys,
-codecs, checksums, the JSON files), :mod:`~kdcache.format.reader` and :mod:`~kdcache.format.writer`.
+codecs, checksums, the JSON files), :mod:`~kdcache.format.ledger` (the ledger's entries and epoch
+indexes), :mod:`~kdcache.format.digest` (the content digest), :mod:`~kdcache.format.reader` and
+:mod:`~kdcache.format.writer`.
 Everything is re-exported here: import from ``kdcache.format``.
 """
 
@@ -45,6 +47,7 @@ from kdcache.format.manifest import (
 from kdcache.format.store import (
     COMPRESSION,
     LedgerEntry,
+    canonical_json,
     parse_ledger,
     ledger_key,
     read_manifest,
@@ -53,6 +56,16 @@ from kdcache.format.store import (
     sample_array_sha256,
     sha256_bytes,
     shard_key,
+)
+from kdcache.format.ledger import (
+    epoch_index_key,
+    index_cache,
+    write_epoch_index,
+)
+from kdcache.format.digest import (
+    check_digest_option,
+    content_digest,
+    require_digest,
 )
 from kdcache.format.reader import (
     Cache,
@@ -99,6 +112,13 @@ __all__ = [
     "sample_array_sha256",
     "sha256_bytes",
     "shard_key",
+    "epoch_index_key",
+    "index_cache",
+    "write_epoch_index",
+    "canonical_json",
+    "check_digest_option",
+    "content_digest",
+    "require_digest",
     "Cache",
     "HeldUnits",
     "open_cache",

@@ -19,15 +19,12 @@ never looks into ``ledger/epochs/``. docs/format.md ("The epoch index") is the s
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
-from kdcache.location import Location, fsync_dir
+from kdcache.location import Location, atomic_write_bytes, fsync_dir
+from kdcache.format.digest import entry_content
 from kdcache.format.manifest import LEDGER_DIR
 from kdcache.format.store import (
     LedgerEntry,
@@ -189,22 +186,26 @@ def _index_epoch(location: Location, key: str, name: str) -> int:
 
 
 def check_agreement(location: Location, index_entry: LedgerEntry, data: bytes | None) -> None:
-    """Refuse a unit whose own ledger entry (``data``) differs from its epoch index's, naming both files and the field:
-    a ChecksumError (two records of one unit that disagree), or IncompleteCacheError when the entry is gone."""
+    """Refuse a unit whose own ledger entry (``data``) says other than its epoch index, naming both files and the field.
+
+    What is compared is what the content digest covers (views and every file's sha256 and size), not the commit
+    time: two writers that both commit a unit (a lease that lapsed) write the same files at other times. A
+    ChecksumError (two records of one unit that disagree), or IncompleteCacheError when the entry is gone.
+    """
     epoch, unit = index_entry.epoch, index_entry.unit
     key, index_key = ledger_key(epoch, unit), epoch_index_key(epoch)
     if data is None:
         raise IncompleteCacheError(f"{location}: epoch {epoch} unit {unit}: its ledger entry {key} is missing, but the epoch index "
-                          f"{index_key} lists it; " + _rebuild_advice(location))
-    own = parse_ledger_bytes(location, key.split("/", 1)[1], data)
-    if own != index_entry:
-        field_name = next(f for f in ("files", "views", "committed") if getattr(own, f) != getattr(index_entry, f))
+                                   f"{index_key} lists it; " + _rebuild_advice(location))
+    own, listed = entry_content(parse_ledger_bytes(location, key.split("/", 1)[1], data)), entry_content(index_entry)
+    if own != listed:
+        field_name = next(f for f in ("files", "views") if own[f] != listed[f])
         if field_name == "files":
-            field_name = next((f"files.{k}" for k in sorted(set(own.files) | set(index_entry.files))
-                               if own.files.get(k) != index_entry.files.get(k)), "files")
+            field_name = next((f"files.{k}" for k in sorted(set(own["files"]) | set(listed["files"]))
+                               if own["files"].get(k) != listed["files"].get(k)), "files")
         raise ChecksumError(f"{location}: epoch {epoch} unit {unit}: its ledger entry {key} and the epoch index {index_key} "
-                          f"disagree ({field_name}); the ledger was changed after the index was written: run kdcache verify, "
-                          "then " + _rebuild_advice(location).replace("rebuild it", "rebuild the index"))
+                            f"disagree ({field_name}); the ledger was changed after the index was written: run kdcache verify, "
+                            "then " + _rebuild_advice(location).replace("rebuild it", "rebuild the index"))
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -248,25 +249,8 @@ def write_epoch_index(path: str | Path, epoch: int) -> str:
         existing = None
     if existing == content:
         return "unchanged"
-    _write_whole(target, content)
+    atomic_write_bytes(target, content)  # a temporary name of its own per call: concurrent writers never share one
     return "written" if existing is None else "rewritten"
-
-
-def _write_whole(target: Path, content: bytes) -> None:
-    """Write ``target`` through a temporary file of this process and thread alone, fsync, rename, fsync the directory:
-    several writers of the same index each rename a complete file into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
 
 
 def remove_epoch_index(path: str | Path, epoch: int) -> None:

@@ -284,6 +284,11 @@ class Cache(HeldUnits):
         rows = self.layout.block_slots(block)
         return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
 
+    def check_own_entry(self, epoch: int, unit: int) -> None:
+        """A unit read from an epoch index: its own ledger entry must say the same (kdcache.format.ledger.check_agreement)."""
+        if self._ledger.indexed(epoch, unit):
+            check_agreement(self.location, self.ledger[epoch, unit], self.location.read(ledger_key(epoch, unit)))
+
     def verify_unit(self, epoch: int, unit: int) -> None:
         """Re-hash one unit's files against the ledger (raises ChecksumError / IncompleteCacheError)."""
         self.read_unit(epoch, unit, fresh=True)

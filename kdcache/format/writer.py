@@ -19,6 +19,7 @@ from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, RECORD_A
 from kdcache.format.store import LedgerEntry, _compressors, ledger_key, read_root, sample_array_sha256, sha256_bytes, shard_key
 from kdcache.format.reader import Cache
 from kdcache.format.claims import MANIFEST_CLAIM, Claims
+from kdcache.format.ledger import remove_epoch_index, write_epoch_index
 
 
 class CreatedElsewhere(ConfigError):
@@ -202,14 +203,10 @@ class CacheWriter:
 
     def write_epoch_index(self, epoch: int) -> str:
         """Write the epoch index of ``epoch`` once all its units are committed (kdcache.format.ledger.write_epoch_index)."""
-        from kdcache.format.ledger import write_epoch_index
-
         return write_epoch_index(self.path, epoch)
 
     def uncommit(self, epoch: int, unit: int) -> None:
         """Drop a unit's ledger entry (before recomputing a damaged unit), and first its epoch's index."""
-        from kdcache.format.ledger import remove_epoch_index
-
         remove_epoch_index(self.path, epoch)
         path = self.path / ledger_key(epoch, unit)
         if path.exists():
