@@ -154,6 +154,8 @@ def test_two_ranks_write_the_same_cache_as_one(tmp_path, small_cache, precompute
     for volatile in ("created", "command"):
         two.pop(volatile), one.pop(volatile)
     assert two == one
+    assert open_cache(out).digest() == open_cache(small_cache).digest()  # one content, one digest, whatever the ranks
+    assert open_cache(out).indexed_epochs() == [0, 1]  # the rank that committed an epoch's last unit indexed it
 
 
 # ---- appending epochs -----------------------------------------------------------------------------
