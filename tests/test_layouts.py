@@ -61,3 +61,20 @@ def test_a_cache_made_before_claims_is_extended_through_claims(old_cache, helper
     left = [p.name for p in (old_cache / CLAIMS_DIR).iterdir()]
     assert left == ["manifest.g0.json"], left  # every unit claim went with its commit; adding epochs leaves its released mark
     assert "released" in (old_cache / CLAIMS_DIR / "manifest.g0.json").read_text()
+
+
+#: The content digest of the stored cache: a change of the digest's encoding (docs/format.md) shows here.
+OLD_CACHE_DIGEST = "1d21341f76dadf726f809a61fd92b84a6feb17c6fd5acc93af30bd04262f465f"
+
+
+def test_a_cache_made_before_epoch_indexes_has_the_same_digest_once_indexed(old_cache):
+    from kdcache.format import epoch_index_key
+
+    assert not (old_cache / "ledger" / "epochs").exists()
+    plain = open_cache(old_cache)
+    assert plain.indexed_epochs() == [] and plain.digest() == OLD_CACHE_DIGEST
+    result = CliRunner().invoke(app, ["index", str(old_cache)])
+    assert result.exit_code == 0 and "2 written" in result.stdout, result.output
+    indexed = open_cache(old_cache)
+    assert indexed.indexed_epochs() == [0, 1] and indexed.ledger == plain.ledger and indexed.digest() == OLD_CACHE_DIGEST
+    assert (old_cache / epoch_index_key(1)).is_file()
