@@ -70,3 +70,19 @@ def test_writers_benchmark_counts_every_unit_once():
     summary = json.loads(run("writers.py", "--quick"))
     assert summary["median_ratio_shared_over_apart"] > 0 and summary["claim_protocol_ms"] > 0
     assert [sum(units) for units in summary["units_per_job_when_shared"]] == [46]  # the benchmark itself refuses a miscount
+
+
+@pytest.mark.slow
+def test_scale_benchmark_prints_its_growth_tables(tmp_path):
+    out = run("scale.py", "--quick", "--out", str(tmp_path / "scale"))
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0].replace(",", "").isdigit():
+            rows[cells[0]] = cells
+    assert {"1,000", "4,000", "20", "100"} <= set(rows)
+    assert "training stopped before any step on this block" in out and "sample 's0000" in out
+    # opened over http with epoch indexes: one request more per epoch (1 and 5 epochs), not one per unit (20 and 100)
+    with_index = int(rows["100"][5]) - int(rows["20"][5])
+    without_index = int(rows["100"][11].replace(",", "")) - int(rows["20"][11].replace(",", ""))
+    assert with_index == 4 and without_index == 80
