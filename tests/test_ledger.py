@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.augment import preset
-from kdcache.errors import ChecksumError, FormatError
+from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
 from kdcache.export import ExportConfig, export_cache
 from kdcache.format import COMPRESSION, FORMAT_VERSION, BlockLayout, CacheWriter, DatasetInfo, Manifest, TeacherInfo, ledger_key, open_cache
 from kdcache.format.ledger import epoch_index_bytes, epoch_index_key, index_cache, write_epoch_index
@@ -126,6 +126,46 @@ def test_a_damaged_index_is_refused_naming_it(indexed):
     assert "ledger/epochs/e000001.json is not valid JSON" in one_error_line(invoke("info", indexed), 3)
     assert index_cache(indexed, log=quiet)["rewritten"] == [1]  # rebuilt from the entries
     assert open_cache(indexed).indexed_epochs() == [0, 1]
+
+
+def rewrite_index(path: Path, edit) -> None:
+    """Edit an index and give it a valid sha256 again: damage its checksum cannot see."""
+    import hashlib
+
+    body = json.loads(path.read_bytes())
+    body.pop("sha256")
+    edit(body)
+    canonical = lambda value: json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    body["sha256"] = hashlib.sha256(canonical(body)).hexdigest()
+    path.write_bytes(canonical(body))
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda b: b.update(kind="something-else"), "is not an epoch index (kind 'something-else', expected 'kdcache-epoch-index')"),
+    (lambda b: b.update(epoch=0), "is malformed (epoch 0, expected 1"),
+    (lambda b: b["entries"][1].update(epoch=0), "entries[1] is malformed (epoch 0 unit 1 in the index of epoch 1"),
+    (lambda b: b["entries"][1].pop("files"), "entries[1] is malformed (KeyError('files'))"),
+    (lambda b: b.update(ledger_bytes="many"), "is malformed (epoch 1, expected 1, with a list of entries and ledger_bytes)"),
+], ids=["kind", "epoch", "entry-epoch", "entry-files", "ledger-bytes"])
+def test_an_index_with_a_valid_checksum_but_wrong_content_is_refused_naming_it(indexed, edit, named):
+    rewrite_index(indexed / epoch_index_key(1), edit)
+    line = one_error_line(invoke("info", indexed), 3)
+    assert f"epoch index ledger/epochs/e000001.json" in line and named in line
+
+
+def test_a_file_in_the_index_directory_that_is_no_index_is_named(indexed):
+    (indexed / "ledger" / "epochs" / "notes.json").write_text("{}")
+    line = one_error_line(invoke("info", indexed), 3)
+    assert line == (f"error: {indexed}: ledger/epochs/notes.json is not an epoch index name "
+                    "(expected ledger/epochs/eEEEEEE.json)")
+
+
+def test_an_entry_removed_after_opening_is_refused_when_its_unit_is_read(indexed):
+    cache = open_cache(indexed)
+    (indexed / ledger_key(1, 2)).unlink()
+    with pytest.raises(IncompleteCacheError, match=r"epoch 1 unit 2: its ledger entry ledger/e000001-u000002.json is missing, "
+                                                   r"but the epoch index ledger/epochs/e000001.json lists it"):
+        cache.read_block(1, 4)
 
 
 def test_an_entry_that_disagrees_with_its_index_is_refused_when_its_unit_is_read(indexed, tmp_path):
