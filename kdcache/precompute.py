@@ -436,6 +436,8 @@ class _Work:
         missing = [key for key in self.planned if key not in self.cache.ledger]
         held = {key: self.claims.live_holder(unit_claim(*key)) for key in missing}
         self.claims.forget(unit_claim(*key) for key in self.cache.ledger)  # what killed writers left on committed units
+        for epoch in sorted(set(self.cache.complete_epochs()) - set(self.cache.indexed_epochs())):
+            self.writer.write_epoch_index(epoch)  # its last unit's writer was killed before indexing it
         result = PrecomputeResult(
             output=str(self.config.output), units_done=self.units_done, units_skipped=self.already, views=self.views_done,
             seconds=seconds, epochs_complete=self.cache.complete_epochs(),

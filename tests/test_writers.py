@@ -53,11 +53,15 @@ def reference(tmp_path_factory, teacher_ckpt, subprocess_env, helpers):
 
 
 def _content(path: Path) -> dict:
-    """What must equal a one-process cache: record shards and plan byte for byte; ledger and manifest without times."""
-    content = {}
+    """What must equal a one-process cache: record shards and plan byte for byte; ledger and manifest without
+    times; the content digest, which the epoch indexes must agree with (checked as the cache opens)."""
+    from kdcache.format import open_cache
+
+    cache = open_cache(path)
+    content = {"digest": cache.digest(), "indexed epochs": cache.indexed_epochs(), "stale indexes": cache.stale_indexes()}
     for file in sorted(path.rglob("*")):
         name = str(file.relative_to(path))
-        if not file.is_file() or name.startswith("claims/") or "/." in f"/{name}":
+        if not file.is_file() or name.startswith(("claims/", "ledger/epochs/")) or "/." in f"/{name}":
             continue
         data = file.read_bytes()
         if name.startswith("ledger/"):
