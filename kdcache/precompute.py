@@ -118,6 +118,7 @@ class PrecomputeResult:
     epochs_complete: list[int]
     unheld: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # uncommitted, no live writer holds them
     held_elsewhere: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # uncommitted, held by live writers
+    taken_over: int = 0  # units this process computed again because their writer died holding them
 
     @property
     def views_per_second(self) -> float:
@@ -348,7 +349,7 @@ class _Work:
         mine = pending[ranks.rank :: ranks.world]  # each rank starts on its own share, then helps with the rest
         self.order = mine + [key for key in pending if key not in set(mine)]
         self.already = len(self.planned) - len(pending)
-        self.units_done = self.views_done = 0
+        self.units_done = self.views_done = self.units_taken_over = 0
         if ranks.main:
             log(f"{self.already} unit(s) already committed, {len(pending)} to compute; "
                 f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
@@ -378,6 +379,7 @@ class _Work:
                     continue
                 claimed = True
                 self.units_claimed += 1
+                self.units_taken_over += self.claims.last_taken_over  # its writer died with it uncommitted: computed again
                 yield epoch, unit
             order = [key for key in order if not self._committed(*key)]
             if not claimed and all(self.claims.live_holder(unit_claim(*key)) for key in order):
@@ -441,9 +443,11 @@ class _Work:
         result = PrecomputeResult(
             output=str(self.config.output), units_done=self.units_done, units_skipped=self.already, views=self.views_done,
             seconds=seconds, epochs_complete=self.cache.complete_epochs(),
-            unheld=[key for key in missing if held[key] is None],
+            unheld=[key for key in missing if held[key] is None], taken_over=self.units_taken_over,
             held_elsewhere=[key for key in missing if held[key] is not None],
         )
+        if self.units_taken_over:
+            self.log(f"took over {self.units_taken_over} unit(s) from writers that died computing them")
         if result.held_elsewhere:
             holders = sorted({held[key].describe() for key in result.held_elsewhere})
             self.log(f"{len(result.held_elsewhere)} unit(s) of this cache are still being computed by "

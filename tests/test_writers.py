@@ -108,12 +108,13 @@ class _Process:
 def _check_counts(processes: list[_Process], killed: int, cache: Path) -> dict:
     """Disjoint work, honest last lines; returns the counts of the trial."""
     seen: dict[tuple[int, int], str] = {}
-    logged_total = 0
+    logged_total = taken_over = 0
     for process in processes:
         for rank, text in process.logs().items():
             who = f"{process.name}/{rank}"
             units = _logged(text)
             logged_total += len(units)
+            taken_over += sum(int(n) for n in re.findall(r"^took over (\d+) unit\(s\) from writers that died", text, flags=re.M))
             for key in units:
                 assert key not in seen, f"epoch {key[0]} unit {key[1]} computed by both {seen[key]} and {who}"
                 seen[key] = who
@@ -124,7 +125,7 @@ def _check_counts(processes: list[_Process], killed: int, cache: Path) -> dict:
     assert set(seen) <= _committed(cache) <= PLANNED
     unlogged = _committed(cache) - set(seen)
     assert len(unlogged) <= killed, f"{len(unlogged)} committed unit(s) nobody logged, {killed} process(es) killed"
-    return {"logged": logged_total, "unlogged": len(unlogged)}
+    return {"logged": logged_total, "unlogged": len(unlogged), "taken_over": taken_over}
 
 
 def _finish(cache: Path, teacher: Path, env: dict, helpers) -> int:
@@ -133,7 +134,7 @@ def _finish(cache: Path, teacher: Path, env: dict, helpers) -> int:
     run = subprocess.run([*helpers.cli_command(), *_argv(cache, teacher)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip().splitlines()[-1] == f"computed {len(missing)} unit(s)", run.stderr
-    return len(missing)
+    return len(missing), sum(int(n) for n in re.findall(r"^took over (\d+) unit\(s\)", run.stderr, flags=re.M))
 
 
 def _final_checks(cache: Path, reference: dict) -> None:
@@ -167,17 +168,20 @@ def test_torchrun_ranks_with_random_delays_and_kills(trial, tmp_path, teacher_ck
     process = _Process.__new__(_Process)
     process.name, process.folder, process.popen, process.killed = "torchrun", folder, job, False
     killed = 0
-    if kill:
-        at = time.monotonic() + rng.uniform(3, 14)
-        while job.poll() is None and time.monotonic() < at:
-            time.sleep(0.02)
+    if kill:  # once a random number of units is committed (0: during start-up), then after a random delay within a unit
+        after = rng.choice([0, rng.randrange(1, len(PLANNED) - 4)])
+        deadline = time.monotonic() + 300
+        while job.poll() is None and len(_committed(cache)) < after and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
         victim = f"rank-{rng.randrange(world)}"
         pid = process.pids().get(victim)
         if job.poll() is None and pid is not None:
             os.kill(pid, signal.SIGKILL)
             killed = world  # the others are stopped by torchrun (SIGTERM): any may stop between commit and log line
     job.wait(timeout=400)
-    complete_at_exit = _committed(cache) == PLANNED
+    _committed_before = _committed(cache)
+    complete_at_exit = _committed_before == PLANNED
     if job.returncode == 0:
         assert complete_at_exit, "a torchrun job exited 0 with an incomplete cache"
     else:
@@ -188,11 +192,14 @@ def test_torchrun_ranks_with_random_delays_and_kills(trial, tmp_path, teacher_ck
             if errors and "finish the cache with:" not in errors[0]:
                 assert "interrupted" in errors[0] or "rank 0 could not prepare" in errors[0], (rank, errors)
     counts = _check_counts([process], killed, cache)
-    rerun = 0 if complete_at_exit else _finish(cache, teacher_ckpt, subprocess_env, helpers)
+    rerun, rerun_taken = (0, 0) if complete_at_exit else _finish(cache, teacher_ckpt, subprocess_env, helpers)
     _final_checks(cache, reference)
+    recomputed = counts["taken_over"] + rerun_taken
+    assert recomputed <= (1 if killed else 0)  # only the killed rank's unit in flight: the others were stopped by SIGTERM
+    assert counts["logged"] + rerun + counts["unlogged"] == len(PLANNED)
     _report({"kind": "torchrun", "trial": trial, "ranks": world, "killed_rank": bool(killed), "rc": job.returncode,
-             "planned": len(PLANNED), **counts, "rerun_computed": rerun,
-             "recomputed_after_kill": counts["logged"] + rerun - len(PLANNED) + counts["unlogged"]})
+             "planned": len(PLANNED), "committed_when_it_ended": len(_committed_before), **counts,
+             "rerun_computed": rerun, "recomputed_after_kill": recomputed})
 
 
 @pytest.mark.parametrize("trial", range(max(2, TRIALS // 2)))
@@ -205,7 +212,10 @@ def test_independent_jobs_at_random_offsets_some_killed_and_restarted(trial, tmp
     processes: list[_Process] = []
     start = time.monotonic()
     plan = sorted((rng.uniform(0, 4), i) for i in range(jobs))
-    victims = {i: rng.uniform(4, 14) for i in range(jobs) if trial % 2 == 1 or rng.random() < 0.3}
+    # a victim is killed once the cache holds a random number of units, then after a random delay within a unit
+    victims = {i: rng.randrange(0, len(PLANNED) - 4) for i in range(jobs) if trial % 2 == 1 or rng.random() < 0.3}
+    delays = {i: rng.uniform(0, 0.3) for i in victims}
+    due: dict[int, float] = {}
     launched = 0
     killed = 0
     exits_checked: set[int] = set()
@@ -216,11 +226,13 @@ def test_independent_jobs_at_random_offsets_some_killed_and_restarted(trial, tmp
             launched += 1
         for index, process in enumerate(processes):
             number = int(process.name.split("-")[1])
-            if process.popen.poll() is None and number in victims and now >= victims[number] and not process.killed:
+            if number in victims and number not in due and process.pids() and len(_committed(cache)) >= victims[number]:
+                due[number] = now + delays[number]
+            if process.popen.poll() is None and number in due and now >= due[number] and not process.killed:
                 process.popen.send_signal(signal.SIGKILL)
                 process.killed = True
                 killed += 1
-                del victims[number]
+                del victims[number], due[number]
                 # the scheduler restarts it: a new job on the same cache, while the others still run
                 processes.append(_Process(f"job-{len(processes) + 10}", argv, tmp_path / f"job-{len(processes) + 10}", subprocess_env, [0]))
             if process.popen.poll() is not None and index not in exits_checked:
@@ -236,11 +248,13 @@ def test_independent_jobs_at_random_offsets_some_killed_and_restarted(trial, tmp
             pytest.fail("the jobs did not finish within 600 s")
         time.sleep(0.02)
     counts = _check_counts(processes, killed, cache)
-    rerun = 0 if _committed(cache) == PLANNED else _finish(cache, teacher_ckpt, subprocess_env, helpers)
+    rerun, rerun_taken = (0, 0) if _committed(cache) == PLANNED else _finish(cache, teacher_ckpt, subprocess_env, helpers)
     _final_checks(cache, reference)
+    recomputed = counts["taken_over"] + rerun_taken
+    assert recomputed <= killed  # a killed job held one unit at most
+    assert counts["logged"] + rerun + counts["unlogged"] == len(PLANNED)
     _report({"kind": "jobs", "trial": trial, "jobs": jobs, "killed": killed, "processes": len(processes),
-             "planned": len(PLANNED), **counts, "rerun_computed": rerun,
-             "recomputed_after_kill": counts["logged"] + rerun - len(PLANNED) + counts["unlogged"]})
+             "planned": len(PLANNED), **counts, "rerun_computed": rerun, "recomputed_after_kill": recomputed})
 
 
 def test_epochs_added_while_another_job_writes(tmp_path, teacher_ckpt, subprocess_env, helpers):

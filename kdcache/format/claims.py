@@ -123,7 +123,8 @@ class Claims:
         self.folder = Path(path) / CLAIMS_DIR
         self.me = Holder.this_process(lease_seconds)
         self.held: dict[str, Path] = {}
-        self.taken_over = 0  # claims of dead holders this process took
+        self.taken_over = 0  # claims of dead holders this process took (released claims do not count)
+        self.last_taken_over = False  # whether the last claim made was one
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -179,6 +180,7 @@ class Claims:
         """Claim ``key`` for this process; False if a live process holds it (or won it just now)."""
         for _ in range(8):  # the highest generation can vanish between listing and reading: look again
             generations = self._generations(key)
+            died = False
             if not generations:
                 generation = 0
             else:
@@ -187,7 +189,7 @@ class Claims:
                     continue
                 if self._alive(*found):
                     return False
-                generation = generations[-1] + 1
+                generation, died = generations[-1] + 1, found[0] is not False  # not released: its holder died
             mine = self.folder / claim_name(key, generation)
             if not self._create(mine.name):
                 return False  # another process made this generation first: it holds the claim
@@ -196,7 +198,8 @@ class Claims:
                 return False
             for older in generations:
                 (self.folder / claim_name(key, older)).unlink(missing_ok=True)
-            self.taken_over += bool(generations)
+            self.last_taken_over = died
+            self.taken_over += died
             with self._lock:
                 self.held[key] = self.folder / claim_name(key, generation)
             self._start_heartbeat()
