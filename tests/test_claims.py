@@ -53,6 +53,7 @@ def test_a_claim_is_exclusive_until_released(tmp_path):
     assert "released" in json.loads(_claim_file(tmp_path).read_text()) and second.live_holder(KEY) is None
     assert not first.still_held(KEY)
     assert second.try_claim(KEY)
+    assert second.taken_over == 0 and not second.last_taken_over  # a released claim is free, not taken over
     assert not _claim_file(tmp_path, generation=0).exists() and _claim_file(tmp_path, generation=1).exists()
     second.release(KEY, committed=True)  # committed: removed
     second.close()
@@ -99,7 +100,7 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path):
     with Claims(tmp_path) as claims:
         assert claims.live_holder(KEY) is None
         assert claims.try_claim(KEY)
-        assert claims.taken_over == 1
+        assert claims.taken_over == 1 and claims.last_taken_over
         assert not _claim_file(tmp_path, generation=0).exists()  # the dead claim is removed
         assert json.loads(_claim_file(tmp_path, generation=1).read_text())["token"] == claims.me.token
 
