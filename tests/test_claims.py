@@ -231,3 +231,20 @@ def test_claim_names_are_pinned():
     assert claim_name(unit_claim(3, 7), 2) == "e000003-u000007.g2.json"
     assert claim_name(MANIFEST_CLAIM, 0) == "manifest.g0.json"
     assert sorted(Holder.__dataclass_fields__) == sorted(["host", "boot_id", "pid", "pid_start", "token", "claimed", "lease_seconds"])
+
+
+def test_forget_removes_the_temporaries_of_writers_killed_while_claiming(tmp_path):
+    folder = tmp_path / CLAIMS_DIR
+    folder.mkdir()
+    with Claims(tmp_path) as claims:
+        host = claims.me.host
+        dead = folder / f".{claim_name(KEY, 1)}.{host}-{_dead_pid()}-0a1b2c3d"
+        mine = folder / f".{claim_name(KEY, 2)}.{host}-{os.getpid()}-0a1b2c3d"  # a live maker's: kept
+        young = folder / f".{claim_name(KEY, 3)}.other.host.example-77-0a1b2c3d"  # another machine's, fresh: kept
+        old = folder / f".{claim_name(KEY, 4)}.other.host.example-78-0a1b2c3d"  # another machine's, long stale
+        for path in (dead, mine, young, old):
+            path.write_text("{}")
+        then = time.time() - 3600
+        os.utime(old, (then, then))
+        claims.forget([KEY])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([mine.name, young.name])

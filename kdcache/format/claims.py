@@ -242,6 +242,17 @@ class Claims:
             os.close(fd)
         return True
 
+    def _stale_temporary(self, name: str) -> bool:
+        """A claim's temporary ``.NAME.HOST-PID-RANDOM`` whose maker is gone: a dead pid here, or older than a lease."""
+        host, _, rest = name.partition(".json.")[2].rpartition("-")[0].rpartition("-")
+        try:
+            age = time.time() - (self.folder / name).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if host == self.me.host and rest.isdigit():
+            return not _pid_runs(int(rest))
+        return age > DEFAULT_LEASE
+
     def still_held(self, key: str) -> bool:
         """True while this process's claim is the highest generation of ``key`` (nobody took it over)."""
         with self._lock:
@@ -270,13 +281,17 @@ class Claims:
             self.release(key)
 
     def forget(self, keys) -> int:
-        """Remove the released or dead claims of ``keys``, units that are committed (so nobody computes them)."""
+        """Remove the released or dead claims of ``keys``, units that are committed (so nobody computes them),
+        and the temporaries of writers killed while making a claim."""
         keys, removed = set(keys), 0
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return 0
         for name in names:
+            if name.startswith(".") and self._stale_temporary(name):  # a writer killed while making a claim
+                (self.folder / name).unlink(missing_ok=True)
+                continue
             match = _NAME.match(name)
             if match and match.group(1) in keys:
                 found = self._read(self.folder / name)
