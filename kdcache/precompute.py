@@ -345,9 +345,11 @@ class _Work:
         # One snapshot for every rank (rank 0's): it orders the work; the claims decide who does what.
         committed = distributed.broadcast_object(sorted(self.cache.ledger))
         self.planned = [(e, u) for e in range(config.from_epoch, self.manifest.epochs) for u in range(self.layout.num_units)]
-        pending = [key for key in self.planned if key not in set(committed)]
+        done = set(committed)
+        pending = [key for key in self.planned if key not in done]
         mine = pending[ranks.rank :: ranks.world]  # each rank starts on its own share, then helps with the rest
-        self.order = mine + [key for key in pending if key not in set(mine)]
+        first = set(mine)
+        self.order = mine + [key for key in pending if key not in first]
         self.already = len(self.planned) - len(pending)
         self.units_done = self.views_done = self.units_taken_over = 0
         if ranks.main:
