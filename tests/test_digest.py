@@ -9,26 +9,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from kdcache.export import ExportConfig, export_cache
 from kdcache.format import ledger_key, open_cache, sha256_bytes, shard_key
 from kdcache.format.ledger import index_cache
 from kdcache.merge import merge_caches
-from kdcache_cli.main import app
+from cli_checks import invoke, quiet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def quiet(message: str) -> None:
-    pass
-
-
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def one_error_line(result, exit_code: int) -> str:
+    """One `error:` line, and the last: unlike cli_checks.one_error_line, other lines may come before it."""
     assert result.exit_code == exit_code, result.output
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, result.stderr

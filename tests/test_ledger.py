@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from kdcache.augment import preset
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
@@ -23,25 +22,9 @@ from kdcache.format import COMPRESSION, FORMAT_VERSION, BlockLayout, CacheWriter
 from kdcache.format.ledger import epoch_index_bytes, epoch_index_key, index_cache, write_epoch_index
 from kdcache.info import cache_info
 from kdcache.merge import merge_caches
-from kdcache_cli.main import app
+from cli_checks import invoke, one_error_line, quiet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet(message: str) -> None:
-    pass
-
-
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, exit_code: int) -> str:
-    assert result.exit_code == exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture

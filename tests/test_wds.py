@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset
-from typer.testing import CliRunner
 
 from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import RECORD_ARRAYS, open_cache
@@ -24,25 +23,9 @@ from kdcache.student import StudentConfig, train_student
 from kdcache.teacher import TeacherConfig
 from kdcache.verify import VerifyConfig, verify
 from kdcache.wds import INDEX_NAME, WdsCache, export_wds, shard_name
-from kdcache_cli.main import app
+from cli_checks import invoke, one_error_line, quiet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet(message: str) -> None:
-    pass
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, exit_code: int) -> str:
-    assert result.exit_code == exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def index_of(path) -> dict:
