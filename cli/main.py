@@ -152,6 +152,7 @@ def train_student(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir exactly."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after this many steps."),
     log_every: int = typer.Option(50, "--log-every"),
+    eval_every: int = typer.Option(1, "--eval-every", help="Epochs between evaluations of --val-data (the last epoch is always evaluated)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between checkpoints (0: epoch ends)."),
     no_verify_checksums: bool = typer.Option(False, "--no-verify-checksums", help="Skip sha256 checks of cache units (trusted local caches)."),
     check_data: bool = typer.Option(False, "--check-data", help="Check every sample's digest before the first step (one pass over the data); blocks are checked as they stream anyway."),
@@ -171,7 +172,7 @@ def train_student(
         weight_decay=weight_decay, opt=opt, sched=sched, warmup_epochs=warmup_epochs, ema=ema, seed=seed,
         num_workers=workers, block_size=block_size, meta_blocks=meta_blocks, mkd_meta_every=mkd_meta_every,
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
-        device=device, resume=resume, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+        device=device, resume=resume, max_steps=max_steps, log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every,
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
     )
     result = run(config, log=_log)

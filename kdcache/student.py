@@ -76,6 +76,7 @@ class StudentConfig:
     device: str = "auto"
     resume: bool = False
     log_every: int = 50
+    eval_every: int = 1  # epochs between evaluations of --val-data; the last epoch is always evaluated
     checkpoint_every: int = 0
     max_steps: int | None = None
     verify_checksums: bool = True
@@ -92,6 +93,8 @@ class StudentConfig:
             raise ConfigError("without --cache the views are drawn from --augmentation: give --img-size too")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs}; expected 0 to --epochs ({self.epochs})")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every {self.eval_every}; expected at least 1 (epochs between evaluations)")
         if self.meta_blocks < 1:
             raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
 
@@ -224,7 +227,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
         opt=config.opt, sched=config.sched, warmup_epochs=config.warmup_epochs, ema=config.ema, amp=config.amp,
         channels_last=config.channels_last, compile=config.compile, loss=config.loss, seed=config.seed,
-        resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+        resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every, eval_every=config.eval_every,
         max_steps=config.max_steps, mkd_meta_every=config.mkd_meta_every, mkd_per_class=config.mkd_per_class,
         mkd_head_only=config.mkd_head_only, device=config.device,
     )

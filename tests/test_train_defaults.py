@@ -49,3 +49,21 @@ def test_the_command_and_the_library_share_their_defaults():
     for name in ("epochs", "batch_size", "lr", "weight_decay", "opt", "sched", "warmup_epochs", "seed", "augmentation"):
         assert options[name] == library[name], name
     assert (library["batch_size"], library["lr"], library["warmup_epochs"]) == (64, 3e-3, None)
+
+
+def test_the_run_evaluates_every_eval_every_epochs_and_always_after_the_last(tmp_path):
+    args = ["train-student", "--data", "digits", "--val-data", "digits:val", "--model", "test_resnet", "--loss", "ce",
+            "--img-size", "8", "--device", "cpu", "--amp", "none", "--epochs", "5", "--eval-every", "2",
+            "--run-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines if line["kind"] == "eval"] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("every", ["0", "-3"])
+def test_an_eval_interval_below_one_is_one_line(tmp_path, every):
+    result = train_student(tmp_path / "run", "--epochs", "6", "--eval-every", every)
+    assert result.exit_code == ConfigError.exit_code
+    assert result.output.strip() == f"error: --eval-every {every}; expected at least 1 (epochs between evaluations)"
+    assert not (tmp_path / "run").exists()
