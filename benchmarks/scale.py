@@ -267,7 +267,7 @@ def replaced_image_run(cache: Path, pattern: str, tmp: Path) -> dict:
 def part_n(n: int, out: Path, teacher, results: dict, fresh: bool, replace: bool) -> dict:
     from kdcache.format import open_cache
     from kdcache.plan import plan_layout, scan_plan
-    from kdcache.precompute import PrecomputeConfig, precompute
+    from kdcache.precompute import PrecomputeConfig, precompute_logits
     from kdcache.sources import open_source
 
     row = results.setdefault(f"n{n}", {})
@@ -287,7 +287,7 @@ def part_n(n: int, out: Path, teacher, results: dict, fresh: bool, replace: bool
     if "precompute_s" not in row or fresh or not (cache / "zarr.json").exists():
         shutil.rmtree(cache, ignore_errors=True)
         start = time.perf_counter()
-        done = precompute(PrecomputeConfig(data=pattern, output=str(cache), teacher=teacher, epochs=1, topk=10,
+        done = precompute_logits(PrecomputeConfig(data=pattern, output=str(cache), teacher=teacher, epochs=1, topk=10,
                                            augmentation="light", block_size=SHARD, blocks_per_unit=64, batch_size=256,
                                            command="benchmarks/scale.py"), log=quiet)
         row["precompute_s"] = time.perf_counter() - start
@@ -320,7 +320,7 @@ def part_units(units: list[int], out: Path, teacher, results: dict, fresh: bool,
     from kdcache.format import open_cache
     from kdcache.format.ledger import INDEX_DIR, index_cache
     from kdcache.info import cache_info
-    from kdcache.precompute import PrecomputeConfig, precompute
+    from kdcache.precompute import PrecomputeConfig, precompute_logits
 
     pattern = make_source(out / "units-data", UNITS_PER_EPOCH * UNIT_BLOCK, shard=UNIT_BLOCK)
     previous = None
@@ -334,7 +334,7 @@ def part_units(units: list[int], out: Path, teacher, results: dict, fresh: bool,
             if previous is not None:
                 shutil.copytree(previous, cache)
             start = time.perf_counter()
-            precompute(PrecomputeConfig(data=pattern, output=str(cache), teacher=teacher, epochs=epochs, topk=10,
+            precompute_logits(PrecomputeConfig(data=pattern, output=str(cache), teacher=teacher, epochs=epochs, topk=10,
                                         augmentation="light", blocks_per_unit=1, batch_size=256, resume=previous is not None,
                                         command="benchmarks/scale.py"), log=quiet)
             row["precompute_s"] = time.perf_counter() - start

@@ -28,10 +28,11 @@ import torch  # noqa: E402
 
 import timm  # noqa: E402
 
+from kdcache.augment import cache_spec  # noqa: E402
 from kdcache.errors import UnfinishedCacheError  # noqa: E402
 from kdcache.format import open_cache  # noqa: E402
 from kdcache.losses import LossConfig  # noqa: E402
-from kdcache.precompute import PrecomputeConfig, precompute  # noqa: E402
+from kdcache.precompute import PrecomputeConfig, precompute_logits  # noqa: E402
 from kdcache.replay import replay_block  # noqa: E402
 from kdcache.plan import read_block  # noqa: E402
 from kdcache.sources import decode_sample, open_source  # noqa: E402
@@ -91,7 +92,7 @@ def replayed_views(data, cache_path, limit: int) -> torch.Tensor:
             break
         where = m.blocks.block_slots(block)
         images = [decode_sample(s) for s in read_block(source, m.blocks, block, plan["source_index"][where])]
-        views.append(replay_block(m.spec(), cache.read_block(0, block)["params"], images))
+        views.append(replay_block(cache_spec(m), cache.read_block(0, block)["params"], images))
     return torch.cat(views)
 
 
@@ -159,7 +160,7 @@ def cache_reads(cache_path: str, *, verify_checksums: bool = True) -> float:
 def warm_up_precompute(args, data: str, teacher: TeacherConfig, tmp: Path) -> None:
     """One unit first, so the measured precompute pays for no imports or first calls (the rest stays unfinished)."""
     try:
-        precompute(PrecomputeConfig(data=data, output=str(tmp / "warm-cache"), teacher=teacher, augmentation="light", epochs=1,
+        precompute_logits(PrecomputeConfig(data=data, output=str(tmp / "warm-cache"), teacher=teacher, augmentation="light", epochs=1,
                                     topk=5, block_size=args.block, blocks_per_unit=4, batch_size=args.batch, max_units=1),
                    log=lambda _: None)
     except UnfinishedCacheError:
@@ -238,7 +239,7 @@ def main() -> None:
         precompute_rates, bare_rates, views, model = [], [], None, None
         for round_ in range(args.rounds):
             out = cache if round_ == 0 else str(tmp / f"cache-{round_}")
-            made = precompute(PrecomputeConfig(data=data, output=out, teacher=teacher, augmentation="light",
+            made = precompute_logits(PrecomputeConfig(data=data, output=out, teacher=teacher, augmentation="light",
                                                epochs=args.epochs, topk=min(10, classes), block_size=args.block,
                                                blocks_per_unit=4, batch_size=args.batch, workers=args.workers),
                               log=lambda _: None)

@@ -94,7 +94,7 @@ def precompute_logits(
     # A CPU teacher alternates with block preparation: spinning OpenMP threads skip the wake-up
     # after every pause (measured in docs/benchmarks.md). Set before torch starts its threads.
     os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
-    from kdcache.precompute import PrecomputeConfig, precompute
+    from kdcache.precompute import PrecomputeConfig, precompute_logits as run
 
     config = PrecomputeConfig(
         data=data, output=output, split=split,
@@ -106,7 +106,7 @@ def precompute_logits(
     # A scheduler stops a job with SIGTERM: stop at the next block and release the claims, so others take the units at once.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    result = precompute(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
+    result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
     _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
          f"epochs complete: {result.epochs_complete}")
     _log(f"computed {result.units_done} unit(s)")
@@ -190,7 +190,7 @@ def quickstart(
     losses: str = typer.Option("ce,kd,ttm,wttm,mkd", "--losses", help="Comma-separated losses to train students with."),
 ):
     """The main job end to end on digits: teacher, cache, students with each loss, verify, results table."""
-    from kdcache.quickstart import QuickstartConfig, quickstart as run
+    from kdcache.quickstart import QuickstartConfig, run_quickstart as run
 
     config = QuickstartConfig(out=out, teacher_epochs=teacher_epochs, cache_epochs=cache_epochs,
                               student_epochs=student_epochs, losses=tuple(x.strip() for x in losses.split(",") if x.strip()))
@@ -226,7 +226,7 @@ def verify(
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
-    from kdcache.verify import VerifyConfig, verify as run_verify
+    from kdcache.verify import VerifyConfig, verify_cache as run_verify
 
     has_teacher = teacher is not None or teacher_file is not None
     config = VerifyConfig(
@@ -288,7 +288,8 @@ def export(
     data: Optional[str] = typer.Option(None, "--data", help="With --format wds: the source the cache was made from; stores each view's image next to its records."),
 ):
     """Write some epochs and blocks of a cache as a new cache: a directory or one zip archive."""
-    from kdcache.export import ExportConfig, export_cache, parse_selection
+    from kdcache.export import ExportConfig, export_cache
+    from kdcache.format import parse_selection
 
     config = ExportConfig(
         cache=cache, output=output, format=fmt, data=data,

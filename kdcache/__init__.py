@@ -1,9 +1,17 @@
 """kdcache: an offline teacher-logit cache and a streaming student trainer for knowledge distillation.
 
-The public API is re-exported here; modules that import torch, timm or zarr load on first use,
-so ``import kdcache`` stays cheap. The stage functions live in modules of the same name:
-``kdcache.precompute.precompute``, ``kdcache.student.train_student``, ``kdcache.verify.verify``,
-``kdcache.quickstart.quickstart``.
+The public API is what is named here (docs/python.md documents it); everything else is private
+and may change. Modules that import torch, timm or zarr load on first use, so ``import kdcache``
+stays cheap.
+
+- The commands, one function each: :func:`precompute_logits`, :func:`train_student`,
+  :func:`verify_cache`, :func:`cache_info`, :func:`render_views`, :func:`merge_caches`,
+  :func:`export_cache`, :func:`index_cache`, :func:`write_shards`, :func:`run_quickstart`,
+  each with its config dataclass.
+- Your own training loop: :class:`CacheLoader` (a rank's batches of a cache, epoch by epoch,
+  on a device), :class:`Batch`, :class:`TeacherRecord`, :func:`teacher_records`,
+  :func:`open_cache`, :func:`open_source`; the losses as functions (:func:`kd_loss`, ...) and
+  as modules (:class:`KDLoss`, ..., :class:`MKDLoss` with its learnt temperatures).
 """
 
 from importlib import import_module
@@ -24,47 +32,53 @@ from kdcache.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AugSpec": "kdcache.augment",
-    "preset": "kdcache.augment",
-    "Batch": "kdcache.batch",
-    "Cache": "kdcache.format",
-    "CacheWriter": "kdcache.format",
-    "Claims": "kdcache.format",
-    "FORMAT_VERSION": "kdcache.format",
-    "Manifest": "kdcache.format",
-    "Subset": "kdcache.format",
-    "open_cache": "kdcache.format",
+    # the commands
+    "PrecomputeConfig": "kdcache.precompute",
+    "precompute_logits": "kdcache.precompute",
+    "StudentConfig": "kdcache.student",
+    "train_student": "kdcache.student",
+    "RunResult": "kdcache.train_config",
+    "VerifyConfig": "kdcache.verify",
+    "verify_cache": "kdcache.verify",
+    "cache_info": "kdcache.info",
+    "format_info": "kdcache.info",
+    "ShowConfig": "kdcache.show",
+    "render_views": "kdcache.show",
+    "merge_caches": "kdcache.merge",
     "ExportConfig": "kdcache.export",
     "export_cache": "kdcache.export",
-    "cache_info": "kdcache.info",
-    "LoaderConfig": "kdcache.loader",
-    "merge_caches": "kdcache.merge",
-    "ViewLoader": "kdcache.loader",
-    "LossConfig": "kdcache.losses",
-    "LOSSES": "kdcache.losses",
+    "index_cache": "kdcache.format",
+    "write_shards": "kdcache.shards",
+    "QuickstartConfig": "kdcache.quickstart",
+    "run_quickstart": "kdcache.quickstart",
+    "TeacherConfig": "kdcache.teacher",
+    "load_teacher": "kdcache.teacher",
+    # your own training loop
+    "CacheLoader": "kdcache.batches",
+    "teacher_records": "kdcache.batches",
+    "Batch": "kdcache.batch",
+    "TeacherRecord": "kdcache.record",
+    "Cache": "kdcache.format",
+    "open_cache": "kdcache.format",
+    "Source": "kdcache.sources",
+    "Sample": "kdcache.sources",
+    "open_source": "kdcache.sources",
+    "AugSpec": "kdcache.augment",
+    # the losses: functions, modules, and MKD's temperatures
+    "ce_loss": "kdcache.losses",
+    "kd_loss": "kdcache.losses",
+    "ttm_loss": "kdcache.losses",
+    "wttm_loss": "kdcache.losses",
+    "mkd_loss": "kdcache.losses",
     "compute_loss": "kdcache.losses",
+    "LossConfig": "kdcache.losses",
+    "KDLoss": "kdcache.losses",
+    "TTMLoss": "kdcache.losses",
+    "WTTMLoss": "kdcache.losses",
+    "MKDLoss": "kdcache.mkd",
     "MetaConfig": "kdcache.mkd",
     "MetaTemperatures": "kdcache.mkd",
     "meta_update": "kdcache.mkd",
-    "PrecomputeConfig": "kdcache.precompute",
-    "QuickstartConfig": "kdcache.quickstart",
-    "TeacherRecord": "kdcache.record",
-    "replay_block": "kdcache.replay",
-    "write_shards": "kdcache.shards",
-    "ShowConfig": "kdcache.show",
-    "render_views": "kdcache.show",
-    "Sample": "kdcache.sources",
-    "Source": "kdcache.sources",
-    "open_source": "kdcache.sources",
-    "StudentConfig": "kdcache.student",
-    "train_student": "kdcache.student",
-    "TeacherConfig": "kdcache.teacher",
-    "load_teacher": "kdcache.teacher",
-    "RunResult": "kdcache.train",
-    "TrainConfig": "kdcache.train",
-    "VerifyConfig": "kdcache.verify",
-    "WdsCache": "kdcache.wds",
-    "export_wds": "kdcache.wds",
 }
 
 

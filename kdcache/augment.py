@@ -202,6 +202,15 @@ def resolve_spec(value: str, *, output_size: int, mean, std, interpolation: str)
     return AugSpec.from_dict(data)
 
 
+def cache_spec(manifest) -> AugSpec:
+    """A cache's augmentation spec (its manifest's ``augmentation``); its parameter columns must be the manifest's."""
+    spec = AugSpec.from_dict(manifest.augmentation)
+    if list(param_fields(spec)) != manifest.param_fields:
+        raise FormatError(f"manifest: field param_fields = {manifest.param_fields}, but the augmentation spec stores "
+                          f"{list(param_fields(spec))}; the manifest was edited or damaged")
+    return spec
+
+
 def param_fields(spec: AugSpec) -> tuple[str, ...]:
     """Names of the stored parameter columns for views of this spec, in order."""
     names = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]

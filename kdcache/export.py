@@ -27,71 +27,33 @@ leaves nothing at ``OUT``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.errors import ConfigError, IncompleteCacheError
-from kdcache.format import Cache, CacheWriter, Subset, ledger_key, open_cache
+from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
+from kdcache.format import (
+    Cache,
+    CacheWriter,
+    Manifest,
+    Subset,
+    WdsExport,
+    check_wds_output,
+    default_selection,
+    format_selection,
+    is_wds,
+    ledger_key,
+    open_cache,
+    select_units,
+    write_wds,
+)
 from kdcache.format.ledger import epoch_index_bytes, epoch_index_key, index_epochs
 from kdcache.location import fsync_dir, is_url
 from kdcache.merge import check_entry, copy_unit, ledger_entry_bytes, read_unit_files
 
-#: Output formats: a cache directory, one zip archive of its files, or webdataset tar shards (kdcache.wds).
+#: Output formats: a cache directory, one zip archive of its files, or webdataset tar shards (kdcache.format.wds).
 FORMATS = ("zarr", "zip", "wds")
-
-_SPAN = re.compile(r"^(\d+)(?:-(\d+))?$")
-
-
-def parse_selection(text: str, what: str) -> tuple[int, ...]:
-    """``"0,2-4"`` -> ``(0, 2, 3, 4)``: sorted, without repeats. ``what`` names the option in errors."""
-    chosen: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        match = _SPAN.match(part)
-        if match is None:
-            raise ConfigError(f"{what} {text!r}: {part!r} is not a number or a range; expected e.g. 0,2-4")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if last < first:
-            raise ConfigError(f"{what} {text!r}: the range {part} runs backwards; write {last}-{first}")
-        chosen.update(range(first, last + 1))
-    if not chosen:
-        raise ConfigError(f"{what} {text!r} selects nothing; expected e.g. 0,2-4")
-    return tuple(sorted(chosen))
-
-
-def format_selection(numbers) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``: the form :func:`parse_selection` reads."""
-    spans: list[list[int]] = []
-    for n in sorted(numbers):
-        if spans and n == spans[-1][1] + 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
-
-
-def is_wds(cache) -> bool:
-    """Whether an opened cache is a webdataset export (kdcache.wds), not a zarr cache or its zip archive."""
-    from kdcache.wds import WdsCache
-
-    return isinstance(cache, WdsCache)
-
-
-def default_selection(cache) -> tuple[list[int], list[int]]:
-    """(epochs, units) an export takes when none are chosen.
-
-    From a subset, what it holds; else the epochs with any committed unit, and every unit (so a
-    precompute stopped inside an epoch is refused, naming the unit, not exported as a block subset).
-    """
-    if cache.subset is not None:
-        return cache.held_units()
-    return cache.present_units()[0], list(range(cache.layout.num_units))
-
 
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
@@ -190,7 +152,7 @@ def _select(cache: Cache, config: ExportConfig) -> tuple[list[int], list[int]]:
                     f"{cache.location}: epoch {epoch} unit {unit} (blocks {whole.start}..{whole.stop - 1}) is not committed, "
                     f"so it cannot be exported; choose other --epochs/--blocks ({held}"
                 )
-            if not wds:  # an export's index has one sha256 per shard; kdcache.wds checks it as it reads
+            if not wds:  # an export's index has one sha256 per shard; kdcache.format.wds checks it as it reads
                 check_entry(str(cache.location), cache, cache.ledger[epoch, unit])
     return epochs, units
 
@@ -233,9 +195,7 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
     if len(units) < layout.num_units:
         log(f"a block subset: blocks {format_selection(blocks)} of {layout.num_blocks} "
             f"({sum(layout.sizes[b] for b in blocks)} of {m.dataset.num_samples} samples); train-student trains on these only")
-    if config.format == "wds":  # tar shards plus an index, written by kdcache.wds
-        from kdcache.wds import export_wds
-
+    if config.format == "wds":  # tar shards plus an index (kdcache.format.wds)
         done = export_wds(cache, config.output, units=keys, data=config.data, log=log)
         return ExportResult(output=done.output, format="wds", epochs=epochs, blocks=blocks, units=len(keys), views=done.views,
                             bytes=done.bytes)
@@ -275,3 +235,52 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
     log(f"{config.cache}: {len(keys)} unit(s) exported (epochs {format_selection(epochs)}, blocks {format_selection(blocks)})")
     return ExportResult(output=str(out), format=config.format, epochs=epochs, blocks=blocks, units=len(keys), views=views,
                         bytes=size)
+
+
+# ---- the webdataset export -------------------------------------------------------------------
+
+
+def _open_data(data: str, manifest: Manifest):
+    from kdcache.sources import open_source
+
+    shard_sizes = [n for _, n in manifest.dataset.shards] if manifest.dataset.shards else None
+    source = open_source(data, split=manifest.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
+    if len(source) != manifest.dataset.num_samples:
+        raise MismatchError(f"data {data} has {len(source)} samples, the cache was made from "
+                            f"{manifest.dataset.num_samples} ({manifest.dataset.uri})")
+    return source
+
+
+def export_wds(cache, output_dir: str | os.PathLike, *, epochs=None, units=None, data: str | None = None,
+               command: str = "", log=print) -> WdsExport:
+    """Write a cache (a path, URL or opened cache) as webdataset tar shards plus an index in ``output_dir``.
+
+    What is exported: ``units``, the (epoch, unit) pairs ``kdcache export`` chose, or else the
+    ``epochs`` given (None: every epoch present) times the units present; each must be committed.
+    The manifest is the cache's, unchanged (:func:`kdcache.format.write_wds`). ``data``: the
+    source the cache was made from; each view's image bytes and label are then stored next to
+    its block's records, every sample checked against the plan's digests as it is read.
+    """
+    from kdcache.plan import check_block, read_block
+    from kdcache.sources import stored_format
+
+    out = Path(output_dir)
+    check_wds_output(out)
+    cache = open_cache(cache, verify_checksums=True) if isinstance(cache, (str, os.PathLike)) else cache
+    chosen = units if units is not None else select_units(cache, epochs)
+    source = _open_data(data, cache.manifest) if data is not None else None
+    layout, plan = cache.layout, cache.samples()
+
+    def images(unit: int) -> dict[int, list]:
+        views = {}
+        for block in layout.unit_blocks(unit):
+            where = layout.block_slots(block)
+            samples = read_block(source, layout, block, plan["source_index"][where])
+            check_block(samples, plan, where, what=f"data {data} (block {block})")
+            views[block] = [(stored_format(s.data) or "bin", s.data, s.label, s.key) for s in samples]
+        return views
+
+    done = write_wds(cache, out, chosen, images=images if source is not None else None, command=command)
+    log(f"exported {done.shards} shard(s) of {len(done.epochs)} epoch(s), {done.views} views"
+        f"{' with images' if data is not None else ''}, {done.bytes / 1e6:.2f} MB to {out}")
+    return done

@@ -7,7 +7,7 @@ blocks it holds and where it came from.
 
 from __future__ import annotations
 
-from kdcache.export import format_selection, is_wds
+from kdcache.format import format_selection, is_wds
 from kdcache.format import Cache, open_cache
 
 

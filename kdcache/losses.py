@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdcache.errors import ConfigError, MismatchError
 from kdcache.record import TeacherRecord
@@ -344,3 +345,52 @@ def compute_loss(
         student_temperature=student_t,
         tail=config.tail,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses as modules (``criterion(logits, record, target)``, as with torch.nn's losses)
+# ---------------------------------------------------------------------------------------------
+
+
+class _RecordLoss(nn.Module):
+    """A loss of :data:`LOSSES` with its hyper-parameters fixed (checked by :class:`LossConfig`)."""
+
+    name: str
+
+    def __init__(self, **hyper) -> None:
+        super().__init__()
+        self.config = LossConfig(name=self.name, **hyper)
+
+    def forward(self, student_logits: torch.Tensor, record: TeacherRecord, target: torch.Tensor) -> torch.Tensor:
+        return compute_loss(self.config, student_logits, record, target)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in fields(self.config)
+                         if f.name != "name" and getattr(self.config, f.name) is not None)
+
+
+class KDLoss(_RecordLoss):
+    """:func:`kd_loss` as a module: ``KDLoss(alpha=0.9, temperature=4.0, tail="bucket")``."""
+
+    name = "kd"
+
+    def __init__(self, alpha: float | None = None, temperature: float | None = None, tail: str | None = None) -> None:
+        super().__init__(alpha=alpha, temperature=temperature, tail=tail)
+
+
+class TTMLoss(_RecordLoss):
+    """:func:`ttm_loss` as a module: ``TTMLoss(beta=36.0, gamma=0.25, tail="bucket")``."""
+
+    name = "ttm"
+
+    def __init__(self, beta: float | None = None, gamma: float | None = None, tail: str | None = None) -> None:
+        super().__init__(beta=beta, gamma=gamma, tail=tail)
+
+
+class WTTMLoss(_RecordLoss):
+    """:func:`wttm_loss` as a module: ``WTTMLoss(beta=1.6, gamma=0.8, tail="bucket")``."""
+
+    name = "wttm"
+
+    def __init__(self, beta: float | None = None, gamma: float | None = None, tail: str | None = None) -> None:
+        super().__init__(beta=beta, gamma=gamma, tail=tail)

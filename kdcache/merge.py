@@ -42,7 +42,7 @@ from kdcache.format import (
 )
 from kdcache.format.ledger import index_epochs
 from kdcache.location import atomic_write_bytes, is_url
-from kdcache.wds import WdsCache
+from kdcache.format import WdsCache
 
 
 @dataclass

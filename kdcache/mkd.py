@@ -267,3 +267,46 @@ def _average_across_ranks(grads: list[torch.Tensor]) -> None:
         for g in grads:
             dist.all_reduce(g)
             g.div_(dist.get_world_size())
+
+
+class MKDLoss(nn.Module):
+    """:func:`kdcache.losses.mkd_loss` as a module that owns its learnt temperatures and their meta step.
+
+    ``MKDLoss(num_classes, alpha=0.9, temperature=4.0)``: both temperatures start at
+    ``temperature`` (:class:`MetaTemperatures`, in ``self.temperatures``; move the module to the
+    student's device). ``criterion(logits, record, target)`` is the training loss at the current
+    temperatures. Every ``meta.every`` steps, call :meth:`meta_step` with the step's batch and a
+    held-out batch: it updates the temperatures only (an Adam of its own over them) and leaves
+    the student exactly as it was. Keep the temperatures out of the student's optimizer.
+    """
+
+    def __init__(self, num_classes: int, alpha: float | None = None, temperature: float | None = None,
+                 tail: str | None = None, meta: MetaConfig | None = None) -> None:
+        super().__init__()
+        self.config = LossConfig(name="mkd", alpha=alpha, temperature=temperature, tail=tail)
+        self.meta = meta if meta is not None else MetaConfig()
+        self.temperatures = MetaTemperatures.from_configs(num_classes, self.config, self.meta)
+        self._meta_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def meta_optimizer(self) -> torch.optim.Optimizer:
+        """The Adam over the temperatures that :meth:`meta_step` steps (made on first use; save its state to resume)."""
+        if self._meta_optimizer is None:
+            self._meta_optimizer = make_meta_optimizer(self.temperatures, self.meta)
+        return self._meta_optimizer
+
+    def forward(self, student_logits: torch.Tensor, record: TeacherRecord, target: torch.Tensor) -> torch.Tensor:
+        teacher_t, student_t = self.temperatures()
+        return mkd_loss(student_logits, record, target, alpha=self.config.alpha, teacher_temperature=teacher_t,
+                        student_temperature=student_t, tail=self.config.tail)
+
+    def meta_step(self, model: nn.Module, images: torch.Tensor, record: TeacherRecord, target: torch.Tensor,
+                  meta_images: torch.Tensor, meta_target: torch.Tensor, *, lr: float) -> dict[str, float]:
+        """One update of the temperatures (:func:`meta_update`); ``lr``: the student's current learning rate.
+
+        Returns the scalars to log (meta loss, look-ahead loss, temperatures). Under
+        torch.distributed every rank must call it at the same steps.
+        """
+        return meta_update(model, self.temperatures, (images, record, target), (meta_images, meta_target),
+                           inner_lr=self.meta.inner_lr or lr, loss_config=self.config, head_only=self.meta.head_only,
+                           meta_optimizer=self.meta_optimizer)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__, distributed
-from kdcache.augment import param_fields, resolve_spec, sample_view_params
+from kdcache.augment import cache_spec, param_fields, resolve_spec, sample_view_params
 from kdcache.errors import (
     ChecksumError,
     ConfigError,
@@ -243,7 +243,7 @@ class _BlockPreparer:
     def __init__(self, config, source, manifest: Manifest, plan):
         self.data, self.source, self.manifest, self.plan = config.data, source, manifest, plan
         self.layout = manifest.blocks
-        self.spec = manifest.spec()
+        self.spec = cache_spec(manifest)
 
     def __getitem__(self, job: tuple[int, int, int]):
         epoch, _, block = job
@@ -275,7 +275,7 @@ def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
     }
 
 
-def precompute(config: PrecomputeConfig, *, log=print, progress: bool = False,
+def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = False,
                stop: threading.Event | None = None) -> PrecomputeResult:
     """Create (or resume, or extend) a cache and compute the units this process can claim.
 
@@ -392,7 +392,7 @@ class _Work:
         self.units_claimed = 0
         jobs = ((e, u, b) for e, u in self.claimed_units() for b in layout.unit_blocks(u))
         preparer = _BlockPreparer(config, source, manifest, self.cache.samples())
-        spec = manifest.spec()
+        spec = cache_spec(manifest)
         overlap = torch.device(device).type == "cuda"
         arrays, current = None, None
         try:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from kdcache.errors import ConfigError
 from kdcache.losses import LossConfig
-from kdcache.precompute import PrecomputeConfig, precompute
+from kdcache.precompute import PrecomputeConfig, precompute_logits
 from kdcache.student import MODEL_NAME, StudentConfig, train_student
 from kdcache.teacher import TeacherConfig
-from kdcache.verify import VerifyConfig, verify
+from kdcache.verify import VerifyConfig, verify_cache
 
 LOSSES = ("ce", "kd", "ttm", "wttm", "mkd")
 
@@ -50,7 +50,7 @@ class QuickstartConfig:
             raise ConfigError(f"quickstart output {self.out} exists and is not empty; remove it or pass --out NEW_DIR")
 
 
-def quickstart(config: QuickstartConfig, *, log=print) -> list[dict]:
+def run_quickstart(config: QuickstartConfig, *, log=print) -> list[dict]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -72,7 +72,7 @@ def quickstart(config: QuickstartConfig, *, log=print) -> list[dict]:
 
     start = step(f"2/5 precompute the cache ({config.augmentation}, {config.cache_epochs} epochs, top-{config.topk})")
     cache = str(out / "cache")
-    made = precompute(PrecomputeConfig(
+    made = precompute_logits(PrecomputeConfig(
         data=config.data, output=cache, teacher=teacher_config, augmentation=config.augmentation,
         epochs=config.cache_epochs, seed=config.seed, topk=config.topk, block_size=128, blocks_per_unit=4,
         batch_size=256,
@@ -91,7 +91,7 @@ def quickstart(config: QuickstartConfig, *, log=print) -> list[dict]:
                      "seconds": time.perf_counter() - start, "images_per_s": result.images_per_s})
 
     start = step("4/5 verify the cache (structure, checksums, dataset digests, 64 replayed views)")
-    report = verify(VerifyConfig(cache=cache, data=config.data, teacher=teacher_config, views=64, seed=config.seed), log=log)
+    report = verify_cache(VerifyConfig(cache=cache, data=config.data, teacher=teacher_config, views=64, seed=config.seed), log=log)
     rows.append({"run": "verify", "loss": "-", "top1": None, "seconds": time.perf_counter() - start,
                  "images_per_s": report.views_checked / max(time.perf_counter() - start, 1e-9)})
 

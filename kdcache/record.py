@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 #: Inverse temperatures at which the tail log-mass is stored exactly (format v1).
@@ -72,14 +71,6 @@ class TeacherRecord:
     def tail_log_mass(self, beta) -> torch.Tensor:
         """``log sum_{c in tail} exp(beta * v_c)`` per view: ``[B]``."""
         return tail_log_mass(self.values, self.tail, self.num_classes, beta)
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    """The smallest unsigned integer dtype that holds every class index."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if num_classes - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise ValueError(f"num_classes={num_classes} does not fit in uint32")
 
 
 def make_records(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

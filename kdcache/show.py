@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.augment import AugSpec, check_view_params, partner_positions
+from kdcache.augment import AugSpec, cache_spec, check_view_params, partner_positions
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
-from kdcache.export import format_selection
+from kdcache.format import format_selection
 from kdcache.format import Cache, Manifest, open_cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -236,7 +236,7 @@ def _partner(manifest: Manifest, spec: AugSpec, params: np.ndarray) -> int:
 def _load_views(config: ShowConfig, cache: Cache, plan: dict[str, np.ndarray], slots: list[int]) -> list[ShownView]:
     m = cache.manifest
     layout = cache.layout
-    spec = m.spec()
+    spec = cache_spec(m)
     path = m.replay["path"]
     shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
     source = open_source(config.data, split=m.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
@@ -443,7 +443,7 @@ def _figure(rows: list[ShownView], manifest: Manifest, config: ShowConfig, cache
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    spec = manifest.spec()
+    spec = cache_spec(manifest)
     names = list(manifest.dataset.class_names or manifest.teacher.class_names)
     width, height = image_size(len(rows))
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)

@@ -25,18 +25,19 @@ import numpy as np
 import torch
 
 from kdcache import distributed
-from kdcache.augment import AugSpec, resolve_spec
-from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError, WriteError, describe_os_error
-from kdcache.export import format_selection
-from kdcache.format import open_cache
+from kdcache.augment import AugSpec, cache_spec, resolve_spec
+from kdcache.batches import check_all_samples, held_views, open_training_data
+from kdcache.errors import ConfigError, MismatchError, WriteError, describe_os_error
+from kdcache.format import format_selection, open_cache
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.location import atomic_write_bytes
 from kdcache.losses import LossConfig
-from kdcache.plan import check_block, plan_layout, read_block
+from kdcache.plan import plan_layout
 from kdcache.sources import open_source
 from kdcache.teacher import MODEL_META_KEY, TeacherConfig, load_teacher
-from kdcache.train import RunResult, TrainConfig, train
+from kdcache.train import train
+from kdcache.train_config import RunResult, TrainConfig
 
 MODEL_NAME = "model.pt"
 
@@ -60,7 +61,7 @@ class StudentConfig:
     weight_decay: float = 0.05
     opt: str = "adamw"
     sched: str = "cosine"
-    warmup_epochs: int | None = None  # None: kdcache.train.default_warmup_epochs(epochs)
+    warmup_epochs: int | None = None  # None: kdcache.train_config.default_warmup_epochs(epochs)
     ema: bool = False
     seed: int = 0
     num_workers: int = 0
@@ -99,44 +100,15 @@ class StudentConfig:
             raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
 
 
-def _check_cache_against_data(cache, source, plan, config: StudentConfig) -> tuple[list[int], list[int]]:
-    """Refuse a cache that does not fit the data or misses a unit; returns the epochs and blocks to train from.
-
-    A cache must hold every unit of every planned epoch, as before subsets existed: a precompute
-    stopped early (even at an epoch boundary) is refused, naming the first missing unit. A subset
-    made by ``kdcache export`` declares what it holds (``cache.subset``); it must hold every
-    declared unit, and training uses exactly its epochs and blocks.
-    """
-    m = cache.manifest
-    if source.num_classes != m.teacher.num_classes:
-        raise MismatchError(f"data {config.data} has {source.num_classes} classes, the cache {config.cache} has {m.teacher.num_classes}")
-    if len(source) != m.dataset.num_samples:
-        raise MismatchError(f"data {config.data} has {len(source)} samples, the cache {config.cache} was made from {m.dataset.num_samples}")
-    if config.img_size is not None and config.img_size != m.spec().output_size:
-        raise MismatchError(f"--img-size {config.img_size} differs from the cache's view size {m.spec().output_size}; "
+def _check_cache_against_data(cache, source, config: StudentConfig) -> tuple[list[int], list[int]]:
+    """Refuse a cache that does not fit the data or misses a unit; returns the epochs and blocks to train from."""
+    if config.img_size is not None and config.img_size != cache_spec(cache.manifest).output_size:
+        raise MismatchError(f"--img-size {config.img_size} differs from the cache's view size {cache_spec(cache.manifest).output_size}; "
                             "the student trains on the views the teacher saw")
-    epochs, units = cache.held_units()
-    missing = cache.missing_units()
-    if missing and cache.subset is None:
-        epoch, unit = missing[0]
-        raise IncompleteCacheError(
-            f"cache {config.cache}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
-            f"{m.epochs * len(units)} units); finish it with kdcache precompute-logits --resume"
-        )
-    if missing:
-        epoch, unit = missing[0]
-        blocks = m.blocks.unit_blocks(unit)
-        raise IncompleteCacheError(
-            f"cache {config.cache}: epoch {epoch} unit {unit} (blocks {blocks.start}..{blocks.stop - 1}) is missing from "
-            f"this subset (it declares epochs {format_selection(epochs)}, blocks {format_selection(cache.held_blocks())}); "
-            f"export it again from {cache.subset.source}"
-        )
+    held = held_views(cache, name=config.cache)
     if config.check_data:  # asked for: every sample's digest before anything is written (the loader checks each block anyway)
-        for block in range(m.blocks.num_blocks):
-            where = m.blocks.block_slots(block)
-            check_block(read_block(source, m.blocks, block, plan["source_index"][where]), plan, where,
-                        what=f"data {config.data} (block {block})")
-    return epochs, cache.held_blocks()
+        check_all_samples(cache, source, name=config.data)
+    return held
 
 
 class _Reiterable:
@@ -166,11 +138,10 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         cache = open_cache(config.cache, verify_checksums=config.verify_checksums)
         require_digest(cache, config.expect_digest)
         m = cache.manifest
-        shard_sizes = [n for _, n in m.dataset.shards] if m.dataset.shards else None
-        source = open_source(config.data, split=m.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
+        source = open_training_data(cache, config.data, cache_name=config.cache)
         plan = cache.samples()
-        cache_epochs, cache_blocks = _check_cache_against_data(cache, source, plan, config)
-        spec, layout, num_classes = m.spec(), m.blocks, m.teacher.num_classes
+        cache_epochs, cache_blocks = _check_cache_against_data(cache, source, config)
+        spec, layout, num_classes = cache_spec(m), m.blocks, m.teacher.num_classes
         class_names = m.dataset.class_names
     else:
         cache, cache_epochs = None, None

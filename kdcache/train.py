@@ -10,6 +10,13 @@ that resume exactly: a run killed and resumed ends with the same weights as one 
 The loader contract: ``loader.batches_per_epoch`` (this rank's batches per epoch) and
 ``loader.epoch_batches(train_epoch, start_batch=0)``, deterministic in its arguments, yielding
 this rank's :class:`~kdcache.batch.Batch` objects of that epoch from ``start_batch`` on.
+
+:func:`_train` reads as the run's steps, each a method of :class:`_Run`: open the run directory,
+build the parts, restore them from the checkpoint or seed them, wrap the model (SyncBatchNorm,
+DDP, torch.compile), announce the run; then, epoch by epoch, ``train_epoch`` (batch to device,
+MKD meta update, optimizer step, logging, mid-epoch checkpoints) and ``end_epoch`` (evaluation
+and the epoch's checkpoint); and last ``finish`` (the result, ``result.json`` and the plot).
+The configuration is :class:`kdcache.train_config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,140 +49,13 @@ from kdcache.checkpoint import (
     save_checkpoint,
 )
 from kdcache.errors import ConfigError, WriteError, describe_os_error
-from kdcache.losses import LossConfig, compute_loss
+from kdcache.losses import compute_loss
 from kdcache.record import TeacherRecord
 from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, Progress, RunLog, StepMeter, plot_run, write_json
+from kdcache.train_config import RESUME_FREE_FIELDS, RunResult, TrainConfig
 
-#: Learning-rate schedules (timm.scheduler.create_scheduler_v2 names) that step per update.
-SCHEDULES = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "rsqrt", "none")
-AMP_MODES = ("bf16", "none")
-DEVICES = ("auto", "cpu", "cuda")
 #: Errors of a write that the disk refused (full, quota, read-only, too large): reported as WriteError.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO})
-#: Fields that may differ between a run and its resumption (they do not change the weights).
-RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device")
-
-
-def default_warmup_epochs(epochs: int) -> int:
-    """The warmup when none is set: a tenth of the epochs, rounded down, and at most 5 (none below 10 epochs)."""
-    return min(5, epochs // 10)
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Everything that defines a student training run; written to ``<run_dir>/config.json``."""
-
-    model: str
-    num_classes: int
-    run_dir: str
-    img_size: int = 224
-    epochs: int = 100
-    batch_size: int = 256  # global, over all ranks
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    opt: str = "adamw"
-    sched: str = "cosine"
-    warmup_epochs: int | None = None  # None: default_warmup_epochs(epochs), resolved here
-    min_lr: float = 1e-6
-    ema: bool = False
-    ema_decay: float = 0.9998
-    amp: str = "bf16"
-    channels_last: bool = True
-    compile: bool = False
-    loss: LossConfig = field(default_factory=lambda: LossConfig(name="ce"))
-    seed: int = 0
-    resume: bool = False
-    checkpoint_every: int = 1000  # steps; 0 = only at epoch ends
-    log_every: int = 50  # steps
-    eval_every: int = 1  # epochs; the last epoch is always evaluated
-    max_steps: int | None = None  # stop (with a checkpoint) after this many global steps
-    mkd_meta_every: int = 10
-    mkd_meta_lr: float = 1e-3
-    mkd_per_class: bool = False
-    mkd_head_only: bool = True
-    mkd_inner_lr: float | None = None  # look-ahead step size; None = the current learning rate
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        if not isinstance(self.loss, LossConfig):
-            raise ConfigError(f"TrainConfig.loss={self.loss!r}: expected a LossConfig")
-
-        def bad(name: str, expected: str) -> ConfigError:
-            return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        import timm
-        import timm.optim
-
-        if not isinstance(self.model, str) or not timm.is_model(self.model):
-            raise bad("model", "a timm model name (see timm.list_models())")
-        if not isinstance(self.run_dir, (str, os.PathLike)) or not str(self.run_dir):
-            raise bad("run_dir", "a directory path")
-        self.run_dir = str(self.run_dir)
-        if self.warmup_epochs is None and is_int(self.epochs):
-            self.warmup_epochs = default_warmup_epochs(self.epochs)
-        for name, low in (("num_classes", 2), ("img_size", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0),
-                          ("warmup_epochs", 0), ("checkpoint_every", 0), ("log_every", 1), ("eval_every", 1),
-                          ("mkd_meta_every", 1)):
-            if not is_int(getattr(self, name)) or getattr(self, name) < low:
-                raise bad(name, f"an integer >= {low}")
-        if self.warmup_epochs > self.epochs:
-            raise bad("warmup_epochs", f"at most epochs={self.epochs}")
-        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
-            raise bad("max_steps", "None or an integer >= 1")
-        for name in ("lr", "mkd_meta_lr"):
-            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                raise bad(name, "a positive number")
-        for name in ("weight_decay", "min_lr"):
-            if not is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "a non-negative number")
-        if self.mkd_inner_lr is not None and (not is_number(self.mkd_inner_lr) or self.mkd_inner_lr <= 0):
-            raise bad("mkd_inner_lr", "None (use the current learning rate) or a positive number")
-        if not is_number(self.ema_decay) or not 0.0 < self.ema_decay < 1.0:
-            raise bad("ema_decay", "a number in (0, 1)")
-        if self.opt not in timm.optim.list_optimizers():
-            raise bad("opt", "a timm optimizer name (see timm.optim.list_optimizers())")
-        if self.sched not in SCHEDULES:
-            raise bad("sched", f"one of {', '.join(SCHEDULES)}")
-        if self.amp not in AMP_MODES:
-            raise bad("amp", f"one of {', '.join(AMP_MODES)}")
-        if self.device not in DEVICES:
-            raise bad("device", f"one of {', '.join(DEVICES)}")
-        for name in ("ema", "channels_last", "compile", "resume", "mkd_per_class", "mkd_head_only"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "true or false")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"train config has unknown field {unknown[0]!r}; expected only {', '.join(sorted(known))}")
-        return cls(**data)  # a dict ``loss`` becomes a LossConfig in __post_init__
-
-
-@dataclass(kw_only=True)
-class RunResult:
-    """What a run achieved. Accuracies are fractions in [0, 1], None without a validation source."""
-
-    final_top1: float | None
-    best_top1: float | None
-    final_ema_top1: float | None
-    steps: int
-    wall_time_s: float  # training time over every process of the run (resumes included)
-    images_per_s: float  # training throughput of this process, all ranks together
-    run_dir: Path
-    completed: bool  # False when stopped early by max_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,231 +256,296 @@ def train(
 
 
 def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step) -> RunResult:
-    say = log if ranks.main else (lambda message: None)
-    if config.batch_size % ranks.world:
-        raise ConfigError(f"TrainConfig.batch_size={config.batch_size}: expected a multiple of the world size {ranks.world}")
-    is_mkd = config.loss.name == "mkd"
-    if is_mkd and meta_batches is None:
-        raise ConfigError("loss 'mkd' needs a held-out meta split (meta_batches); none was given")
-    batches_per_epoch = int(loader.batches_per_epoch)
-    if batches_per_epoch < 1:
-        raise ConfigError(f"the loader has batches_per_epoch={batches_per_epoch}; expected at least 1")
-    device = _resolve_device(config.device, ranks)
-    on_cuda = device.type == "cuda"
-    amp = config.amp if on_cuda else "none"  # bf16 autocast on CUDA only; the effective value is logged
-    use_compile = config.compile and on_cuda
+    """The run, step by step: set up, restore or seed, then epochs of steps with evaluation, then the summary."""
+    run = _Run(config, loader, ranks, meta_batches, log)
+    run.open_run_dir()
+    teacher = run.build(teacher)
+    checkpoint = run.restore_or_seed()
+    run.wrap_model()
+    run.announce(resumed=checkpoint, online=teacher is not None)
+    epoch = run.position.epoch
+    while epoch < config.epochs and not run.stopped:
+        run.train_epoch(epoch, teacher, on_step)
+        if run.stopped:
+            break
+        epoch = run.end_epoch(epoch, val_batches)
+    return run.finish()
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
 
-    # The run directory: every rank checks it before rank 0 writes anything.
-    run_dir = Path(config.run_dir)
-    checkpoint_path = check_run_dir(run_dir, config.to_dict(), resume=config.resume, free_fields=RESUME_FREE_FIELDS)
-    if ranks.world > 1:
-        dist.barrier()
-    if ranks.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG_NAME, config.to_dict())
-    if ranks.world > 1:
-        dist.barrier()
-    runlog = RunLog(run_dir / METRICS_NAME, enabled=ranks.main)
+class _Run:
+    """One training run's state, with the steps :func:`_train` takes in order."""
 
-    _seed_everything(config.seed)  # the same initial weights on every rank
-    parts, sized = _build(config, device, batches_per_epoch)
-    model, optimizer, scheduler, ema, temps = parts.model, parts.optimizer, parts.scheduler, parts.ema, parts.temps
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-        if config.channels_last:
-            teacher.to(memory_format=torch.channels_last)
+    def __init__(self, config: TrainConfig, loader: Any, ranks: _Ranks, meta_batches, log) -> None:
+        if config.batch_size % ranks.world:
+            raise ConfigError(f"TrainConfig.batch_size={config.batch_size}: expected a multiple of the world size {ranks.world}")
+        self.is_mkd = config.loss.name == "mkd"
+        if self.is_mkd and meta_batches is None:
+            raise ConfigError("loss 'mkd' needs a held-out meta split (meta_batches); none was given")
+        self.batches_per_epoch = int(loader.batches_per_epoch)
+        if self.batches_per_epoch < 1:
+            raise ConfigError(f"the loader has batches_per_epoch={self.batches_per_epoch}; expected at least 1")
+        self.config, self.loader, self.ranks, self.meta_batches = config, loader, ranks, meta_batches
+        self.say = log if ranks.main else (lambda message: None)
+        self.log = log
+        self.device = _resolve_device(config.device, ranks)
+        self.on_cuda = self.device.type == "cuda"
+        self.amp = config.amp if self.on_cuda else "none"  # bf16 autocast on CUDA only; the effective value is logged
+        self.use_compile = config.compile and self.on_cuda
+        self.run_dir = Path(config.run_dir)
+        self.total_steps = config.epochs * self.batches_per_epoch
+        self.stop_step = min(self.total_steps, config.max_steps or self.total_steps)
+        self.position = TrainPosition()
+        self.best_top1 = self.final_top1 = self.final_ema_top1 = None
+        self.prior_wall = 0.0
+        self.train_time = 0.0  # this process, training steps only (no evaluation)
+        self.process_images = 0
+        self.stopped = False
 
-    position = TrainPosition()
-    best_top1 = final_top1 = final_ema_top1 = None
-    prior_wall = 0.0
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
-        parts.load_state_dict(state["parts"])
-        position = TrainPosition.from_dict(state["position"])
-        best_top1, final_top1, final_ema_top1 = state["best_top1"], state["final_top1"], state["final_ema_top1"]
-        prior_wall = float(state["wall_time_s"])
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp == "bf16" else contextlib.nullcontext()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def open_run_dir(self) -> None:
+        """Every rank checks the run directory before rank 0 writes anything in it."""
+        config, ranks = self.config, self.ranks
+        self.checkpoint_path = check_run_dir(self.run_dir, config.to_dict(), resume=config.resume,
+                                             free_fields=RESUME_FREE_FIELDS)
+        if ranks.world > 1:
+            dist.barrier()
+        if ranks.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / CONFIG_NAME, config.to_dict())
+        if ranks.world > 1:
+            dist.barrier()
+        self.runlog = RunLog(self.run_dir / METRICS_NAME, enabled=ranks.main)
+
+    def build(self, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The model, optimizer, scheduler, EMA and MKD temperatures, with the same initial weights on every rank."""
+        _seed_everything(self.config.seed)
+        self.parts, self.sized = _build(self.config, self.device, self.batches_per_epoch)
+        self.model = self.parts.model
+        if teacher is not None:
+            teacher = teacher.to(self.device).eval().requires_grad_(False)
+            if self.config.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+        return teacher
+
+    def restore_or_seed(self) -> bool:
+        """Continue from the checkpoint when resuming (state, position, RNG), else seed each rank; whether it resumed."""
+        config, ranks = self.config, self.ranks
+        if self.checkpoint_path is None:
+            _seed_everything(config.seed + ranks.rank)
+            self.runlog.rewind(-1)  # a process that died before its first checkpoint
+            return False
+        state = load_checkpoint(self.checkpoint_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
+        self.parts.load_state_dict(state["parts"])
+        self.position = TrainPosition.from_dict(state["position"])
+        self.best_top1, self.final_top1, self.final_ema_top1 = state["best_top1"], state["final_top1"], state["final_ema_top1"]
+        self.prior_wall = float(state["wall_time_s"])
         if len(state["rng"]) == ranks.world:
             restore_rng_state(state["rng"][ranks.rank])
         else:
-            say(f"resume: checkpoint made on {len(state['rng'])} ranks, now {ranks.world}; RNG streams reseeded, not restored")
-            _seed_everything(config.seed + ranks.rank + position.step)
-        runlog.rewind(position.step)  # drop lines a killed process wrote after its last checkpoint
-    else:
-        _seed_everything(config.seed + ranks.rank)
-        runlog.rewind(-1)  # a process that died before its first checkpoint
+            self.say(f"resume: checkpoint made on {len(state['rng'])} ranks, now {ranks.world}; RNG streams reseeded, not restored")
+            _seed_everything(config.seed + ranks.rank + self.position.step)
+        self.runlog.rewind(self.position.step)  # drop lines a killed process wrote after its last checkpoint
+        return True
 
-    if ranks.world > 1 and on_cuda:
-        # BatchNorm statistics over the global batch, so N ranks step like one (torch has no CPU SyncBatchNorm)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    eval_model = torch.compile(model) if use_compile else model
-    train_model = eval_model
-    if ranks.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    def wrap_model(self) -> None:
+        """SyncBatchNorm and DDP over several ranks, torch.compile on CUDA; ``eval_model`` is the unwrapped one."""
+        if self.ranks.world > 1 and self.on_cuda:
+            # BatchNorm statistics over the global batch, so N ranks step like one (torch has no CPU SyncBatchNorm)
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.eval_model = torch.compile(self.model) if self.use_compile else self.model
+        self.train_model = self.eval_model
+        if self.ranks.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if on_cuda else None)
+            self.train_model = DistributedDataParallel(self.eval_model, device_ids=[self.device.index] if self.on_cuda else None)
 
-    total_steps = config.epochs * batches_per_epoch
-    stop_step = min(total_steps, config.max_steps or total_steps)
-    runlog.write(
-        "start",
-        device=str(device), amp=amp, amp_requested=config.amp, compile=use_compile, compile_requested=config.compile,
-        channels_last=config.channels_last, world_size=ranks.world, per_rank_batch=config.batch_size // ranks.world,
-        batches_per_epoch=batches_per_epoch, total_steps=total_steps, resumed_step=position.step if checkpoint_path else None,
-        img_size_passed_to_model=sized, online_teacher=teacher is not None, loss=config.loss.name,
-    )
-    if amp != config.amp:
-        say(f"amp={config.amp!r} requested; running with amp='none' on {device} (bf16 autocast is used on CUDA only)")
-    if use_compile != config.compile:
-        say(f"compile=True requested; not compiling on {device} (torch.compile is used on CUDA only)")
-    say(
-        f"training {config.model} with loss {config.loss.name!r} on {ranks.world}x{device.type}: "
-        f"{batches_per_epoch} batches/epoch x {config.epochs} epochs"
-        + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if checkpoint_path else "")
-    )
+    def announce(self, *, resumed: bool, online: bool) -> None:
+        """The ``start`` metrics line and the opening messages; then the progress bar takes over the messages."""
+        config, position = self.config, self.position
+        self.runlog.write(
+            "start",
+            device=str(self.device), amp=self.amp, amp_requested=config.amp, compile=self.use_compile,
+            compile_requested=config.compile, channels_last=config.channels_last, world_size=self.ranks.world,
+            per_rank_batch=config.batch_size // self.ranks.world, batches_per_epoch=self.batches_per_epoch,
+            total_steps=self.total_steps, resumed_step=position.step if resumed else None,
+            img_size_passed_to_model=self.sized, online_teacher=online, loss=config.loss.name,
+        )
+        if self.amp != config.amp:
+            self.say(f"amp={config.amp!r} requested; running with amp='none' on {self.device} (bf16 autocast is used on CUDA only)")
+        if self.use_compile != config.compile:
+            self.say(f"compile=True requested; not compiling on {self.device} (torch.compile is used on CUDA only)")
+        self.say(
+            f"training {config.model} with loss {config.loss.name!r} on {self.ranks.world}x{self.device.type}: "
+            f"{self.batches_per_epoch} batches/epoch x {config.epochs} epochs"
+            + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if resumed else "")
+        )
+        self.progress = Progress(self.log, total=self.stop_step, initial=position.step, enabled=self.ranks.main)
+        self.say = self.progress.say  # beside the bar on a terminal, never over it
+        self.meta_stream = _cycle_from(self.meta_batches, position.meta_batches) if self.is_mkd else None
+        self.meter = StepMeter(self.device)
+        self.step = position.step
+        self.stopped = self.step >= self.stop_step
+        self.train_model.train()
 
-    train_time = 0.0  # this process, training steps only (no evaluation)
-    process_images = 0
+    # -- training ----------------------------------------------------------------------------
 
-    def save(pos: TrainPosition) -> None:
+    def save(self, position: TrainPosition) -> None:
+        """A checkpoint that resumes exactly (every rank's RNG state gathered to rank 0, which writes it)."""
         rng = [capture_rng_state()]
-        if ranks.world > 1:
-            rng = [None] * ranks.world
+        if self.ranks.world > 1:
+            rng = [None] * self.ranks.world
             dist.all_gather_object(rng, capture_rng_state())
-        if ranks.main:
-            save_checkpoint(run_dir / CHECKPOINT_NAME, {
-                "parts": parts.state_dict(), "position": pos.to_dict(), "rng": rng, "config": config.to_dict(),
-                "best_top1": best_top1, "final_top1": final_top1, "final_ema_top1": final_ema_top1,
-                "wall_time_s": prior_wall + train_time,
+        if self.ranks.main:
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, {
+                "parts": self.parts.state_dict(), "position": position.to_dict(), "rng": rng,
+                "config": self.config.to_dict(), "best_top1": self.best_top1, "final_top1": self.final_top1,
+                "final_ema_top1": self.final_ema_top1, "wall_time_s": self.prior_wall + self.train_time,
             })
 
-    def reduce_mean(value: torch.Tensor) -> torch.Tensor:
-        if ranks.world > 1:
+    def _reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.ranks.world > 1:
             dist.all_reduce(value, op=dist.ReduceOp.AVG)
         return value
 
-    progress = Progress(log, total=stop_step, initial=position.step, enabled=ranks.main)
-    say = progress.say  # beside the bar on a terminal, never over it
-    meta_stream = _cycle_from(meta_batches, position.meta_batches) if is_mkd else None
-    meter = StepMeter(device)
-    step = position.step
-    stopped = step >= stop_step
-    train_model.train()
+    def _batch_on_device(self, batch: Batch, teacher) -> Batch:
+        config = self.config
+        batch = batch.to(self.device, channels_last=config.channels_last)
+        if tuple(batch.images.shape[-2:]) != (config.img_size, config.img_size):
+            raise ConfigError(f"the loader's images are {tuple(batch.images.shape[-2:])}; "
+                              f"expected TrainConfig.img_size={config.img_size} square")
+        if teacher is not None:
+            batch = _with_teacher_records(batch, teacher, config.num_classes, self.autocast)
+        if config.loss.needs_teacher and batch.record is None:
+            raise ConfigError(f"loss {config.loss.name!r} needs teacher records but the batch has none; "
+                              "train from a cache or pass --teacher")
+        return batch
 
-    epoch = position.epoch
-    while epoch < config.epochs and not stopped:
-        start_batch = position.batch if epoch == position.epoch else 0
-        progress.epoch(epoch, config.epochs)
+    def _temperatures(self, batch: Batch):
+        """MKD: a meta update every ``mkd_meta_every`` steps, then the temperatures this step trains with."""
+        if not self.is_mkd:
+            return None
+        config, temps = self.config, self.parts.temps
+        if self.step % config.mkd_meta_every == 0:
+            from kdcache.mkd import meta_update
+
+            meta_batch = next(self.meta_stream).to(self.device, channels_last=config.channels_last)
+            self.position.meta_batches += 1
+            lr_now = self.parts.optimizer.param_groups[0]["lr"]
+            with self.autocast():
+                stats = meta_update(
+                    self.model, temps, (batch.images, batch.record, batch.target), (meta_batch.images, meta_batch.target),
+                    inner_lr=config.mkd_inner_lr or lr_now, loss_config=config.loss,
+                    head_only=config.mkd_head_only, meta_optimizer=self.parts.meta_optimizer,
+                )
+            self.runlog.write("meta", step=self.step + 1, **stats)
+        return tuple(t.detach() for t in temps())
+
+    def _optimizer_step(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """Forward, loss, backward, one update of the weights, the scheduler and the EMA; (loss, lr used)."""
+        parts = self.parts
+        temperatures = self._temperatures(batch)
+        with self.autocast():
+            logits = self.train_model(batch.images)
+        loss = compute_loss(self.config.loss, logits.float(), batch.record, batch.target, temperatures=temperatures)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.optimizer.step()
+        self.step += 1
+        if parts.scheduler is not None:
+            parts.scheduler.step_update(num_updates=self.step)
+        if parts.ema is not None:
+            parts.ema.update(self.model, step=self.step)
+        return loss, lr
+
+    def _log_step(self, epoch: int, batch_index: int, lr: float, end_of_epoch: bool) -> dict:
+        if not (self.step % self.config.log_every == 0 or end_of_epoch or self.stopped):
+            return {}
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        line = {"step": self.step, "epoch": epoch, "batch": batch_index, "lr": lr, **self.meter.flush(self._reduce_mean)}
+        if self.parts.temps is not None:
+            line.update(self.parts.temps.summary())
+        self.runlog.write("train", **line)
+        return {"loss": f"{line['loss']:.4f}", "lr": f"{lr:.2e}"}
+
+    def train_epoch(self, epoch: int, teacher, on_step) -> None:
+        """The steps of one epoch (from the resumed batch), with mid-epoch checkpoints and a stop at ``max_steps``."""
+        config, world = self.config, self.ranks.world
+        start_batch = self.position.batch if epoch == self.position.epoch else 0
+        self.progress.epoch(epoch, config.epochs)
         tick = time.perf_counter()
-        for index, batch in enumerate(loader.epoch_batches(epoch, start_batch=start_batch), start=start_batch):
-            batch = batch.to(device, channels_last=config.channels_last)
-            if tuple(batch.images.shape[-2:]) != (config.img_size, config.img_size):
-                raise ConfigError(f"the loader's images are {tuple(batch.images.shape[-2:])}; "
-                                  f"expected TrainConfig.img_size={config.img_size} square")
-            if teacher is not None:
-                batch = _with_teacher_records(batch, teacher, config.num_classes, autocast)
-            if config.loss.needs_teacher and batch.record is None:
-                raise ConfigError(f"loss {config.loss.name!r} needs teacher records but the batch has none; "
-                                  "train from a cache or pass --teacher")
-
-            temperatures = None
-            if is_mkd:
-                if step % config.mkd_meta_every == 0:
-                    from kdcache.mkd import meta_update
-
-                    meta_batch = next(meta_stream).to(device, channels_last=config.channels_last)
-                    position.meta_batches += 1
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    with autocast():
-                        stats = meta_update(
-                            model, temps, (batch.images, batch.record, batch.target), (meta_batch.images, meta_batch.target),
-                            inner_lr=config.mkd_inner_lr or lr_now, loss_config=config.loss,
-                            head_only=config.mkd_head_only, meta_optimizer=parts.meta_optimizer,
-                        )
-                    runlog.write("meta", step=step + 1, **stats)
-                temperatures = tuple(t.detach() for t in temps())
-
-            with autocast():
-                logits = train_model(batch.images)
-            loss = compute_loss(config.loss, logits.float(), batch.record, batch.target, temperatures=temperatures)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=step)
-            if ema is not None:
-                ema.update(model, step=step)
-
-            meter.add(loss, len(batch) * ranks.world)
-            process_images += len(batch) * ranks.world
-            position = TrainPosition(epoch=epoch, batch=index + 1, step=step, meta_batches=position.meta_batches)
-            end_of_epoch = index + 1 >= batches_per_epoch
-            stopped = step >= stop_step and not end_of_epoch
-            postfix = {}
-            if step % config.log_every == 0 or end_of_epoch or stopped:
-                if on_cuda:
-                    torch.cuda.synchronize(device)
-                line = {"step": step, "epoch": epoch, "batch": index + 1, "lr": lr, **meter.flush(reduce_mean)}
-                if temps is not None:
-                    line.update(temps.summary())
-                runlog.write("train", **line)
-                postfix = {"loss": f"{line['loss']:.4f}", "lr": f"{lr:.2e}"}
-            progress.step(**postfix)
-            if stopped or (config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch):
-                train_time += time.perf_counter() - tick
-                save(position)
+        for index, batch in enumerate(self.loader.epoch_batches(epoch, start_batch=start_batch), start=start_batch):
+            batch = self._batch_on_device(batch, teacher)
+            loss, lr = self._optimizer_step(batch)
+            self.meter.add(loss, len(batch) * world)
+            self.process_images += len(batch) * world
+            self.position = TrainPosition(epoch=epoch, batch=index + 1, step=self.step, meta_batches=self.position.meta_batches)
+            end_of_epoch = index + 1 >= self.batches_per_epoch
+            self.stopped = self.step >= self.stop_step and not end_of_epoch
+            self.progress.step(**self._log_step(epoch, index + 1, lr, end_of_epoch))
+            if self.stopped or (config.checkpoint_every and self.step % config.checkpoint_every == 0 and not end_of_epoch):
+                self.train_time += time.perf_counter() - tick
+                self.save(self.position)
                 tick = time.perf_counter()
             if on_step is not None:
-                on_step(step)
-            if stopped or end_of_epoch:
+                on_step(self.step)
+            if self.stopped or end_of_epoch:
                 break
-        train_time += time.perf_counter() - tick
-        if stopped:
-            break
+        self.train_time += time.perf_counter() - tick
 
-        # End of an epoch: evaluate, then checkpoint at the start of the next one.
+    def end_epoch(self, epoch: int, val_batches) -> int:
+        """Evaluate (every ``eval_every`` epochs and after the last), then checkpoint at the start of the next epoch."""
+        config = self.config
         done = epoch + 1
         if val_batches is not None and (done % config.eval_every == 0 or done == config.epochs):
-            kwargs = dict(device=device, autocast=autocast, channels_last=config.channels_last)
-            final_top1 = evaluate(eval_model, val_batches, **kwargs)
-            final_ema_top1 = evaluate(ema.module, val_batches, **kwargs) if ema is not None else None
-            best_top1 = max(v for v in (best_top1, final_top1, final_ema_top1) if v is not None)
-            runlog.write("eval", epoch=done, step=step, top1=final_top1, ema_top1=final_ema_top1)
-            say(f"epoch {done}/{config.epochs}: top-1 {100 * final_top1:.2f}%"
-                + (f", EMA {100 * final_ema_top1:.2f}%" if final_ema_top1 is not None else ""))
-        epoch = done
-        position = TrainPosition(epoch=epoch, batch=0, step=step, meta_batches=position.meta_batches)
-        save(position)
-        if step >= stop_step:
-            stopped = step < total_steps
-            break
+            kwargs = dict(device=self.device, autocast=self.autocast, channels_last=config.channels_last)
+            self.final_top1 = evaluate(self.eval_model, val_batches, **kwargs)
+            ema = self.parts.ema
+            self.final_ema_top1 = evaluate(ema.module, val_batches, **kwargs) if ema is not None else None
+            self.best_top1 = max(v for v in (self.best_top1, self.final_top1, self.final_ema_top1) if v is not None)
+            self.runlog.write("eval", epoch=done, step=self.step, top1=self.final_top1, ema_top1=self.final_ema_top1)
+            self.say(f"epoch {done}/{config.epochs}: top-1 {100 * self.final_top1:.2f}%"
+                     + (f", EMA {100 * self.final_ema_top1:.2f}%" if self.final_ema_top1 is not None else ""))
+        self.position = TrainPosition(epoch=done, batch=0, step=self.step, meta_batches=self.position.meta_batches)
+        self.save(self.position)
+        if self.step >= self.stop_step:
+            self.stopped = self.step < self.total_steps
+            return config.epochs  # the steps asked for are done
+        return done
 
-    progress.close()
-    result = RunResult(
-        final_top1=final_top1,
-        best_top1=best_top1,
-        final_ema_top1=final_ema_top1,
-        steps=step,
-        wall_time_s=prior_wall + train_time,
-        images_per_s=process_images / train_time if train_time > 0 else 0.0,
-        run_dir=run_dir,
-        completed=step >= total_steps,
-    )
-    if ranks.main:
-        summary = {**dataclasses.asdict(result), "epochs": config.epochs, "world_size": ranks.world,
-                   "device": str(device), "amp": amp, "compile": use_compile, "loss": config.loss.name}
-        if temps is not None:
-            summary.update(temps.summary())
-        runlog.write("end", **summary)
-        runlog.close()
-        if result.completed and process_images:  # a resumed, already finished run keeps its result.json
-            write_json(run_dir / RESULT_NAME, summary)
-        plot_run(run_dir / METRICS_NAME, run_dir / PLOT_NAME)
-        accuracy = f"top-1 {100 * final_top1:.2f}% (best {100 * best_top1:.2f}%), " if final_top1 is not None else ""
-        say(f"{'finished' if result.completed else 'stopped'} at step {step}: {accuracy}"
-            f"{result.images_per_s:.0f} images/s; run dir {run_dir}")
-    return result
+    # -- the end -----------------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """The result; on rank 0 also the ``end`` line, ``result.json`` (a completed run) and the plot."""
+        self.progress.close()
+        config, step, temps = self.config, self.step, self.parts.temps
+        result = RunResult(
+            final_top1=self.final_top1,
+            best_top1=self.best_top1,
+            final_ema_top1=self.final_ema_top1,
+            steps=step,
+            wall_time_s=self.prior_wall + self.train_time,
+            images_per_s=self.process_images / self.train_time if self.train_time > 0 else 0.0,
+            run_dir=self.run_dir,
+            completed=step >= self.total_steps,
+        )
+        if self.ranks.main:
+            summary = {**dataclasses.asdict(result), "epochs": config.epochs, "world_size": self.ranks.world,
+                       "device": str(self.device), "amp": self.amp, "compile": self.use_compile, "loss": config.loss.name}
+            if temps is not None:
+                summary.update(temps.summary())
+            self.runlog.write("end", **summary)
+            self.runlog.close()
+            if result.completed and self.process_images:  # a resumed, already finished run keeps its result.json
+                write_json(self.run_dir / RESULT_NAME, summary)
+            plot_run(self.run_dir / METRICS_NAME, self.run_dir / PLOT_NAME)
+            top1 = self.final_top1
+            accuracy = f"top-1 {100 * top1:.2f}% (best {100 * self.best_top1:.2f}%), " if top1 is not None else ""
+            self.say(f"{'finished' if result.completed else 'stopped'} at step {step}: {accuracy}"
+                     f"{result.images_per_s:.0f} images/s; run dir {self.run_dir}")
+        return result

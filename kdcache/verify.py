@@ -19,7 +19,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
-from kdcache.export import format_selection
+from kdcache.format import format_selection
 from kdcache.format import RECORD_ARRAYS, Cache, open_cache
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
@@ -27,7 +27,7 @@ from kdcache.record import make_records
 from kdcache.replay import PATHS, replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
-from kdcache.augment import check_view_params, sample_view_params
+from kdcache.augment import cache_spec, check_view_params, sample_view_params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +138,7 @@ def _check_structure(cache: Cache, report: VerifyReport) -> None:
         if tuple(array.shape) != expected or np.dtype(array.dtype) != np.dtype(m.dtypes[name]):
             report.fail(f"array {name}: shape {tuple(array.shape)} dtype {array.dtype}; manifest says {expected} {m.dtypes[name]}")
     try:
-        m.spec()
+        cache_spec(m)
     except KdcacheError as exc:
         report.fail(f"manifest augmentation: {exc}")
     report.add("structure", "ok" if not report.failures else "FAILED")
@@ -221,7 +221,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
     if info.weights_sha256 != m.teacher.weights_sha256:
         report.fail(f"teacher weights differ: {config.teacher.checkpoint or config.teacher.model_file} has sha256 "
                     f"{info.weights_sha256[:16]}..., the cache was made with {m.teacher.weights_sha256[:16]}...")
-    spec = m.spec()
+    spec = cache_spec(m)
     path = config.replay_path or m.replay["path"]
     report.replay_path = path if path == m.replay["path"] else f"{path} (cache made with {m.replay['path']})"
     layout = cache.layout
@@ -271,7 +271,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                          f"{ties}, max |diff| {report.max_abs_diff:.3g}")
 
 
-def verify(config: VerifyConfig, *, log=print) -> VerifyReport:
+def verify_cache(config: VerifyConfig, *, log=print) -> VerifyReport:
     """Run every check; raises VerifyError (after logging the report) if any failed."""
     cache = open_cache(config.cache, verify_checksums=True)
     require_digest(cache, config.expect_digest)

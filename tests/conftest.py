@@ -118,11 +118,11 @@ def precompute_argv(teacher_ckpt):
 def run_precompute(config):
     """Run a precompute in this process; one bounded by ``max_units`` may leave the cache unfinished on purpose."""
     from kdcache.errors import UnfinishedCacheError
-    from kdcache.precompute import precompute
+    from kdcache.precompute import precompute_logits
 
     with single_thread():
         try:
-            return precompute(config, log=lambda message: None)
+            return precompute_logits(config, log=lambda message: None)
         except UnfinishedCacheError as exc:
             if config.max_units is None:
                 raise

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from kdcache.format import CLAIMS_DIR, Claims, Holder, open_cache, unit_claim
 from kdcache.format.claims import _pid_start, claim_name
-from kdcache.precompute import precompute
+from kdcache.precompute import precompute_logits
 from kdcache_cli.main import app
 from threads import single_thread
 
@@ -60,7 +60,7 @@ def test_units_held_by_a_live_writer_are_left_to_it_and_named(tmp_path, make_con
     out = tmp_path / "cache"
     with single_thread():
         try:
-            precompute(replace(make_config(out), max_units=0), log=lambda _: None)
+            precompute_logits(replace(make_config(out), max_units=0), log=lambda _: None)
         except Exception:
             pass
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -22,11 +22,12 @@ import pytest
 from typer.testing import CliRunner
 
 from kdcache.errors import ChecksumError, ConfigError, IncompleteCacheError
-from kdcache.export import FORMATS, ExportConfig, export_cache, format_selection, parse_selection
+from kdcache.export import FORMATS, ExportConfig, export_cache
+from kdcache.format import format_selection, parse_selection
 from kdcache.format import RECORD_ARRAYS, ledger_key, open_cache, shard_key
 from kdcache.losses import LossConfig
 from kdcache.student import StudentConfig, train_student
-from kdcache.verify import VerifyConfig, verify
+from kdcache.verify import VerifyConfig, verify_cache
 from kdcache.teacher import TeacherConfig
 from kdcache_cli.main import app
 
@@ -175,7 +176,7 @@ def test_train_student_from_a_block_subset_trains_on_its_samples_only(tmp_path, 
 
 
 def test_verify_checks_the_units_present_with_their_original_epoch_numbers(exports, teacher_ckpt):
-    report = verify(VerifyConfig(cache=str(exports / "epoch1"), data="digits", views=8,
+    report = verify_cache(VerifyConfig(cache=str(exports / "epoch1"), data="digits", views=8,
                                  teacher=TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt))), log=quiet)
     assert report.ok and report.views_checked == 8  # the parameters re-drawn by (seed, epoch 1) match the stored ones
     assert dict(report.checks)["ledger"] == "3 unit(s) committed, 0 missing, 0 damaged (a subset: epochs 1 of 2, units 0-2 of 3)"
@@ -452,12 +453,12 @@ def test_a_subset_missing_a_declared_unit_is_refused_naming_it(tmp_path, exports
 
 def test_precompute_refuses_to_resume_a_subset_naming_its_source(tmp_path, exports, make_config, small_cache):
     """Filling a subset's holes would leave a whole cache that still declares itself a subset."""
-    from kdcache.precompute import precompute
+    from kdcache.precompute import precompute_logits
 
     path = Path(shutil.copytree(exports / "blocks", tmp_path / "subset"))
     before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError) as refused:
-        precompute(make_config(path, resume=True), log=quiet)
+        precompute_logits(make_config(path, resume=True), log=quiet)
     assert str(refused.value) == (f"{path} is a subset exported from {small_cache}; resume or extend that cache "
                                   "and export again")
     assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before

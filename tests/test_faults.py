@@ -46,20 +46,20 @@ from threads import single_thread
 from typer.testing import CliRunner
 
 from kdcache import __version__
-from kdcache.augment import PRESETS, AugSpec, check_view_params, param_fields, preset, sample_view_params
+from kdcache.augment import PRESETS, AugSpec, cache_spec, check_view_params, param_fields, preset, sample_view_params
 from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError, KdcacheError, VerifyError
 from kdcache.format import CacheWriter, Manifest, ledger_key, open_cache, shard_key, write_epoch_index
 from kdcache.location import Location
 from kdcache.plan import plan_layout, read_block
-from kdcache.precompute import precompute
+from kdcache.precompute import precompute_logits
 from kdcache.replay import replay_block
 from kdcache.runlog import read_metrics
 from kdcache.shards import write_shards
 from kdcache.sources import decode_sample, open_source
 from kdcache.student import MODEL_NAME
 from kdcache.teacher import TeacherConfig
-from kdcache.verify import VerifyConfig, verify
+from kdcache.verify import VerifyConfig, verify_cache
 from kdcache_cli.main import app
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_thread")]
@@ -177,7 +177,7 @@ def without_time(entries: dict) -> dict:
 def resume(make_config, out: Path, **overrides) -> list[tuple[int, int]]:
     """Run precompute --resume in this process; returns the units it committed, in order."""
     messages: list[str] = []
-    precompute(make_config(out, resume=True, **overrides), log=messages.append)
+    precompute_logits(make_config(out, resume=True, **overrides), log=messages.append)
     return [(int(m.split()[2]), int(m.split()[4])) for m in messages if m.startswith("committed epoch")]
 
 
@@ -695,18 +695,18 @@ def test_a_hand_edited_manifest_is_detected_naming_the_field(field, change, wher
         elif where == "plan":
             open_cache(out).samples()
         elif where == "spec":
-            open_cache(out).manifest.spec()
+            cache_spec(open_cache(out).manifest)
         elif where == "resume":
             resume(make_config, out)
         else:
-            verify(VerifyConfig(cache=str(out), quick=True), log=lambda message: None)
+            verify_cache(VerifyConfig(cache=str(out), quick=True), log=lambda message: None)
     detected = named in str(caught.value)
     outcome = {"open": "refused when the cache is opened", "plan": "refused when the plan is read",
                "spec": "refused when the augmentation spec is read (every command that replays)",
                "resume": "precompute --resume refuses naming the field; verify fails naming a view", "verify": "verify fails"}[where]
     if where == "resume":  # the stored records are still those the views were made with; verify says what changed
         with pytest.raises(VerifyError) as gate:
-            verify(VerifyConfig(cache=str(out), data="digits", views=8,
+            verify_cache(VerifyConfig(cache=str(out), data="digits", views=8,
                                 teacher=TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt))), log=lambda m: None)
         assert any(word in str(gate.value) for word in ("stored parameter", "teacher weights differ", "class", "logit"))
     record("damage", f"manifest edited by hand: {field}", detected=detected,
@@ -808,7 +808,7 @@ def test_forged_parameters_with_valid_checksums_are_refused_before_replay(name, 
         shown = error_line(invoke("show", out, "--data", "digits:val", "--epoch", "0", "--out", tmp_path / "views.png",
                                   "--samples", row), 3, culprit)
         with pytest.raises(VerifyError) as caught:
-            verify(VerifyConfig(cache=str(out), data="digits:val", views=4, check_params=False,
+            verify_cache(VerifyConfig(cache=str(out), data="digits:val", views=4, check_params=False,
                                 teacher=TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt))), log=lambda m: None)
     record("forged parameters", f"{what} ({field}, preset {name}), committed with valid checksums",
            detected=culprit in str(caught.value),
@@ -1380,7 +1380,7 @@ def open_and_read(path: Path) -> None:
     """What every reader does first: open, read the plan and the spec, read a unit."""
     cache = open_cache(path)
     cache.samples()
-    cache.manifest.spec()
+    cache_spec(cache.manifest)
     cache.read_unit(1, 2)
 
 
@@ -1489,7 +1489,7 @@ def test_fuzzed_parameter_arrays_with_valid_checksums_fail_verify_naming_the_vie
         changed = not np.array_equal(arrays["params"], original["params"], equal_nan=False)
         with time_limit(15):
             try:
-                verify(VerifyConfig(cache=str(out), data="digits:val", teacher=teacher, views=4), log=lambda m: None)
+                verify_cache(VerifyConfig(cache=str(out), data="digits:val", teacher=teacher, views=4), log=lambda m: None)
                 counts["accepted"] += 1
                 assert not changed, "forged parameters passed verify"
             except VerifyError as exc:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.augment import preset, sample_view_params
+from kdcache.augment import cache_spec, preset, sample_view_params
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
 from kdcache.format import (
     COMPRESSION,
@@ -183,7 +183,7 @@ def test_write_unit_refuses_wrong_row_count(tmp_path):
 def test_precompute_records_equal_teacher_on_replayed_stored_params(small_cache, teacher_ckpt):
     cache = open_cache(small_cache)
     manifest = cache.manifest
-    spec = manifest.spec()
+    spec = cache_spec(manifest)
     plan = cache.samples()
     source = open_source("digits")
     teacher, _ = load_teacher(TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt)))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.augment import cache_spec
 from kdcache.distributed import Ranks
 from kdcache.format import open_cache
 from kdcache.loader import LoaderConfig, ViewLoader
@@ -29,7 +30,7 @@ def make_loader(path, *, batch_size=BATCH, ranks=Ranks(), **config) -> ViewLoade
     cache = open_cache(path)
     m = cache.manifest
     return ViewLoader(
-        source=open_source(m.dataset.uri), layout=m.blocks, plan=cache.samples(), spec=m.spec(),
+        source=open_source(m.dataset.uri), layout=m.blocks, plan=cache.samples(), spec=cache_spec(m),
         num_classes=m.teacher.num_classes, ranks=ranks, cache=cache, cache_epochs=cache.complete_epochs(),
         config=LoaderConfig(batch_size=batch_size, **config),
     )
@@ -56,7 +57,7 @@ class Reference:
     def __init__(self, path):
         self.cache = open_cache(path)
         m = self.cache.manifest
-        self.spec, self.layout, self.num_classes = m.spec(), m.blocks, m.teacher.num_classes
+        self.spec, self.layout, self.num_classes = cache_spec(m), m.blocks, m.teacher.num_classes
         self.plan = self.cache.samples()
         self.source = open_source(m.dataset.uri)
         self.blocks: dict[tuple[int, int], dict] = {}

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kdcache.errors import ChecksumError, ConfigError, FormatError, MismatchError
 from kdcache.format import RECORD_ARRAYS, ledger_key, open_cache, sha256_bytes, shard_key, write_epoch_index
 from kdcache.merge import merge_caches
-from kdcache.verify import VerifyConfig, verify
+from kdcache.verify import VerifyConfig, verify_cache
 from kdcache_cli.main import app
 
 
@@ -90,7 +90,7 @@ def test_disjoint_epoch_ranges_merge_into_the_one_job_cache(tmp_path, epoch_jobs
     assert ledger_without_time(out) == ledger_without_time(whole)
     # the original commit times travel with the units
     assert {k: e.committed for k, e in merged.ledger.items() if k[0] < 2} == {k: e.committed for k, e in open_cache(early).ledger.items()}
-    verify(VerifyConfig(cache=str(out), quick=True), log=quiet)
+    verify_cache(VerifyConfig(cache=str(out), quick=True), log=quiet)
     assert leftovers(tmp_path) == []
 
 
@@ -105,7 +105,7 @@ def test_overlapping_partial_jobs_merge_into_the_full_cache(tmp_path, unit_jobs,
     assert result.epochs_complete == [0, 1]
     assert shard_bytes(out) == shard_bytes(small_cache)
     assert ledger_without_time(out) == ledger_without_time(small_cache)
-    verify(VerifyConfig(cache=str(out), quick=True), log=quiet)
+    verify_cache(VerifyConfig(cache=str(out), quick=True), log=quiet)
 
 
 def test_a_partial_merge_keeps_missing_units_missing(tmp_path, unit_jobs, small_cache):

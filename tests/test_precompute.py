@@ -189,20 +189,20 @@ def test_worker_processes_write_the_same_records_as_the_thread(tmp_path, make_co
 
 
 def test_progress_on_a_terminal_is_a_bar_with_views_and_rate(tmp_path, make_config, capsys, one_thread):
-    from kdcache.precompute import precompute
+    from kdcache.precompute import precompute_logits
 
     lines = []
-    precompute(make_config(tmp_path / "cache"), log=lines.append, progress=True)
+    precompute_logits(make_config(tmp_path / "cache"), log=lines.append, progress=True)
     err = capsys.readouterr().err
     assert "precompute: 100%" in err and "6/6" in err and "views/s" in err
     assert not [line for line in lines if line.startswith("committed epoch")]  # the bar, not one line per unit
 
 
 def test_without_a_terminal_each_unit_is_one_line_with_rate_and_eta(tmp_path, make_config, one_thread):
-    from kdcache.precompute import precompute
+    from kdcache.precompute import precompute_logits
 
     lines = []
-    precompute(make_config(tmp_path / "cache"), log=lines.append)
+    precompute_logits(make_config(tmp_path / "cache"), log=lines.append)
     units = [line for line in lines if line.startswith("committed epoch")]
     assert len(units) == 6 and all("views/s" in line for line in units)
     assert "ETA" in units[0] and units[-1].startswith("committed epoch 1 unit 2 (6/6 units;")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdcache.format import record_dtypes
-from kdcache.record import TAIL_BETAS, TeacherRecord, index_dtype, make_records, tail_log_mass, teacher_log_probs
+from kdcache.format.store import index_dtype
+from kdcache.record import TAIL_BETAS, TeacherRecord, make_records, tail_log_mass, teacher_log_probs
 
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0)
 

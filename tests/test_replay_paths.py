@@ -20,13 +20,13 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from typer.testing import CliRunner
 
-from kdcache.augment import INTERPOLATIONS, PRESETS, AugSpec, param_fields, preset
+from kdcache.augment import INTERPOLATIONS, PRESETS, AugSpec, cache_spec, param_fields, preset
 from kdcache.errors import ConfigError, VerifyError
 from kdcache.format import open_cache
 from kdcache.replay import TENSOR_AFFINE_INTERPOLATION, replay_fingerprint, replay_uint8
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import MODEL_META_KEY, TeacherConfig
-from kdcache.verify import VerifyConfig, verify
+from kdcache.verify import VerifyConfig, verify_cache
 from kdcache_cli.main import app
 
 #: 4 digits per class, 40 in all: blocks of 16 give 3 blocks, 2 units.
@@ -98,15 +98,15 @@ def test_tensor_path_cache_verifies_every_view(tmp_path, make_config, helpers, f
     helpers.run_precompute(small(make_config, output, folder, teacher, augmentation=name, replay_path="tensor"))
     cache = open_cache(output)
     m = cache.manifest
-    assert (m.teacher.interpolation, m.spec().interpolation, m.spec().name) == (interpolation, interpolation, name)
+    assert (m.teacher.interpolation, cache_spec(m).interpolation, cache_spec(m).name) == (interpolation, interpolation, name)
     assert m.replay == replay_fingerprint("tensor")
     assert m.replay["affine_interpolation"][interpolation] == TENSOR_AFFINE_INTERPOLATION[interpolation]
     if name == "strong":  # the affine ops, where bicubic is substituted, were drawn and replayed
-        spec = m.spec()
+        spec = cache_spec(m)
         params = np.concatenate([cache.read_block(0, b)["params"] for b in range(m.blocks.num_blocks)])
         ops = params[:, [param_fields(spec).index(f"ra{slot}_op") for slot in range(spec.randaug_n)]]
         assert any(spec.randaug_ops[int(op)] in GEOMETRIC for op in ops.ravel() if op >= 0)
-    report = verify(VerifyConfig(cache=str(output), data=folder, views=VIEWS,
+    report = verify_cache(VerifyConfig(cache=str(output), data=folder, views=VIEWS,
                                  teacher=TeacherConfig(model="test_resnet", checkpoint=str(teacher))), log=lambda line: None)
     assert report.ok, report.format()
     assert report.views_checked == VIEWS and report.replay_path == "tensor"
@@ -179,7 +179,7 @@ def test_a_spec_file_overrides_the_teacher_interpolation(tmp_path, make_config, 
     helpers.run_precompute(small(make_config, output, folder, teacher_for("lanczos"), augmentation=str(spec_file),
                                  replay_path="tensor"))
     m = open_cache(output).manifest
-    assert (m.teacher.interpolation, m.spec().interpolation) == ("lanczos", "bicubic")
+    assert (m.teacher.interpolation, cache_spec(m).interpolation) == ("lanczos", "bicubic")
 
 
 @pytest.mark.parametrize("interpolation", ["random", "box", "hamming", "lanczos"])

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from kdcache.augment import cache_spec
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import ledger_key, open_cache
-from kdcache.precompute import PrecomputeConfig, precompute
+from kdcache.precompute import PrecomputeConfig, precompute_logits
 from kdcache.replay import replay_base
 from kdcache.show import PANELS_PER_ROW, ShowConfig, collect_views, describe_params, image_size, render_views
 from kdcache.sources import decode_sample, open_source
@@ -44,7 +45,7 @@ def teacher(workdir) -> TeacherConfig:
 
 def make_cache(workdir, teacher: TeacherConfig, augmentation: str) -> str:
     output = str(workdir / augmentation)
-    precompute(
+    precompute_logits(
         PrecomputeConfig(data="digits", output=output, teacher=teacher, augmentation=augmentation, epochs=1, topk=5,
                          block_size=256, blocks_per_unit=2, batch_size=256),
         log=lambda message: None,
@@ -102,7 +103,7 @@ def test_samples_by_key_and_slot_index_in_the_order_given(strong, tmp_path):
 def test_mixed_view_is_the_blend_of_its_own_view_and_the_shown_partner(funmatch):
     cache = open_cache(funmatch)
     m = cache.manifest
-    spec = m.spec()
+    spec = cache_spec(m)
     views = collect_views(config(funmatch, "unused.png", count=8), cache=cache)
     mixed = [v for v in views if v.partner_key is not None]
     assert mixed, "funmatch pairs every sample of an even block"
@@ -139,13 +140,13 @@ def test_live_teacher_reproduces_the_stored_probabilities(strong, teacher, tmp_p
 def test_row_titles_name_the_augmentation_parameters(strong, funmatch):
     for location, expected in ((strong, ("crop top", "RandAugment")), (funmatch, ("crop top", "mixup with digits-", "lambda"))):
         cache = open_cache(location)
-        spec = cache.manifest.spec()
+        spec = cache_spec(cache.manifest)
         views = collect_views(config(location, "unused.png", count=8), cache=cache)
         texts = [describe_params(cache.manifest, spec, v.params, v.partner_key) for v in views]
         for word in expected:
             assert any(word in text for text in texts), (word, texts)
     cache = open_cache(strong)
-    spec = cache.manifest.spec()
+    spec = cache_spec(cache.manifest)
     ops = [spec.randaug_ops[int(v.params[cache.manifest.param_fields.index("ra0_op")])]
            for v in collect_views(config(strong, "unused.png", count=8), cache=cache)
            if v.params[cache.manifest.param_fields.index("ra0_op")] >= 0]

@@ -22,6 +22,7 @@ from threads import single_thread
 from PIL import Image
 from typer.testing import CliRunner
 
+from kdcache.augment import cache_spec
 from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.format import open_cache, shard_key
 from kdcache.losses import LossConfig
@@ -241,7 +242,7 @@ def learned(tmp_path_factory, helpers):
 
         torch.manual_seed(0)
         untrained = timm.create_model("test_resnet", pretrained=False, num_classes=10)
-        spec = open_cache(root / "cache").manifest.spec()
+        spec = cache_spec(open_cache(root / "cache").manifest)
         val = eval_batches(open_source("digits:val"), spec, batch_size=256, num_classes=10)
         top1["untrained"] = evaluate(untrained, val, device=torch.device("cpu"))
     print("digits:val top-1:", json.dumps({k: round(v, 4) for k, v in top1.items()}))
@@ -305,8 +306,8 @@ def test_the_run_dir_holds_the_record_and_model_pt_is_a_teacher(tmp_path, helper
     helpers.run_precompute(PrecomputeConfig(data=data, output=str(out), teacher=TeacherConfig(
         model="test_resnet", checkpoint=str(run_dir / "model.pt")), block_size=16, blocks_per_unit=1, epochs=1, topk="full"))
     manifest = open_cache(out).manifest
-    assert manifest.teacher.class_names == list(CLASSES) and manifest.spec().output_size == 16
-    assert tuple(manifest.spec().mean) == pytest.approx((0.4, 0.45, 0.5))
+    assert manifest.teacher.class_names == list(CLASSES) and cache_spec(manifest).output_size == 16
+    assert tuple(cache_spec(manifest).mean) == pytest.approx((0.4, 0.45, 0.5))
 
 
 # ---- bad input: one line naming the culprit, nothing written ------------------------------------------------

@@ -25,7 +25,8 @@ from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.errors import ConfigError
 from kdcache.losses import LossConfig
 from kdcache.runlog import Progress, read_metrics
-from kdcache.train import TrainConfig, default_warmup_epochs, train
+from kdcache.train import train
+from kdcache.train_config import TrainConfig, default_warmup_epochs
 
 NUM_CLASSES = 10
 BATCH = 64

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kdcache.augment import PRESETS
+from kdcache.augment import PRESETS, cache_spec
 from kdcache.errors import ConfigError, VerifyError
 from kdcache.format import CacheWriter, ledger_key, open_cache, shard_key, write_epoch_index
 from kdcache.plan import read_block
@@ -27,7 +27,7 @@ from kdcache.record import make_records
 from kdcache.replay import replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
-from kdcache.verify import VerifyConfig, _pick_views, compare_records, verify
+from kdcache.verify import VerifyConfig, _pick_views, compare_records, verify_cache
 from kdcache_cli.main import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +46,7 @@ def run_verify(cache, checkpoint=None, **overrides):
     if checkpoint is not None:
         fields["teacher"] = teacher_config(checkpoint)
     fields.update(overrides)
-    report = verify(VerifyConfig(**fields), log=lines.append)
+    report = verify_cache(VerifyConfig(**fields), log=lines.append)
     return report, lines
 
 
@@ -123,7 +123,7 @@ def test_replayed_block_gives_the_stored_records_bit_for_bit(name, preset_cache,
     images = [decode_sample(s) for s in read_block(open_source("digits"), cache.layout, block, plan["source_index"][where])]
     stored = cache.read_block(0, block)
     teacher, _ = load_teacher(teacher_config(teacher_ckpt))
-    views = replay_block(m.spec(), stored["params"], images, path="pil")
+    views = replay_block(cache_spec(m), stored["params"], images, path="pil")
     values, indices, tail = make_records(teacher_logits(teacher, views, "cpu"), m.k)
     assert len(images) == 157 and m.replay["path"] == "pil"
     np.testing.assert_array_equal(values.numpy(), stored["values"])
@@ -252,7 +252,7 @@ def test_tensor_replay_of_a_pil_strong_cache_fails_naming_a_view(preset_cache, t
     cache = preset_cache("strong")
     lines: list[str] = []
     with pytest.raises(VerifyError) as caught:
-        verify(VerifyConfig(cache=str(cache), data="digits", teacher=teacher_config(teacher_ckpt), views=VIEWS,
+        verify_cache(VerifyConfig(cache=str(cache), data="digits", teacher=teacher_config(teacher_ckpt), views=VIEWS,
                             replay_path="tensor"), log=lines.append)
     assert re.match(r"view \(epoch 0, sample digits-\d{4}, block \d\): (logit of class \d|class at rank \d)", str(caught.value))
     report = "\n".join(lines)

@@ -21,8 +21,9 @@ from kdcache.shards import write_shards
 from kdcache.sources import DigitsSource, Sample, npy_bytes, open_source
 from kdcache.student import StudentConfig, train_student
 from kdcache.teacher import TeacherConfig
-from kdcache.verify import VerifyConfig, verify
-from kdcache.wds import INDEX_NAME, WdsCache, export_wds, shard_name
+from kdcache.verify import VerifyConfig, verify_cache
+from kdcache.export import export_wds
+from kdcache.format.wds import INDEX_NAME, WdsCache, shard_name
 from cli_checks import invoke, one_error_line, quiet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,7 +105,7 @@ def test_a_zip_archive_of_the_export_reads_in_place(exported, small_cache, tmp_p
 
 def test_verify_with_the_teacher_verify_quick_and_info_take_the_export(exported, teacher_ckpt):
     lines = []
-    report = verify(VerifyConfig(cache=str(exported), data="digits", views=40,
+    report = verify_cache(VerifyConfig(cache=str(exported), data="digits", views=40,
                                  teacher=TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt))), log=lines.append)
     assert report.ok and report.views_checked == 40
     assert "dataset      1437 sample digests match" in lines[0]
@@ -207,9 +208,9 @@ def test_an_export_with_other_images_is_refused_naming_the_sample_and_leaves_not
 
 
 def test_an_interrupted_export_leaves_no_output_and_no_index(small_cache, tmp_path, monkeypatch):
-    import kdcache.wds
+    import kdcache.format.wds
 
-    write, calls = kdcache.wds._write_tar, []
+    write, calls = kdcache.format.wds._write_tar, []
 
     def dies_on_the_third_file(path, groups):
         calls.append(path)
@@ -217,7 +218,7 @@ def test_an_interrupted_export_leaves_no_output_and_no_index(small_cache, tmp_pa
             raise KeyboardInterrupt
         return write(path, groups)
 
-    monkeypatch.setattr(kdcache.wds, "_write_tar", dies_on_the_third_file)
+    monkeypatch.setattr(kdcache.format.wds, "_write_tar", dies_on_the_third_file)
     with pytest.raises(KeyboardInterrupt):
         export_wds(small_cache, tmp_path / "out", log=quiet)
     assert list(tmp_path.iterdir()) == []

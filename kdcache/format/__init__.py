@@ -22,7 +22,10 @@ is written only after the unit's shard files are durable (fsync) and their sha25
 Modules: :mod:`~kdcache.format.manifest` (what a cache is), :mod:`~kdcache.format.store` (keys,
 codecs, checksums, the JSON files), :mod:`~kdcache.format.ledger` (the ledger's entries and epoch
 indexes), :mod:`~kdcache.format.digest` (the content digest), :mod:`~kdcache.format.reader` and
-:mod:`~kdcache.format.writer`.
+:mod:`~kdcache.format.writer`, :mod:`~kdcache.format.held` (what both readers share),
+:mod:`~kdcache.format.wds` (the webdataset export: its reader and writer) and
+:mod:`~kdcache.format.selection` (choosing epochs and units). The format imports nothing of
+kdcache's but :mod:`kdcache.errors` and :mod:`kdcache.location`.
 Everything is re-exported here: import from ``kdcache.format``.
 """
 
@@ -48,6 +51,8 @@ from kdcache.format.store import (
     COMPRESSION,
     LedgerEntry,
     canonical_json,
+    index_dtype,
+    npy_bytes,
     parse_ledger,
     ledger_key,
     read_manifest,
@@ -67,10 +72,23 @@ from kdcache.format.digest import (
     content_digest,
     require_digest,
 )
+from kdcache.format.held import HeldUnits
 from kdcache.format.reader import (
     Cache,
-    HeldUnits,
     open_cache,
+)
+from kdcache.format.selection import (
+    default_selection,
+    format_selection,
+    parse_selection,
+)
+from kdcache.format.wds import (
+    WdsCache,
+    WdsExport,
+    check_wds_output,
+    is_wds,
+    select_units,
+    write_wds,
 )
 from kdcache.format.claims import (
     Claims,
@@ -112,6 +130,8 @@ __all__ = [
     "sample_array_sha256",
     "sha256_bytes",
     "shard_key",
+    "npy_bytes",
+    "index_dtype",
     "epoch_index_key",
     "index_cache",
     "write_epoch_index",
@@ -122,6 +142,15 @@ __all__ = [
     "Cache",
     "HeldUnits",
     "open_cache",
+    "default_selection",
+    "format_selection",
+    "parse_selection",
+    "WdsCache",
+    "WdsExport",
+    "check_wds_output",
+    "is_wds",
+    "select_units",
+    "write_wds",
     "Claims",
     "Holder",
     "unit_claim",

@@ -179,16 +179,6 @@ class Manifest:
             except (KeyError, TypeError, ValueError):
                 bad(f"dtypes.{name}", self.dtypes.get(name) if isinstance(self.dtypes, dict) else self.dtypes, "a numpy dtype name")
 
-    def spec(self):
-        """The augmentation spec; the parameter columns it implies must be the manifest's ``param_fields``."""
-        from kdcache.augment import AugSpec, param_fields
-
-        spec = AugSpec.from_dict(self.augmentation)
-        if list(param_fields(spec)) != self.param_fields:
-            raise FormatError(f"manifest: field param_fields = {self.param_fields}, but the augmentation spec stores "
-                              f"{list(param_fields(spec))}; the manifest was edited or damaged")
-        return spec
-
 
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):

@@ -10,83 +10,10 @@ import numpy as np
 
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
 from kdcache.location import Location
-from kdcache.format.manifest import BlockLayout, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, Subset, _short
-from kdcache.format.digest import content_digest
+from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, _short
+from kdcache.format.held import HeldUnits
 from kdcache.format.ledger import Ledger, check_agreement, load_ledger
 from kdcache.format.store import LedgerEntry, ledger_key, metadata_keys, read_root, sample_array_sha256, sha256_bytes, shard_key
-
-
-class HeldUnits:
-    """What the two readers share (Cache and kdcache.wds.WdsCache): which units a cache holds, from its
-    ``ledger`` and ``subset``, and the small LRU of units read last.
-
-    A cache is meant to hold its *held* units: a subset's declared epochs x units, else every
-    unit of every planned epoch. A held unit without a ledger entry is missing: a precompute
-    still in flight (or killed), or a damaged subset. Committed units outside a subset are ignored.
-    """
-
-    manifest: Manifest
-    layout: BlockLayout
-    ledger: dict
-    subset: Subset | None
-
-    def unit_committed(self, epoch: int, unit: int) -> bool:
-        return (epoch, unit) in self.ledger
-
-    # Readers keep an LRU of read units (``_units``, the last UNITS_KEPT) and a lock; neither travels into
-    # DataLoader workers.
-    UNITS_KEPT = 2
-
-    def _kept_unit(self, epoch: int, unit: int, fresh: bool):
-        """The unit's cached read (None if absent, or when ``fresh`` asks to read again)."""
-        with self._lock:
-            kept = None if fresh else self._units.get((epoch, unit))
-            if kept is not None:
-                self._units.move_to_end((epoch, unit))
-            return kept
-
-    def _keep_unit(self, epoch: int, unit: int, value):
-        with self._lock:
-            self._units[(epoch, unit)] = value
-            while len(self._units) > self.UNITS_KEPT:
-                self._units.popitem(last=False)
-        return value
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_units"], state["_lock"] = OrderedDict(), None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def complete_epochs(self) -> list[int]:
-        """Epochs with every unit of the layout committed (a block subset has none)."""
-        units = self.layout.num_units
-        return [e for e in range(self.manifest.epochs) if all((e, u) in self.ledger for u in range(units))]
-
-    def present_units(self) -> tuple[list[int], list[int]]:
-        """(epochs with any committed unit, units committed in any epoch), sorted."""
-        return sorted({e for e, _ in self.ledger}), sorted({u for _, u in self.ledger})
-
-    def held_units(self) -> tuple[list[int], list[int]]:
-        """(epochs, units) the cache is meant to hold: a subset's declared ones, else every planned epoch and unit."""
-        if self.subset is not None:
-            return list(self.subset.epochs), list(self.subset.units)
-        return list(range(self.manifest.epochs)), list(range(self.layout.num_units))
-
-    def held_blocks(self) -> list[int]:
-        return [b for u in self.held_units()[1] for b in self.layout.unit_blocks(u)]
-
-    def missing_units(self) -> list[tuple[int, int]]:
-        """The held (epoch, unit) pairs without a ledger entry, in order."""
-        epochs, units = self.held_units()
-        return [(e, u) for e in epochs for u in units if (e, u) not in self.ledger]
-
-    def digest(self) -> str:
-        """The content digest (kdcache.format.digest): the manifest, what a subset declares, every ledger entry."""
-        return content_digest(self.manifest, self.subset, self.ledger.values())
 
 
 class Cache(HeldUnits):
@@ -305,7 +232,7 @@ def open_cache(location: str | os.PathLike, *, verify_checksums: bool = True) ->
     loc = Location(location)
     if not loc.remote and not loc.path.exists():
         raise FormatError(f"cache {location} does not exist")
-    from kdcache.wds import open_wds  # a webdataset export (kdcache export --format wds) holds its own index
+    from kdcache.format.wds import open_wds  # a webdataset export (kdcache export --format wds) holds its own index
 
     exported = open_wds(loc, verify_checksums=verify_checksums)
     if exported is not None:

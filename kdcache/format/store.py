@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +37,22 @@ def _compressors(config: dict, dtype: np.dtype) -> list:
     return [codec, Crc32cCodec()]
 
 
-def record_dtypes(num_classes: int) -> dict:
-    from kdcache.record import index_dtype
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The ``.npy`` bytes of an array, in format version 1.0 (a stable header)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+    return buffer.getvalue()
 
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds every class index."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"num_classes={num_classes} does not fit in uint32")
+
+
+def record_dtypes(num_classes: int) -> dict:
     return {"values": "float16", "indices": index_dtype(num_classes).name, "tail": "float16", "params": "float32"}
 
 

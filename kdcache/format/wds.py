@@ -1,7 +1,7 @@
 """The webdataset export of a cache: its teacher records in tar shards, with an index (container v1).
 
-``export_wds`` writes a cache (any that :func:`kdcache.format.open_cache` opens) as plain tar
-files, for teams whose data pipelines stream everything from tar shards; :class:`WdsCache`
+:func:`write_wds` writes a cache (any that :func:`kdcache.format.open_cache` opens) as plain tar
+files (``kdcache export --format wds``, :func:`kdcache.export.export_wds`, adds the images), for teams whose data pipelines stream everything from tar shards; :class:`WdsCache`
 reads such an export back through the subset of :class:`kdcache.format.Cache` that
 ``train-student``, ``verify``, ``info``, ``show`` and the loader use, so every command that reads
 a cache takes an export too (path or URL); ``merge`` and ``export --format zarr|zip``, which copy
@@ -23,7 +23,7 @@ to the first dot), so ``webdataset.WebDataset(urls)`` yields one dict per block 
 
 The record arrays are stored as ``.npy`` (format 1.0) of the block's rows exactly as the cache
 holds them (dtype, shape, bytes); padding slots are not stored. The format knowledge (record
-arrays, dtypes, manifest, plan checksums) is imported from :mod:`kdcache.format`.
+arrays, dtypes, manifest, plan checksums) comes from the rest of :mod:`kdcache.format`.
 
 The export is built in a hidden sibling directory, the index written last (atomically), and the
 directory renamed into place: a killed or refused export leaves no output, and never an index
@@ -49,19 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, MismatchError
-from kdcache.format import (
-    RECORD_ARRAYS,
-    SAMPLE_ARRAYS,
-    HeldUnits,
-    LedgerEntry,
-    Manifest,
-    Subset,
-    now_iso,
-    open_cache,
-    sample_array_sha256,
-    sha256_bytes,
-)
+from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
+from kdcache.format.held import HeldUnits
+from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, Manifest, Subset, now_iso
+from kdcache.format.selection import default_selection, format_selection
+from kdcache.format.store import LedgerEntry, npy_bytes, sample_array_sha256, sha256_bytes
 from kdcache.location import Location, fsync_dir, atomic_write_bytes, is_url
 
 #: The version of this container (the index's ``version``); the records inside follow the
@@ -88,20 +80,8 @@ def view_key(epoch: int, block: int, position: int) -> str:
     return f"e{epoch:06d}-b{block:06d}-p{position:06d}"
 
 
-def _npy(array: np.ndarray) -> bytes:
-    from kdcache.sources import npy_bytes
-
-    return npy_bytes(array)
-
-
 def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _image_extension(data: bytes) -> str:
-    from kdcache.shards import _stored_format
-
-    return _stored_format(data) or "bin"
 
 
 # ---- the writer -------------------------------------------------------------------------------
@@ -117,15 +97,13 @@ class WdsExport:
     bytes: int
 
 
-def _select_units(cache, epochs: Sequence[int] | None) -> list[tuple[int, int]]:
+def select_units(cache, epochs: Sequence[int] | None) -> list[tuple[int, int]]:
     """The (epoch, unit) pairs to export: the chosen epochs x every unit, as ``kdcache export`` chooses by default.
 
     Epochs None: those present (a subset's: those it holds). Units: all (a subset's: those it
     holds). A subset keeps the manifest; epochs keep their numbers. Each pair must be committed:
     an export has no holes.
     """
-    from kdcache.export import default_selection, format_selection
-
     m = cache.manifest
     present_epochs, units = default_selection(cache)
     chosen = present_epochs if epochs is None else sorted({int(e) for e in epochs})
@@ -148,7 +126,7 @@ def _check_committed(cache, units: list[tuple[int, int]]) -> None:
             )
 
 
-def _check_output(output: Path) -> None:
+def check_wds_output(output: Path) -> None:
     if is_url(str(output)):
         raise ConfigError(f"output {output}: the export writes a local directory, not a URL")
     if output.exists() and not output.is_dir():
@@ -178,56 +156,39 @@ def _write_tar(path: Path, groups) -> dict:
 
 
 def _plan_groups(plan: dict[str, np.ndarray]) -> list[dict]:
-    members = {f"{name}.npy": _npy(plan[name]) for name in SAMPLE_ARRAYS if name != "key"}
+    members = {f"{name}.npy": npy_bytes(plan[name]) for name in SAMPLE_ARRAYS if name != "key"}
     members["key.json"] = json.dumps([str(k) for k in plan["key"].tolist()]).encode()
     return [{"__key__": "samples", **members}]
 
 
 def _shard_groups(epoch: int, blocks: range, records: dict[int, dict], images: dict[int, list] | None):
     for block in blocks:
-        yield {"__key__": block_key(epoch, block), **{f"{name}.npy": _npy(records[block][name]) for name in RECORD_ARRAYS}}
-        for position, sample in enumerate(images.get(block, []) if images else []):
+        yield {"__key__": block_key(epoch, block), **{f"{name}.npy": npy_bytes(records[block][name]) for name in RECORD_ARRAYS}}
+        for position, (extension, data, label, key) in enumerate(images.get(block, []) if images else []):
             yield {
                 "__key__": view_key(epoch, block, position),
-                _image_extension(sample.data): sample.data,
-                "cls": str(sample.label).encode("ascii"),
-                "key.txt": sample.key.encode("utf-8"),
+                extension: data,
+                "cls": str(label).encode("ascii"),
+                "key.txt": key.encode("utf-8"),
             }
 
 
-def _open_data(data: str, manifest: Manifest):
-    from kdcache.sources import open_source
+def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, int]], *, images=None,
+              command: str = "") -> WdsExport:
+    """Write the committed ``units`` (epoch, unit) of an opened cache as a webdataset export in ``output_dir``.
 
-    shard_sizes = [n for _, n in manifest.dataset.shards] if manifest.dataset.shards else None
-    source = open_source(data, split=manifest.dataset.split, **({"shard_sizes": shard_sizes} if shard_sizes else {}))
-    if len(source) != manifest.dataset.num_samples:
-        raise MismatchError(f"data {data} has {len(source)} samples, the cache was made from "
-                            f"{manifest.dataset.num_samples} ({manifest.dataset.uri})")
-    return source
-
-
-def export_wds(cache, output_dir: str | os.PathLike, *, epochs: Sequence[int] | None = None,
-               units: Sequence[tuple[int, int]] | None = None, data: str | None = None, command: str = "",
-               log=print) -> WdsExport:
-    """Write a cache (a path, URL or opened cache) as webdataset tar shards plus an index in ``output_dir``.
-
-    What is exported: ``units``, the (epoch, unit) pairs ``kdcache export`` chose, or else the
-    ``epochs`` given (None: every epoch present) times the units present; each must be committed.
-    The manifest is the cache's, unchanged. ``data``: the source the cache was made from; each
-    view's image bytes and label are then stored next to its block's records, every sample
-    checked against the plan's digests as it is read.
+    The manifest is the cache's, unchanged; the index is written last. ``images``: None, or a
+    function of a unit giving, for each of its blocks, the views' image members as
+    ``(extension, bytes, label, key)`` in block order, stored next to the block's records in
+    every epoch's shard of that unit.
     """
-    from kdcache.plan import check_block, read_block
-
     out = Path(output_dir)
-    _check_output(out)
-    cache = open_cache(cache, verify_checksums=True) if isinstance(cache, (str, os.PathLike)) else cache
+    check_wds_output(out)
     m, layout = cache.manifest, cache.layout
-    units = sorted({(int(e), int(u)) for e, u in units}) if units is not None else _select_units(cache, epochs)
+    units = sorted({(int(e), int(u)) for e, u in units})
     _check_committed(cache, units)
     subset = Subset.of(m, units, source=cache.location)
     plan = cache.samples()
-    source = _open_data(data, m) if data is not None else None
 
     tmp = out.parent / f".{out.name}.exporting-{os.getpid()}"
     if tmp.exists():
@@ -241,18 +202,11 @@ def export_wds(cache, output_dir: str | os.PathLike, *, epochs: Sequence[int] | 
             by_unit.setdefault(unit, []).append(epoch)
         for unit in sorted(by_unit):
             blocks = layout.unit_blocks(unit)
-            images = None
-            if source is not None:  # read once per unit, stored in each epoch's shard
-                images = {}
-                for block in blocks:
-                    where = layout.block_slots(block)
-                    samples = read_block(source, layout, block, plan["source_index"][where])
-                    check_block(samples, plan, where, what=f"data {data} (block {block})")
-                    images[block] = samples
+            members = images(unit) if images is not None else None  # read once per unit, stored in each epoch's shard
             for epoch in by_unit[unit]:
                 records = {block: cache.read_block(epoch, block) for block in blocks}
                 name = shard_name(epoch, unit)
-                written = _write_tar(tmp / name, _shard_groups(epoch, blocks, records, images))
+                written = _write_tar(tmp / name, _shard_groups(epoch, blocks, records, members))
                 entry = cache.ledger[(epoch, unit)]
                 shards.append({"file": name, "epoch": epoch, "unit": unit, "blocks": [blocks.start, blocks.stop - 1],
                                "views": entry.views, "committed": entry.committed, **written})
@@ -265,7 +219,7 @@ def export_wds(cache, output_dir: str | os.PathLike, *, epochs: Sequence[int] | 
             "exported": now_iso(),
             "command": command,
             "source": str(cache.location),
-            "images": data is not None,
+            "images": images is not None,
             "manifest": m.to_dict(),
             **({"subset": subset.to_dict()} if subset is not None else {}),
             "arrays": {name: {"dtype": m.dtypes[name], "width": _width(m, name)} for name in RECORD_ARRAYS},
@@ -273,7 +227,7 @@ def export_wds(cache, output_dir: str | os.PathLike, *, epochs: Sequence[int] | 
             "shards": shards,
         }
         atomic_write_bytes(tmp / INDEX_NAME, json.dumps(index, indent=1).encode())  # last: it commits the export
-        _check_output(out)  # nothing appeared there meanwhile
+        check_wds_output(out)  # nothing appeared there meanwhile
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -282,9 +236,7 @@ def export_wds(cache, output_dir: str | os.PathLike, *, epochs: Sequence[int] | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     exported = sorted({e for e, _ in units})
-    log(f"exported {len(shards)} shard(s) of {len(exported)} epoch(s), {views} views"
-        f"{' with images' if data is not None else ''}, {total / 1e6:.2f} MB to {out}")
-    return WdsExport(output=str(out), shards=len(shards), views=views, epochs=exported, images=data is not None, bytes=total)
+    return WdsExport(output=str(out), shards=len(shards), views=views, epochs=exported, images=images is not None, bytes=total)
 
 
 def _width(manifest: Manifest, array: str) -> int:
@@ -494,6 +446,11 @@ def _tar_members(data: bytes, where: str, *, keep=lambda name: True) -> dict[str
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ChecksumError(f"{where} cannot be read as a tar ({exc})") from None
     return members
+
+
+def is_wds(cache) -> bool:
+    """Whether an opened cache is a webdataset export, not a zarr cache or its zip archive."""
+    return isinstance(cache, WdsCache)
 
 
 def open_wds(location: Location, *, verify_checksums: bool = True) -> WdsCache | None:
