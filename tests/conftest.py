@@ -232,9 +232,25 @@ def assert_same_cache(remote, here) -> None:
                 np.testing.assert_array_equal(remote.read_block(epoch, block)[name], array)
 
 
+def redraw_first_sample(folder_cache: tuple[Path, Path], tmp_path: Path, block: int) -> tuple[Path, str]:
+    """A copy of a cached image folder with the first sample of ``block`` redrawn; returns the copy and that sample's key."""
+    from PIL import Image
+
+    from kdcache.format import open_cache
+
+    images, cache = folder_cache
+    copy = tmp_path / "images"
+    shutil.copytree(images, copy)
+    c = open_cache(cache)
+    key = str(c.samples()["key"][c.layout.block_slots(block)][0])
+    Image.fromarray(np.full((12, 12, 3), 7, dtype=np.uint8)).save(copy / f"{key}.png")
+    return copy, key
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The module-level helpers above, for test modules (conftest is not imported by name)."""
 
-    functions = (tree_hashes, all_records, assert_same_records, assert_same_cache, run_precompute, cli_command, free_port, save_teacher)
+    functions = (tree_hashes, all_records, assert_same_records, assert_same_cache, run_precompute, cli_command, free_port, save_teacher,
+                 redraw_first_sample)
     return types.SimpleNamespace(SMALL=SMALL, **{fn.__name__: fn for fn in functions})

@@ -4,7 +4,6 @@ the cache. ``--check-data`` keeps the full check before the first step."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -53,28 +52,18 @@ def steps_before(cache_path, block: int) -> int:
     raise AssertionError(f"block {block} is never read")
 
 
-def replaced(folder_cache, tmp_path, block: int) -> tuple[str, str]:
-    """A copy of the images with the first sample of ``block`` replaced; returns the data spec and that sample's key."""
-    images, cache = folder_cache
-    copy = tmp_path / "images"
-    shutil.copytree(images, copy)
-    c = open_cache(cache)
-    key = str(c.samples()["key"][c.layout.block_slots(block)][0])
-    Image.fromarray(np.full((12, 12, 3), 7, dtype=np.uint8)).save(copy / f"{key}.png")
-    return f"imagefolder:{copy}", key
-
-
 def train_args(cache, data, run_dir, *extra) -> list[str]:
     return [str(a) for a in ["train-student", "--cache", cache, "--data", data, "--model", "test_resnet", "--run-dir", run_dir,
                              "--epochs", 1, "--batch-size", BATCH, "--device", "cpu", "--amp", "none", "--log-every", 1,
                              "--checkpoint-every", 1, *extra]]
 
 
-def test_a_replaced_image_stops_training_at_its_block_naming_it(folder_cache, tmp_path):
+def test_a_replaced_image_stops_training_at_its_block_naming_it(folder_cache, tmp_path, helpers):
     _, cache = folder_cache
     order = sorted(range(3), key=lambda b: steps_before(cache, b))
     last = order[-1]  # read last: some steps run first, on the other blocks
-    data, key = replaced(folder_cache, tmp_path, last)
+    copy, key = helpers.redraw_first_sample(folder_cache, tmp_path, last)
+    data = f"imagefolder:{copy}"
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, train_args(cache, data, run_dir))
     assert result.exit_code == 4, result.output
@@ -88,19 +77,21 @@ def test_a_replaced_image_stops_training_at_its_block_naming_it(folder_cache, tm
     assert load_checkpoint(run_dir / CHECKPOINT_NAME)["position"]["step"] == expected
 
 
-def test_a_replaced_image_in_the_first_block_read_stops_before_the_first_step(folder_cache, tmp_path):
+def test_a_replaced_image_in_the_first_block_read_stops_before_the_first_step(folder_cache, tmp_path, helpers):
     _, cache = folder_cache
     first = min(range(3), key=lambda b: steps_before(cache, b))
-    data, key = replaced(folder_cache, tmp_path, first)
+    copy, key = helpers.redraw_first_sample(folder_cache, tmp_path, first)
+    data = f"imagefolder:{copy}"
     result = CliRunner().invoke(app, train_args(cache, data, tmp_path / "run"))
     assert result.exit_code == 4 and repr(key) in result.stderr and f"block {first} " in result.stderr
     assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
 
 
-def test_check_data_refuses_before_anything_is_written(folder_cache, tmp_path):
+def test_check_data_refuses_before_anything_is_written(folder_cache, tmp_path, helpers):
     _, cache = folder_cache
     last = max(range(3), key=lambda b: steps_before(cache, b))
-    data, key = replaced(folder_cache, tmp_path, last)
+    copy, key = helpers.redraw_first_sample(folder_cache, tmp_path, last)
+    data = f"imagefolder:{copy}"
     result = CliRunner().invoke(app, train_args(cache, data, tmp_path / "run", "--check-data"))
     assert result.exit_code == 4 and repr(key) in result.stderr and f"block {last})" in result.stderr
     assert not (tmp_path / "run").exists()

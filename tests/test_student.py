@@ -9,7 +9,6 @@ before anything is written; and the exported model.pt is a teacher.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -442,27 +441,16 @@ def folder_cache(tmp_path_factory, teacher_ckpt, helpers):
     return images, root / "cache"
 
 
-def changed_copy(folder_cache, tmp_path, block: int) -> tuple[Path, str]:
-    """A copy of the folder with the first sample of ``block`` redrawn; returns it and that sample's key."""
-    images, cache = folder_cache
-    copy = tmp_path / "images"
-    shutil.copytree(images, copy)
-    c = open_cache(cache)
-    key = str(c.samples()["key"][c.layout.block_slots(block)][0])
-    Image.fromarray(np.full((12, 12, 3), 7, dtype=np.uint8)).save(copy / f"{key}.png")
-    return copy, key
-
-
-def test_a_changed_sample_in_the_first_block_is_named(tmp_path, folder_cache):
-    copy, key = changed_copy(folder_cache, tmp_path, block=0)
+def test_a_changed_sample_in_the_first_block_is_named(tmp_path, folder_cache, helpers):
+    copy, key = helpers.redraw_first_sample(folder_cache, tmp_path, block=0)
     result = invoke(cli_args(tmp_path / "run", **{"--cache": folder_cache[1], "--data": f"imagefolder:{copy}",
                                                   "--batch-size": 8}))
     assert_refused(result, repr(key), "digest", "block 0 ")
     assert result.exit_code == 4 and not (tmp_path / "run" / CHECKPOINT_NAME).exists()  # checked as blocks stream
 
 
-def test_a_changed_sample_in_a_later_block_is_refused_before_the_first_step_with_check_data(tmp_path, folder_cache):
-    copy, key = changed_copy(folder_cache, tmp_path, block=2)
+def test_a_changed_sample_in_a_later_block_is_refused_before_the_first_step_with_check_data(tmp_path, folder_cache, helpers):
+    copy, key = helpers.redraw_first_sample(folder_cache, tmp_path, block=2)
     result = invoke(cli_args(tmp_path / "run", **{"--cache": folder_cache[1], "--data": f"imagefolder:{copy}",
                                                   "--batch-size": 8}) + ["--check-data"])
     assert_refused(result, repr(key), "digest")
