@@ -94,9 +94,31 @@ def check_all_samples(cache: Cache, source: Source, *, name: str | None = None) 
 
 def _device(device: str | torch.device) -> torch.device:
     try:
-        return torch.device(device)
+        found = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"device {device!r} is not a torch device; expected e.g. 'cpu' or 'cuda:0'") from None
+    if found.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: this machine has no CUDA device; use 'cpu'")
+        if found.index is not None and found.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif found.type != "cpu":
+        raise ConfigError(f"device {device!r}: expected 'cpu' or a CUDA device such as 'cuda:0'")
+    return found
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what}={value!r}: expected a positive integer")
+    return value
+
+
+def _block_numbers(blocks) -> list[int]:
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in blocks):
+        raise ConfigError(f"blocks={blocks!r}: expected a sequence of block numbers (integers)")
+    return sorted({int(b) for b in blocks})
 
 
 class CacheLoader:
@@ -116,6 +138,8 @@ class CacheLoader:
                  blocks: Sequence[int] | None = None, channels_last: bool = False, verify_checksums: bool = True):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: expected a positive number of views per rank")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers={num_workers!r}: expected 0 or more DataLoader workers")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ConfigError(f"rank={rank!r}, world_size={world_size!r}: expected 0 <= rank < world_size")
         self.device, self.channels_last = _device(device), channels_last
@@ -126,7 +150,7 @@ class CacheLoader:
         if blocks is None:
             self.blocks = held
         else:
-            self.blocks = sorted({int(b) for b in blocks})
+            self.blocks = _block_numbers(blocks)
             outside = [b for b in self.blocks if b not in set(held)]
             if not self.blocks or outside:
                 raise ConfigError(f"blocks {format_selection(self.blocks) or '(none)'}: the cache {self.cache.location} holds "
@@ -161,12 +185,25 @@ class CacheLoader:
         """This rank's batches of training epoch ``epoch`` (from batch ``start_batch``, to resume)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch={epoch!r}: expected a training epoch >= 0")
+        if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch={start_batch!r}: expected 0 to the epoch's {len(self)} batches")
+        return self._batches(epoch, start_batch)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for batch in self._loader.epoch_batches(epoch, start_batch):
             yield batch.to(self.device, channels_last=self.channels_last)
 
     def eval_batches(self, data: str | Source, *, batch_size: int = 256) -> Iterator[Batch]:
-        """Validation batches of ``data`` on the device: centre crop at the views' size and normalisation, no records."""
+        """Validation batches of ``data`` on the device: centre crop at the views' size and normalisation, no records.
+
+        A spec string without a split (``digits``) opens its ``train`` split: name the one to
+        evaluate on (``digits:val``).
+        """
+        _positive_int(batch_size, "batch_size")
         source = data if isinstance(data, Source) else open_source(data)
+        return self._eval_batches(source, batch_size)
+
+    def _eval_batches(self, source: Source, batch_size: int) -> Iterator[Batch]:
         if source.num_classes != self.num_classes:
             raise MismatchError(f"validation data {source.uri} has {source.num_classes} classes, the cache {self.num_classes}")
         for batch in eval_batches(source, self.spec, batch_size=batch_size, num_classes=self.num_classes):
@@ -179,6 +216,10 @@ def teacher_records(cache: str | Cache, epoch: int, block: int, *, device: str |
     The block's samples are ``cache.samples()["source_index"][cache.layout.block_slots(block)]``.
     """
     cache = open_cache(cache) if not isinstance(cache, Cache) else cache
+    epochs, blocks = cache.manifest.epochs, cache.layout.num_blocks
+    for value, what, count in ((epoch, "epoch", epochs), (block, "block", blocks)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < count:
+            raise ConfigError(f"{what}={value!r}: the cache {cache.location} has {what}s 0 to {count - 1}")
     arrays = cache.read_block(int(epoch), int(block))
     record = TeacherRecord(values=torch.from_numpy(np.ascontiguousarray(arrays["values"])),
                            indices=torch.from_numpy(arrays["indices"].astype(np.int64)),

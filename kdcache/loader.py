@@ -127,6 +127,8 @@ class _EpochPlan:
 
     def resume_point(self, start_batch: int) -> tuple[list[int], int]:
         """After ``start_batch`` batches of the round-robin: batches done per worker, and the worker due next."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ConfigError(f"start_batch={start_batch}: expected 0 to the epoch's {self.num_batches} batches")
         done = [0] * self.num_workers
         remaining = list(self.per_worker)
         worker, delivered = 0, 0

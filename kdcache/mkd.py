@@ -277,13 +277,16 @@ class MKDLoss(nn.Module):
     student's device). ``criterion(logits, record, target)`` is the training loss at the current
     temperatures. Every ``meta.every`` steps, call :meth:`meta_step` with the step's batch and a
     held-out batch: it updates the temperatures only (an Adam of its own over them) and leaves
-    the student exactly as it was. Keep the temperatures out of the student's optimizer.
+    the student exactly as it was. The training loss carries no gradient to the temperatures;
+    keep them out of the student's optimizer all the same (its weight decay would move them).
     """
 
     def __init__(self, num_classes: int, alpha: float | None = None, temperature: float | None = None,
                  tail: str | None = None, meta: MetaConfig | None = None) -> None:
         super().__init__()
         self.config = LossConfig(name="mkd", alpha=alpha, temperature=temperature, tail=tail)
+        if meta is not None and not isinstance(meta, MetaConfig):
+            raise ConfigError(f"meta={meta!r}: expected a kdcache.MetaConfig")
         self.meta = meta if meta is not None else MetaConfig()
         self.temperatures = MetaTemperatures.from_configs(num_classes, self.config, self.meta)
         self._meta_optimizer: torch.optim.Optimizer | None = None
@@ -296,7 +299,8 @@ class MKDLoss(nn.Module):
         return self._meta_optimizer
 
     def forward(self, student_logits: torch.Tensor, record: TeacherRecord, target: torch.Tensor) -> torch.Tensor:
-        teacher_t, student_t = self.temperatures()
+        """The training loss at the current temperatures, which it does not train (only :meth:`meta_step` does)."""
+        teacher_t, student_t = (t.detach() for t in self.temperatures())
         return mkd_loss(student_logits, record, target, alpha=self.config.alpha, teacher_temperature=teacher_t,
                         student_temperature=student_t, tail=self.config.tail)
 

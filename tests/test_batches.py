@@ -4,6 +4,8 @@ MKDLoss's meta step moves only the temperatures, and every bad argument is one c
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import timm
@@ -124,10 +126,15 @@ def test_mkd_loss_learns_its_temperatures_and_leaves_the_student_as_it_was(small
     ({"batch_size": 0}, ConfigError, "batch_size=0: expected a positive number of views per rank"),
     ({"batch_size": 32, "rank": 2, "world_size": 2}, ConfigError, "rank=2, world_size=2: expected 0 <= rank < world_size"),
     ({"batch_size": 32, "device": "gpu7"}, ConfigError, "device 'gpu7' is not a torch device"),
+    ({"batch_size": 32, "device": "meta"}, ConfigError, "device 'meta': expected 'cpu' or a CUDA device"),
+    ({"batch_size": 32, "num_workers": -1}, ConfigError, "num_workers=-1: expected 0 or more DataLoader workers"),
     ({"batch_size": 32, "blocks": [0, 9]}, ConfigError, "blocks 0,9: the cache"),
+    ({"batch_size": 32, "blocks": "01"}, ConfigError, "blocks='01': expected a sequence of block numbers"),
+    ({"batch_size": 32, "blocks": [0.5]}, ConfigError, "blocks=[0.5]: expected a sequence of block numbers"),
     ({"batch_size": 2000}, ConfigError, "batch size 2000 is larger than the"),
     ({"batch_size": 32, "data": "digits:val"}, MismatchError, "data digits:val has 360 samples"),
-], ids=["batch-size", "rank", "device", "blocks", "too-large", "other-data"])
+], ids=["batch-size", "rank", "device", "meta-device", "workers", "blocks", "blocks-text", "blocks-float", "too-large",
+        "other-data"])
 def test_a_bad_argument_is_one_clear_error(small_cache, kwargs, error, message):
     kwargs = {"data": "digits", **kwargs}
     with pytest.raises(error, match=None) as refused:
@@ -135,12 +142,50 @@ def test_a_bad_argument_is_one_clear_error(small_cache, kwargs, error, message):
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_a_bad_epoch_or_validation_split_is_one_clear_error(small_cache, tmp_path, make_config):
+def test_a_cuda_device_this_machine_lacks_is_one_clear_error(small_cache):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    expected = "this machine has no CUDA device; use 'cpu'" if count == 0 else f"this machine has {count} CUDA device(s)"
+    with pytest.raises(ConfigError, match=re.escape(f"device 'cuda:{count + 7}': {expected}")):
+        CacheLoader(small_cache, "digits", batch_size=32, device=f"cuda:{count + 7}")
+
+
+def test_a_bad_epoch_start_batch_or_validation_split_is_one_clear_error(small_cache, tmp_path):
     loader = CacheLoader(small_cache, "digits", batch_size=64)
     with pytest.raises(ConfigError, match=r"epoch=-1: expected a training epoch >= 0"):
-        next(loader.epoch(-1))
+        loader.epoch(-1)
+    for start in (-3, len(loader) + 1):  # a resume point past the epoch, refused before it can hang the loader
+        with pytest.raises(ConfigError, match=rf"start_batch={start}: expected 0 to the epoch's {len(loader)} batches"):
+            loader.epoch(0, start_batch=start)
+    assert list(loader.epoch(0, start_batch=len(loader))) == []
+    resumed = [b.views for b in loader.epoch(1, start_batch=5)]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, [b.views for b in list(loader.epoch(1))[5:]], strict=True))
+    for size in (0, -1):
+        with pytest.raises(ConfigError, match=rf"batch_size={size}: expected a positive integer"):
+            loader.eval_batches("digits:val", batch_size=size)
     with pytest.raises(KdcacheError, match="classes, the cache 10"):
         next(loader.eval_batches(f"imagefolder:{make_folder(tmp_path)}"))
+
+
+@pytest.mark.parametrize(("epoch", "block", "message"), [
+    (2, 0, "epoch=2: the cache {} has epochs 0 to 1"), (0, 6, "block=6: the cache {} has blocks 0 to 5"),
+    (-1, 0, "epoch=-1: the cache {} has epochs 0 to 1"),
+], ids=["epoch", "block", "negative"])
+def test_teacher_records_outside_the_cache_is_one_clear_error(small_cache, epoch, block, message):
+    with pytest.raises(ConfigError) as refused:
+        teacher_records(small_cache, epoch, block)
+    assert str(refused.value) == message.format(open_cache(small_cache).location)
+
+
+def test_the_mkd_training_loss_trains_no_temperature_and_meta_must_be_a_config(small_cache):
+    from kdcache import MetaConfig
+
+    batch = next(iter(CacheLoader(small_cache, "digits", batch_size=64).epoch(0)))
+    criterion = MKDLoss(10, meta=MetaConfig(every=5))
+    logits = torch.randn(len(batch), 10, requires_grad=True)
+    criterion(logits, batch.record, batch.target).backward()
+    assert logits.grad is not None and all(p.grad is None for p in criterion.parameters())
+    with pytest.raises(ConfigError, match=r"meta=\{'every': 5\}: expected a kdcache.MetaConfig"):
+        MKDLoss(10, meta={"every": 5})
 
 
 def test_an_unfinished_cache_is_refused_naming_its_first_missing_unit(small_cache, tmp_path):
@@ -163,3 +208,11 @@ def make_folder(root):
         (root / "folder" / name).mkdir(parents=True)
         Image.new("RGB", (8, 8), color=(10, 20, 30)).save(root / "folder" / name / "x.png")
     return root / "folder"
+
+
+def test_with_workers_two_ranks_still_take_the_halves_of_each_global_batch(small_cache):
+    whole = [b.views for b in CacheLoader(small_cache, "digits", batch_size=64, num_workers=2).epoch(1)]
+    halves = [[b.views for b in CacheLoader(small_cache, "digits", batch_size=32, rank=r, world_size=2, num_workers=2).epoch(1)]
+              for r in (0, 1)]
+    assert len(whole) == len(halves[0]) == len(halves[1])
+    assert all(torch.equal(w, torch.cat([a, b])) for w, a, b in zip(whole, *halves))

@@ -60,7 +60,8 @@ def test_every_block_of_docs_python_md_runs_and_the_loops_learn(tmp_path, monkey
     assert namespace["plain_top1"] >= BAND, output
     assert top1_line(output, "plain loop") == pytest.approx(namespace["plain_top1"], abs=1e-4)
     assert namespace["lightning_top1"] >= BAND, output
-    assert namespace["lightning_top1"] == namespace["plain_top1"]  # the same views, seed and updates
+    if namespace["device"] == "cpu":  # the same views, seed and updates on one device
+        assert namespace["lightning_top1"] == namespace["plain_top1"]
     assert len(commands) == 1 and top1_line(commands[0], "2 ranks") >= BAND, commands
     stats = namespace["stats"]  # MKD moved its temperatures from where they started
     assert (stats["teacher_temperature"], stats["student_temperature"]) != (4.0, 4.0)
