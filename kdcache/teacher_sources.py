@@ -209,18 +209,29 @@ class HFLogits(torch.nn.Module):
         return self.model(pixel_values=images).logits
 
 
+def _size_entry(value, key: str):
+    return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+
 def hf_data_config(processor, where: str) -> dict:
-    """Input size, mean, std and resampling of a Hugging Face image processor."""
+    """Input size, mean, std and resampling of a Hugging Face image processor.
+
+    The size is ``crop_size`` when the processor centre-crops, else ``size``: ``height`` x
+    ``width``, or ``shortest_edge`` as a square.
+    """
     size = None
-    for attr in ("crop_size", "size"):
+    attrs = ("size",) if getattr(processor, "do_center_crop", None) is False else ("crop_size", "size")
+    for attr in attrs:
         value = getattr(processor, attr, None)
         if value is None:
             continue
-        value = dict(value) if not isinstance(value, (int, float)) else {"shortest_edge": int(value)}
-        if value.get("height") and value.get("width"):
-            size = [3, int(value["height"]), int(value["width"])]
-        elif value.get("shortest_edge"):
-            size = [3, int(value["shortest_edge"]), int(value["shortest_edge"])]
+        if isinstance(value, (int, float)):
+            value = {"shortest_edge": int(value)}
+        height, width, edge = (_size_entry(value, key) for key in ("height", "width", "shortest_edge"))
+        if height and width:
+            size = [3, int(height), int(width)]
+        elif edge:
+            size = [3, int(edge), int(edge)]
         if size is not None:
             break
     if size is None:
@@ -228,11 +239,12 @@ def hf_data_config(processor, where: str) -> dict:
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     if mean is None or std is None:
         raise ConfigError(f"teacher directory {where}: its image processor states no image_mean or image_std")
-    resample = getattr(processor, "resample", 2)
+    resample = getattr(processor, "resample", None)
+    resample = 2 if resample is None else getattr(resample, "value", resample)  # PIL's enum, or torchvision's
     if isinstance(resample, str):
         interpolation = resample.lower()
     else:
-        interpolation = _RESAMPLING.get(int(getattr(resample, "value", resample)), str(resample))
+        interpolation = _RESAMPLING.get(int(resample), str(resample))
     return {"input_size": size, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "interpolation": interpolation}
 

@@ -314,3 +314,21 @@ def test_a_teacher_file_is_told_apart_by_its_contents(tmp_path):
     sources = {name: load_teacher(TeacherConfig(model_file=str(tmp_path / name)))[1].source
                for name in ("teacher.ts", "exported.bin", "pickled.pt")}
     assert sources == {"teacher.ts": "torchscript", "exported.bin": "export", "pickled.pt": "file"}
+
+
+def test_hf_data_configs_of_other_processor_shapes():
+    """A shortest-edge size, a crop that is not made, and resampling named by PIL's or torchvision's enum."""
+    import types
+
+    from torchvision.transforms import InterpolationMode
+    from transformers.image_utils import PILImageResampling
+
+    from kdcache.teacher_sources import hf_data_config
+
+    common = dict(image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    edge = types.SimpleNamespace(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36}, do_center_crop=False,
+                                 resample=PILImageResampling.BICUBIC, **common)
+    assert hf_data_config(edge, "d") == {"input_size": [3, 40, 40], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
+    crop = types.SimpleNamespace(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 36}, do_center_crop=True,
+                                 resample=InterpolationMode.BILINEAR, **common)
+    assert (hf_data_config(crop, "d")["input_size"], hf_data_config(crop, "d")["interpolation"]) == ([3, 36, 36], "bilinear")
