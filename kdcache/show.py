@@ -292,7 +292,7 @@ def _live_teacher(config: ShowConfig, manifest: Manifest, views: list[ShownView]
     teacher, info = load_teacher(config.teacher)
     if info.weights_sha256 != manifest.teacher.weights_sha256:
         raise MismatchError(
-            f"teacher {config.teacher.checkpoint or config.teacher.model_file} has weights sha256 {info.weights_sha256[:16]}..., "
+            f"teacher {config.teacher.label} has weights sha256 {info.weights_sha256[:16]}..., "
             f"the cache was made with {manifest.teacher.weights_sha256[:16]}... ({manifest.teacher.checkpoint})"
         )
     logits = teacher_logits(teacher, torch.stack([v.tensor for v in views]), config.teacher.device).cpu()

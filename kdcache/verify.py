@@ -219,7 +219,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
     device = distributed.resolve_device("auto", distributed.ranks_from_env())
     teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
     if info.weights_sha256 != m.teacher.weights_sha256:
-        report.fail(f"teacher weights differ: {config.teacher.checkpoint or config.teacher.model_file} has sha256 "
+        report.fail(f"teacher weights differ: {config.teacher.label} has sha256 "
                     f"{info.weights_sha256[:16]}..., the cache was made with {m.teacher.weights_sha256[:16]}...")
     spec = cache_spec(m)
     path = config.replay_path or m.replay["path"]

@@ -28,7 +28,7 @@ CLAIMS_DIR = "claims"  # claim files of the writers computing units now (kdcache
 @dataclass(frozen=True, kw_only=True)
 class TeacherInfo:
     name: str
-    source: str  # "timm" (timm name + checkpoint file) or "file" (a saved whole model)
+    source: str  # the kind: timm, torchvision, hf, python, torchscript, export, or file (a pickled whole model)
     checkpoint: str | None
     weights_sha256: str
     num_classes: int
