@@ -17,7 +17,8 @@ patient and consistent"). Every step is one of the project's own commands, run a
 5. tables of final validation top-1 (mean +- std over seeds), ``results.json`` and two plots.
 
 Every finished step leaves its output and a ``.done`` file, and a rerun skips it, so an interrupted
-study resumes. Full size (Fashion-MNIST, about 80 minutes on 2 CPU cores, 2 runs at a time)::
+study resumes. Full size (Fashion-MNIST; on 2 CPU cores shared with other work, 2 runs at a time,
+the table's 45 runs took about 2 hours and the rest did not fit; docs/benchmarks.md, "Patience")::
 
     python benchmarks/patience.py --out patience-fmnist
 
@@ -127,10 +128,10 @@ def main() -> None:
         args.cached_epochs, args.cached_seeds, args.online_budget, args.online_seeds, args.eval_every = "1", "0", 1, "0", "1,1"
     budgets, seeds, methods = parse_selection(args, METHODS)
     longest = max(budgets)
-    eval_every = dict(zip(budgets, [int(e) for e in args.eval_every.split(",")] if args.eval_every else
-                                   [max(1, b // 10) for b in budgets]))
-    if len(eval_every) != len(budgets) or min(eval_every.values()) < 1:
+    spacing = [int(e) for e in args.eval_every.split(",")] if args.eval_every else [max(1, b // 10) for b in budgets]
+    if len(spacing) != len(budgets) or min(spacing) < 1:
         raise SystemExit(f"--eval-every {args.eval_every}: expected one positive number per budget of {args.budgets}")
+    eval_every = dict(zip(budgets, spacing))
     cached_counts = [int(c) for c in args.cached_epochs.split(",") if c] if args.cached_epochs else []
     if any(not 0 < c < longest for c in cached_counts):
         raise SystemExit(f"--cached-epochs must lie between 1 and {longest - 1} (the longest budget holds them all)")
