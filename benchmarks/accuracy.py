@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shutil
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from study import add_common_arguments, evals, mean_std, parse_selection, step, student_shards, threads_per_job
 
 #: method -> (cache preset or None, extra train-student arguments). Hyper-parameters are the
 #: losses' defaults (docs/methods.md); nothing is tuned per method.
@@ -53,45 +49,6 @@ def cache_name(key: str) -> str:
     """``light`` -> ``cache-light`` (top-k of --topk); ``light:full`` -> ``cache-light-full`` (every logit)."""
     preset, _, topk = key.partition(":")
     return f"cache-{preset}" + (f"-{topk}" if topk else "")
-
-
-def kdcache(*args: str, log: Path, threads: int) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "kdcache_cli.main", *args]
-    with open(log, "w") as out:
-        out.write(" ".join(["kdcache", *args]) + "\n")
-        out.flush()
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
-        tail = log.read_text().splitlines()[-5:]
-        raise SystemExit(f"kdcache {args[0]} failed (exit {done.returncode}); see {log}:\n" + "\n".join(tail))
-
-
-def step(out: Path, name: str, *args: str, threads: int) -> Path:
-    """Run one command whose output is ``out/name``, unless an earlier run finished it."""
-    target, done = out / name, out / f"{name}.done"
-    if done.exists():
-        return target
-    if target.is_dir():
-        shutil.rmtree(target)  # left by an interrupted run of this step
-    elif target.exists():
-        target.unlink()
-    start = time.perf_counter()
-    kdcache(*args, log=out / f"{name}.log", threads=threads)
-    done.write_text(f"{time.perf_counter() - start:.1f}\n")
-    print(f"  {name}: {float(done.read_text()):.0f} s", flush=True)
-    return target
-
-
-def evals(run_dir: Path) -> list[float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [100 * line["top1"] for line in lines if line["kind"] == "eval"]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def plot(results: dict, budgets: list[int], path: Path) -> None:
@@ -121,42 +78,20 @@ def plot(results: dict, budgets: list[int], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="study-fmnist")
-    parser.add_argument("--data", default="fashion-mnist:train", help="training split (the teacher's data)")
-    parser.add_argument("--val-data", default="fashion-mnist:val")
-    parser.add_argument("--samples", type=int, default=10000, help="the student's training set: the first N images")
-    parser.add_argument("--teacher", default="resnet10t")
-    parser.add_argument("--teacher-epochs", type=int, default=4)
-    parser.add_argument("--student", default="test_resnet")
-    parser.add_argument("--img-size", type=int, default=28)
-    parser.add_argument("--budgets", default="3,6", help="student epoch budgets")
-    parser.add_argument("--seeds", default="0,1,2")
+    add_common_arguments(parser, out="study-fmnist", samples=10000, budgets="3,6", topk="5")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--topk", default="5")
-    parser.add_argument("--lr", default="2e-3")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--quick", action="store_true", help="CI size: digits, tiny teacher, one budget of 2 epochs, one seed")
     args = parser.parse_args()
     if args.quick:
         args.data, args.val_data, args.samples, args.teacher = "digits:train", "digits:val", 1000, "test_resnet"
         args.teacher_epochs, args.img_size, args.budgets, args.seeds, args.jobs = 2, 32, "2", "0", 1
-    budgets = [int(b) for b in args.budgets.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; expected some of {', '.join(METHODS)}")
+    budgets, seeds, methods = parse_selection(args, METHODS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Every step gets the cores of one job: OpenMP threads that share cores with other processes
-    # spin and stall (a teacher epoch ran 9x slower with 2 threads beside other work on 2 cores).
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = threads_per_job(args.jobs)
     print(f"study in {out}: {len(methods)} methods x budgets {budgets} x seeds {seeds}, {args.jobs} job(s)", flush=True)
 
-    shards = step(out, "shards", "make-shards", "--data", args.data, "-o", str(out / "shards" / "part-%04d.tar"),
-                  "--max-samples", str(args.samples), "--samples-per-shard", str(max(100, args.samples // 10)),
-                  "--image-format", "png", threads=threads)
-    data = "webdataset:" + str(shards / ("part-{0000..%04d}.tar" % (len(list(shards.glob("part-*.tar"))) - 1)))
+    data = student_shards(out, args.data, args.samples, threads=threads)
     common = ["--val-data", args.val_data, "--img-size", str(args.img_size), "--batch-size", "128", "--lr", args.lr,
               "--log-every", "100"]
     teacher = step(out, "teacher", "train-student", "--data", args.data, "--model", args.teacher, "--run-dir",

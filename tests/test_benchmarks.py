@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,27 @@ def test_scale_benchmark_prints_its_growth_tables(tmp_path):
     with_index = int(rows["100"][5]) - int(rows["20"][5])
     without_index = int(rows["100"][11].replace(",", "")) - int(rows["20"][11].replace(",", ""))
     assert with_index == 4 and without_index == 80
+
+
+@pytest.mark.slow
+def test_patience_study_prints_its_tables_and_plots_and_resumes(tmp_path):
+    study = tmp_path / "patience"
+    out = run("patience.py", "--quick", "--out", str(study))
+    table = out.split("\nmethod")[1].split("\n\n")[0].splitlines()[1:]
+    rows = {line.split()[0]: [float(v) for v in re.findall(r"\d+\.\d+", line)] for line in table}
+    assert set(rows) == {"ce", "fixed-kd", "light-kd", "funmatch-kd", "funmatch-wttm"}
+    # mean, std and best epoch at budgets 1 and 3
+    assert all(len(row) == 6 and 0 <= row[0] <= 100 and 0 <= row[3] <= 100 for row in rows.values())
+    results = json.loads((study / "results.json").read_text())
+    # --eval-every 1,1: every epoch is evaluated
+    assert [e for e, _ in results["table"]["light-kd"]["3"]["curves"][0]] == [1, 2, 3]
+    assert [e for e, _ in results["table"]["light-kd"]["1"]["curves"][0]] == [1]
+    cached = {row["cached_epochs"]: row for row in results["cached"]["rows"]}
+    assert set(cached) == {1, 3} and 0 < cached[1]["bytes"] < cached[3]["bytes"]
+    assert "from 1 cached epochs: cycling through them" in (study / "runs" / "funmatch-kd-e3-c1-s0.log").read_text()
+    assert len(results["online"]["diffs"]) == 1
+    for plot in ("curves.png", "cached.png"):
+        assert (study / plot).stat().st_size > 10_000
+    # A rerun finds every step done and only prints the tables again.
+    again = run("patience.py", "--quick", "--out", str(study))
+    assert "  runs/" not in again and again.split("\nteacher ")[1] == out.split("\nteacher ")[1]
