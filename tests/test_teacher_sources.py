@@ -9,9 +9,9 @@ its data config) are refused in one line.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -45,22 +45,12 @@ def tiny_net(num_classes: int = 10, seed: int = 0) -> TinyNet:
     return TinyNet(num_classes).eval()
 
 
-PYTHON_MODULE = """
-import torch
-
-class TinyNet(torch.nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
-                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.fc = torch.nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
+#: A module for ``python:FILE:teacher``: the same TinyNet, by its own source, and the data config above.
+PYTHON_MODULE = "import torch\n\n\n" + inspect.getsource(TinyNet) + f"""
 
 def teacher():
     torch.manual_seed(0)
-    return TinyNet(NUM_CLASSES), {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    return TinyNet(NUM_CLASSES), {META!r}
 """
 
 
