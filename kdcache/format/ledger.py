@@ -219,8 +219,10 @@ def held_units_of_epoch(path: Path, epoch: int) -> list[int] | None:
     return list(range(manifest.blocks.num_units)) if 0 <= epoch < manifest.epochs else None
 
 
-def write_epoch_index(path: str | Path, epoch: int) -> str:
+def write_epoch_index(path: str | Path, epoch: int, *, units=None) -> str:
     """Write the index of ``epoch`` of the local cache at ``path`` if all its held units are committed.
+
+    ``units``: the units the index lists (an added teacher's group, whose folder has no manifest), else the held ones.
 
     Returns ``"incomplete"`` (a held unit has no entry: nothing written), ``"unchanged"`` (the
     index on disk already says exactly this), ``"written"`` or ``"rewritten"`` (it differed from
@@ -228,7 +230,7 @@ def write_epoch_index(path: str | Path, epoch: int) -> str:
     same index at once: they write the same bytes, each through its own temporary file and a rename.
     """
     path = Path(path)
-    units = held_units_of_epoch(path, epoch)
+    units = held_units_of_epoch(path, epoch) if units is None else list(units)
     if units is None:
         return "incomplete"
     location = Location(path)
