@@ -112,6 +112,42 @@ def precompute_logits(
     _log(f"computed {result.units_done} unit(s)")
 
 
+@app.command("add-teacher")
+@handles_errors
+def add_teacher(
+    cache: str = typer.Argument(..., metavar="CACHE", help="The local cache whose views the teacher scores."),
+    data: str = typer.Option(..., "--data", help="The source the cache was made from."),
+    name: str = typer.Option(..., "--name", help="The teacher's record name (letters, digits, _ . -; not main or all)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec, as for precompute-logits (docs/cli.md)."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher."),
+    teacher_file: Optional[str] = typer.Option(None, "--teacher-file", help="A TorchScript or torch.export file (or a pickled whole module) instead."),
+    topk: Optional[str] = typer.Option(None, "--topk", help="Logits kept per view, or 'full' (default: the cache's k)."),
+    epochs: Optional[str] = typer.Option(None, "--epochs", help="Epochs to score, e.g. 0,2-4 (default: every committed unit)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
+    workers: int = typer.Option(0, "--workers", help="Processes preparing blocks."),
+    lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
+    max_units: Optional[int] = typer.Option(None, "--max-units", help="Score at most this many units, then stop (exit 7 if units are left)."),
+):
+    """Score a cache's existing views with another teacher, under teachers/NAME/, leaving the first teacher's records alone.
+
+    Resumes when run again; any number of ranks and jobs may run it on one cache at once.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+    from kdcache.add_teacher import AddTeacherConfig, add_teacher as run
+
+    config = AddTeacherConfig(
+        cache=cache, data=data, name=name, teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None),
+        topk=None if topk is None else _topk(topk), epochs=epochs, batch_size=batch_size, workers=workers,
+        lease_seconds=lease, max_units=max_units, command=_command_line(),
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
+    _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
+         f"epochs complete for {name}: {result.epochs_complete}")
+    _log(f"computed {result.units_done} unit(s)")
+
+
 @app.command("train-student")
 @handles_errors
 def train_student(

@@ -1,0 +1,208 @@
+"""Several teachers per cache: `kdcache add-teacher` scores the cache's views with another teacher.
+
+The first teacher's files stay byte-identical; the same teacher added under a name writes the
+root's record bytes exactly; a killed add-teacher resumes to the bytes of an unbroken one; two
+jobs share one teacher's units without computing any twice; every refusal is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cli_checks import invoke, one_error_line, quiet
+from processes import kill_when
+from threads import single_thread
+
+from kdcache.add_teacher import AddTeacherConfig, add_teacher
+from kdcache.format import TEACHER_ARRAYS, open_cache
+from kdcache.teacher import TeacherConfig
+
+UNITS = [(e, u) for e in range(2) for u in range(3)]  # small_cache: 2 epochs of 3 units
+
+
+def teacher_config(path) -> TeacherConfig:
+    return TeacherConfig(model="test_resnet", checkpoint=str(path))
+
+
+def run_add_teacher(cache, checkpoint, name: str = "B", **overrides):
+    with single_thread():
+        return add_teacher(AddTeacherConfig(cache=str(cache), data="digits", teacher=teacher_config(checkpoint), name=name,
+                                            command="pytest", **overrides), log=quiet)
+
+
+def add_teacher_argv(cache, checkpoint, name: str = "B", *extra) -> list[str]:
+    return ["add-teacher", str(cache), "--data", "digits", "--teacher", "test_resnet", "--teacher-checkpoint", str(checkpoint),
+            "--name", name, *extra]
+
+
+def root_files(path: Path, helpers) -> dict[str, str]:
+    """sha256 of every file of the cache outside teachers/."""
+    return {name: digest for name, digest in helpers.tree_hashes(path).items() if not name.startswith("teachers/")}
+
+
+def group_records(path: Path, name: str = "B") -> dict[str, bytes]:
+    """The bytes of a teacher group's shard files, by key."""
+    folder = Path(path) / "teachers" / name
+    return {str(p.relative_to(folder)): p.read_bytes() for array in TEACHER_ARRAYS for p in sorted((folder / array / "c").rglob("*"))
+            if p.is_file()}
+
+
+def group_ledger(path: Path, name: str = "B") -> dict[str, dict]:
+    """A group's ledger entries without their commit times."""
+    entries = {}
+    for file in sorted((Path(path) / "teachers" / name / "ledger").glob("e*-u*.json")):
+        entry = json.loads(file.read_text())
+        entry.pop("committed")
+        entries[file.name] = entry
+    return entries
+
+
+@pytest.fixture(scope="session")
+def teacher_b(make_teacher) -> Path:
+    return make_teacher(seed=1)
+
+
+@pytest.fixture(scope="session")
+def two_teachers(tmp_path_factory, small_cache, teacher_b) -> Path:
+    """small_cache with teacher B (another seed) added under the name B. Treat as read-only."""
+    path = tmp_path_factory.mktemp("two-teachers") / "cache"
+    shutil.copytree(small_cache, path)
+    run_add_teacher(path, teacher_b)
+    return path
+
+
+def test_adding_a_teacher_leaves_every_file_of_the_first_byte_identical(cache_copy, teacher_b, helpers):
+    path, before = cache_copy
+    result = run_add_teacher(path, teacher_b)
+    assert (result.units_done, result.units_skipped) == (len(UNITS), 0)
+    assert root_files(path, helpers) == before  # zarr.json, records, params, plan, ledger and its indexes: all unchanged
+    cache = open_cache(path)
+    assert cache.teachers == ["main", "B"]
+    b = cache.teacher_records("B")
+    assert sorted(b.ledger) == UNITS and b.complete_epochs() == [0, 1] and b.indexed_epochs() == [0, 1]
+    main_block, b_block = cache.read_block(1, 4), b.read_block(1, 4)
+    assert (main_block["params"] == b_block["params"]).all()  # the views are the root's
+    assert (main_block["values"] != b_block["values"]).any()  # the records are B's
+    assert b.manifest.teacher.weights_sha256 != cache.manifest.teacher.weights_sha256
+
+
+def test_the_first_teacher_added_again_writes_the_roots_record_bytes(cache_copy, teacher_ckpt):
+    """Stored parameters replayed give the very views precompute scored: the same teacher gives the same bytes."""
+    path, _ = cache_copy
+    run_add_teacher(path, teacher_ckpt, name="again")
+    for key, data in group_records(path, "again").items():
+        assert (path / key).read_bytes() == data, key
+    root = {f"{e:06d}-{u:06d}": json.loads((path / "ledger" / f"e{e:06d}-u{u:06d}.json").read_text())["files"] for e, u in UNITS}
+    for name, entry in group_ledger(path, "again").items():
+        assert entry["files"] == {k: v for k, v in root[name[1:7] + "-" + name[9:15]].items() if not k.startswith("params/")}
+
+
+def test_running_it_again_changes_nothing(two_teachers, tmp_path, teacher_b, helpers):
+    path = tmp_path / "cache"
+    shutil.copytree(two_teachers, path)
+    before = helpers.tree_hashes(path)
+    result = run_add_teacher(path, teacher_b)
+    assert (result.units_done, result.units_skipped) == (0, len(UNITS))
+    assert helpers.tree_hashes(path) == before
+
+
+def test_max_units_then_again_equals_one_run(cache_copy, two_teachers, teacher_b):
+    path, _ = cache_copy
+    from kdcache.errors import UnfinishedCacheError
+
+    with pytest.raises(UnfinishedCacheError, match="no live writer holds it"):
+        run_add_teacher(path, teacher_b, max_units=2)
+    assert len(group_ledger(path)) == 2
+    run_add_teacher(path, teacher_b)
+    assert group_records(path) == group_records(two_teachers)
+    assert group_ledger(path) == group_ledger(two_teachers)
+
+
+def test_one_epoch_asked_scores_that_epoch_only(cache_copy, teacher_b):
+    path, _ = cache_copy
+    run_add_teacher(path, teacher_b, epochs="1")
+    assert sorted(open_cache(path).teacher_records("B").ledger) == [(1, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.slow
+def test_killed_at_a_random_moment_then_resumed_equals_an_unbroken_run(tmp_path, small_cache, two_teachers, teacher_b,
+                                                                        subprocess_env, helpers):
+    rng = random.Random(15)
+    for trial in range(2):
+        path = tmp_path / f"cache{trial}"
+        shutil.copytree(small_cache, path)
+        ledger = path / "teachers" / "B" / "ledger"
+        commits = rng.randrange(0, len(UNITS) - 1)  # 0: during start-up or while the group is being made
+        delay = rng.uniform(0, 0.3)
+
+        def ready():
+            if len(list(ledger.glob("e*-u*.json")) if ledger.is_dir() else []) < commits:
+                return False
+            time.sleep(delay)
+            return True
+
+        kill_when(helpers.cli_command() + add_teacher_argv(path, teacher_b), ready, what=f"{commits} commit(s)",
+                  log_path=tmp_path / f"killed{trial}.log", env=subprocess_env)
+        assert len(group_ledger(path)) < len(UNITS), "the kill must land before the last commit"
+        resumed = invoke(*add_teacher_argv(path, teacher_b))
+        assert resumed.exit_code == 0, resumed.output
+        assert group_records(path) == group_records(two_teachers)
+        assert group_ledger(path) == group_ledger(two_teachers)
+        assert open_cache(path).digest() == open_cache(two_teachers).digest()
+        assert root_files(path, helpers) == root_files(small_cache, helpers)
+
+
+@pytest.mark.slow
+def test_two_jobs_at_random_offsets_share_the_units_and_compute_none_twice(tmp_path, small_cache, two_teachers, teacher_b,
+                                                                           subprocess_env, helpers):
+    rng = random.Random(7)
+    path = tmp_path / "cache"
+    shutil.copytree(small_cache, path)
+    jobs = []
+    for number in range(2):
+        time.sleep(rng.uniform(0, 1.0))
+        log = open(tmp_path / f"job{number}.log", "wb")
+        jobs.append((subprocess.Popen(helpers.cli_command() + add_teacher_argv(path, teacher_b, "B", "--batch-size", "64"),
+                                      stdout=log, stderr=subprocess.STDOUT, env=subprocess_env), log))
+    done = []
+    for number, (job, log) in enumerate(jobs):
+        assert job.wait(timeout=300) == 0, (tmp_path / f"job{number}.log").read_text()
+        log.close()
+        text = (tmp_path / f"job{number}.log").read_text()
+        done.append([(int(e), int(u)) for e, u in re.findall(r"committed epoch (\d+) unit (\d+)", text)])
+    assert sorted(done[0] + done[1]) == UNITS  # every unit once, by one job or the other
+    assert group_ledger(path).keys() == group_ledger(two_teachers).keys()
+    assert not list((path / "teachers" / "B" / "claims").glob("*.json"))
+
+
+def test_a_group_made_by_another_teacher_is_refused_in_one_line(two_teachers, tmp_path, teacher_ckpt, helpers):
+    path = tmp_path / "cache"
+    shutil.copytree(two_teachers, path)
+    before = helpers.tree_hashes(path)
+    line = one_error_line(invoke(*add_teacher_argv(path, teacher_ckpt, "B")), 4)
+    assert "'B' were made with teacher.weights_sha256" in line and "choose another --name" in line
+    assert helpers.tree_hashes(path) == before
+
+
+@pytest.mark.parametrize("name, expected", [("main", "is reserved"), ("all", "is reserved"), ("-x", "letters, digits"),
+                                            ("a/b", "letters, digits"), ("", "letters, digits")])
+def test_a_reserved_or_bad_name_is_refused_in_one_line(small_cache, teacher_b, name, expected):
+    assert expected in one_error_line(invoke(*add_teacher_argv(small_cache, teacher_b, name)), 2)
+
+
+def test_a_missing_cache_is_refused_in_one_line(tmp_path, teacher_b):
+    assert "does not exist" in one_error_line(invoke(*add_teacher_argv(tmp_path / "nothing", teacher_b)), 3)
+
+
+def test_a_teacher_of_another_class_count_is_refused_in_one_line(cache_copy, make_teacher, helpers):
+    path, before = cache_copy
+    line = one_error_line(invoke(*add_teacher_argv(path, make_teacher(num_classes=7))), 4)
+    assert "has 7 classes" in line and "10" in line
+    assert helpers.tree_hashes(path) == before
