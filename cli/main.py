@@ -194,6 +194,7 @@ def train_student(
     check_data: bool = typer.Option(False, "--check-data", help="Check every sample's digest before the first step (one pass over the data); blocks are checked as they stream anyway."),
     no_data_check: bool = typer.Option(False, "--no-data-check", hidden=True, help="No pass over the data before the first step: the default now."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
+    teacher_record: str = typer.Option("main", "--teacher-record", help="Whose records to distil: main (the cache's first teacher), an added teacher's name, or all (the mean over teachers)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -210,6 +211,7 @@ def train_student(
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every,
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
+        teacher_record=teacher_record,
     )
     result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
@@ -260,6 +262,7 @@ def verify(
     quick: bool = typer.Option(False, "--quick", help="Structure and checksums only, no data or teacher."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
+    teacher_record: Optional[str] = typer.Option(None, "--teacher-record", help="Check one teacher's records (main, or an added teacher's name); default: every teacher's, replaying those --teacher made."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
     from kdcache.verify import VerifyConfig, verify_cache as run_verify
@@ -267,7 +270,7 @@ def verify(
     has_teacher = teacher is not None or teacher_file is not None
     config = VerifyConfig(
         cache=cache, data=data, views=views, seed=seed, replay_path=replay_path, quick=quick, batch_size=batch_size,
-        expect_digest=expect_digest,
+        expect_digest=expect_digest, teacher_record=teacher_record,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
     run_verify(config, log=typer.echo)

@@ -30,7 +30,7 @@ from kdcache.augment import cache_spec
 from kdcache.batch import Batch
 from kdcache.distributed import Ranks
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
-from kdcache.format import Cache, format_selection, open_cache
+from kdcache.format import MAIN, Cache, format_selection, open_cache
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -70,7 +70,7 @@ def held_views(cache: Cache, *, name: str | None = None) -> tuple[list[int], lis
         epoch, unit = missing[0]
         raise IncompleteCacheError(
             f"cache {name}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
-            f"{m.epochs * len(units)} units); finish it with kdcache precompute-logits --resume"
+            f"{m.epochs * len(units)} units); {getattr(cache, 'FINISH', 'finish it with kdcache precompute-logits --resume')}"
         )
     if missing:
         epoch, unit = missing[0]
@@ -81,6 +81,18 @@ def held_views(cache: Cache, *, name: str | None = None) -> tuple[list[int], lis
             f"export it again from {cache.subset.source}"
         )
     return epochs, cache.held_blocks()
+
+
+def teacher_view(cache, teacher_record: str):
+    """The cache as one teacher's records see it (``main``, an added teacher's name) or every teacher's (``all``)."""
+    if not isinstance(teacher_record, str):
+        raise ConfigError(f"teacher_record={teacher_record!r}: expected a teacher's record name, or 'all'")
+    if teacher_record == MAIN:
+        return cache
+    if not isinstance(cache, Cache):
+        raise ConfigError(f"{cache.location} is a webdataset export: it holds the records of its first teacher only "
+                          f"(teacher record 'main'), not {teacher_record!r}")
+    return cache.teacher_records(teacher_record)
 
 
 def check_all_samples(cache: Cache, source: Source, *, name: str | None = None) -> None:
@@ -130,12 +142,14 @@ class CacheLoader:
     of views; ``blocks`` trains on some blocks only (e.g. all but a held-out meta split), in the
     cache's numbering. ``num_workers``: DataLoader workers that decode and replay. Each batch
     is a :class:`~kdcache.batch.Batch` whose ``images``, ``target``, ``labels`` and ``record``
-    are on ``device``.
+    are on ``device``. ``teacher_record``: whose records (``main``, the cache's first teacher; an
+    added teacher's name; or ``all``, every teacher's in ``batch.records``).
     """
 
     def __init__(self, cache: str | Cache, data: str | Source, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", seed: int = 0, num_workers: int = 0,
-                 blocks: Sequence[int] | None = None, channels_last: bool = False, verify_checksums: bool = True):
+                 blocks: Sequence[int] | None = None, channels_last: bool = False, verify_checksums: bool = True,
+                 teacher_record: str = MAIN):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: expected a positive number of views per rank")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -144,9 +158,10 @@ class CacheLoader:
             raise ConfigError(f"rank={rank!r}, world_size={world_size!r}: expected 0 <= rank < world_size")
         self.device, self.channels_last = _device(device), channels_last
         self.cache = open_cache(cache, verify_checksums=verify_checksums) if not isinstance(cache, Cache) else cache
+        self.records = teacher_view(self.cache, teacher_record)
         self.source = open_training_data(self.cache, data)
         m = self.cache.manifest
-        self.cache_epochs, held = held_views(self.cache)
+        self.cache_epochs, held = held_views(self.records)
         if blocks is None:
             self.blocks = held
         else:
@@ -162,7 +177,7 @@ class CacheLoader:
                               defer_finish=self.device.type == "cuda", replay_path=m.replay["path"])
         self._loader = ViewLoader(source=self.source, layout=m.blocks, plan=self.cache.samples(), spec=self.spec,
                                   num_classes=self.num_classes, config=config, ranks=Ranks(rank=rank, world=world_size),
-                                  cache=self.cache, cache_epochs=self.cache_epochs, blocks=self.blocks, view_seed=seed)
+                                  cache=self.records, cache_epochs=self.cache_epochs, blocks=self.blocks, view_seed=seed)
         self._epoch = 0
 
     @property

@@ -206,3 +206,150 @@ def test_a_teacher_of_another_class_count_is_refused_in_one_line(cache_copy, mak
     line = one_error_line(invoke(*add_teacher_argv(path, make_teacher(num_classes=7))), 4)
     assert "has 7 classes" in line and "10" in line
     assert helpers.tree_hashes(path) == before
+
+
+# ---- training from one teacher, another, or all ------------------------------------------------------
+
+
+def test_cache_loader_gives_the_named_teachers_records_of_each_view(two_teachers):
+    from kdcache.batches import CacheLoader
+
+    cache = open_cache(two_teachers)
+    layout = cache.layout
+    for name in ("main", "B", "all"):
+        loader = CacheLoader(str(two_teachers), "digits", batch_size=32, teacher_record=name)
+        batch = next(iter(loader.epoch(0)))
+        views = [(int(e), int(s)) for e, s in batch.views]
+        names = ["main", "B"] if name == "all" else [name]
+        assert (batch.records is None) == (name != "all")
+        for t, teacher in enumerate(names):
+            record = batch.records[t] if name == "all" else batch.record
+            stored = cache.teacher_records(teacher)
+            for row, (epoch, slot) in enumerate(views[:8]):
+                block = slot // layout.block_capacity
+                arrays = stored.read_block(epoch, block)
+                position = slot - block * layout.block_capacity
+                assert (record.values[row].numpy() == arrays["values"][position]).all(), (name, teacher, row)
+                assert (record.indices[row].numpy() == arrays["indices"][position]).all()
+
+
+def test_the_loss_over_all_teachers_is_the_mean_of_each_teachers_loss(two_teachers):
+    import torch
+
+    from kdcache.batches import CacheLoader
+    from kdcache.losses import LossConfig, compute_loss
+
+    batch = next(iter(CacheLoader(str(two_teachers), "digits", batch_size=16, teacher_record="all").epoch(0)))
+    logits = torch.randn(len(batch), 10, generator=torch.Generator().manual_seed(0))
+    for loss in ("kd", "ttm", "wttm"):
+        config = LossConfig(name=loss)
+        each = [compute_loss(config, logits, record, batch.target) for record in batch.records]
+        torch.testing.assert_close(compute_loss(config, logits, list(batch.records), batch.target), sum(each) / len(each))
+    with pytest.raises(Exception, match="'mkd' learns the temperatures of one teacher"):
+        compute_loss(LossConfig(name="mkd"), logits, list(batch.records), batch.target, temperatures=(torch.tensor(4.0),) * 2)
+
+
+@pytest.mark.parametrize("record", ["main", "B", "all"])
+def test_train_student_runs_from_each_teacher_and_from_all(two_teachers, tmp_path, record, one_thread):
+    result = invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", two_teachers, "--run-dir",
+                    tmp_path / "run", "--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--amp", "none", "--device", "cpu",
+                    "--teacher-record", record)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args, code, expected", [
+    (["--teacher-record", "C"], 2, "has no teacher records named 'C'; it has main, B (or all)"),
+    (["--teacher-record", "all", "--loss", "mkd"], 2, "'mkd' learns the temperatures of one teacher"),
+])
+def test_train_student_refuses_an_unknown_teacher_in_one_line(two_teachers, tmp_path, args, code, expected):
+    result = invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", two_teachers, "--run-dir",
+                    tmp_path / "run", "--amp", "none", "--device", "cpu", *args)
+    assert expected in one_error_line(result, code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unfinished_teacher_is_refused_before_training(cache_copy, teacher_b, tmp_path):
+    from kdcache.errors import UnfinishedCacheError
+
+    path, _ = cache_copy
+    with pytest.raises(UnfinishedCacheError):
+        run_add_teacher(path, teacher_b, max_units=1)
+    result = invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", path, "--run-dir", tmp_path / "run",
+                    "--amp", "none", "--device", "cpu", "--teacher-record", "B")
+    line = one_error_line(result, 3)
+    assert "is not committed" in line and "kdcache add-teacher" in line
+
+
+@pytest.fixture(scope="module")
+def learned_from_two(tmp_path_factory, helpers):
+    """Two teachers trained with loss ce (other seeds), a 2-epoch cache of the first with the second added as B, and a
+    student trained 3 epochs with KD from main, from B and from all; top-1 on digits:val of each."""
+    from kdcache.losses import LossConfig
+    from kdcache.precompute import PrecomputeConfig
+    from kdcache.student import StudentConfig, train_student
+
+    root = tmp_path_factory.mktemp("learn-two")
+    common = dict(data="digits", model="test_resnet", val_data="digits:val", batch_size=64, log_every=100, lr=3e-3,
+                  weight_decay=0.01, amp="none", device="cpu")
+    top1 = {}
+    with single_thread():
+        for name, seed in (("A", 0), ("B", 1)):
+            made = train_student(StudentConfig(run_dir=str(root / name), loss=LossConfig(name="ce"), img_size=32, epochs=6,
+                                               seed=seed, **common), log=quiet)
+            top1[f"teacher {name}"] = made.final_top1
+        helpers.run_precompute(PrecomputeConfig(
+            data="digits", output=str(root / "cache"), epochs=2, topk=5, block_size=256, blocks_per_unit=2,
+            teacher=TeacherConfig(model="test_resnet", checkpoint=str(root / "A" / "model.pt"))))
+    run_add_teacher(root / "cache", root / "B" / "model.pt")
+    with single_thread():
+        for record in ("main", "B", "all"):
+            result = train_student(StudentConfig(run_dir=str(root / f"student-{record}"), loss=LossConfig(name="kd"),
+                                                 cache=str(root / "cache"), epochs=3, teacher_record=record, **common), log=quiet)
+            top1[record] = result.final_top1
+    print("digits:val top-1:", json.dumps({k: round(v, 4) for k, v in top1.items()}))
+    return top1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("record", ["main", "B", "all"])
+def test_students_learn_digits_from_each_teacher_and_from_all(learned_from_two, record):
+    assert learned_from_two["teacher A"] > 0.75 and learned_from_two["teacher B"] > 0.75
+    assert learned_from_two[record] > 0.5, learned_from_two
+
+
+# ---- verify ----------------------------------------------------------------------------------------
+
+
+def verify_argv(cache, checkpoint, *extra) -> list[str]:
+    return ["verify", str(cache), "--data", "digits", "--teacher", "test_resnet", "--teacher-checkpoint", str(checkpoint),
+            "--views", "16", *extra]
+
+
+@pytest.mark.parametrize("teacher, record", [("A", None), ("B", None), ("A", "main"), ("B", "B")])
+def test_verify_checks_every_teacher_and_replays_the_one_given(two_teachers, teacher_ckpt, teacher_b, teacher, record, one_thread):
+    extra = [] if record is None else ["--teacher-record", record]
+    result = invoke(*verify_argv(two_teachers, teacher_ckpt if teacher == "A" else teacher_b, *extra))
+    assert result.exit_code == 0, result.output
+    checks = dict(re.findall(r"^  (\S+(?: \[B\])?)\s+(.*)$", result.output, flags=re.M))
+    assert ("ledger [B]" in checks) == (record != "main") and ("ledger" in checks) == (record != "B")
+    if record != "main":
+        assert checks["ledger [B]"] == "6 unit(s) committed, 0 missing, 0 damaged"
+    replayed = {check for check in checks if check.startswith("replay")}
+    assert replayed == {"replay [B]" if teacher == "B" else "replay"}
+    assert checks[replayed.pop()].startswith("16 view(s) on path pil: 16 match")
+
+
+def test_verify_fails_naming_a_damaged_unit_of_an_added_teacher(two_teachers, tmp_path):
+    path = tmp_path / "cache"
+    shutil.copytree(two_teachers, path)
+    shard = path / "teachers" / "B" / "values" / "c" / "1" / "2" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    line = one_error_line(invoke("verify", path, "--quick"), 5)
+    assert "teachers/B: epoch 1 unit 2" in line and "values/c/1/2/0 does not match its ledger checksum" in line
+    assert invoke("verify", path, "--quick", "--teacher-record", "main").exit_code == 0
+
+
+def test_verify_of_an_unknown_teacher_is_one_line(two_teachers):
+    assert "has no teacher records named 'C'" in one_error_line(invoke("verify", two_teachers, "--quick", "--teacher-record", "C"), 2)

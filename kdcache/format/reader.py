@@ -348,6 +348,9 @@ class AllTeachers(HeldUnits):
     teacher, in :attr:`Cache.teachers` order. A unit is held when every teacher has committed it.
     """
 
+    FINISH = ("training from every teacher needs each one's records of every unit: finish the precompute "
+              "(kdcache precompute-logits --resume) and each kdcache add-teacher")
+
     def __init__(self, root: Cache):
         self.root, self.names = root, root.teachers
         self.views = [root.teacher_records(name) for name in self.names]
