@@ -353,3 +353,17 @@ def test_verify_fails_naming_a_damaged_unit_of_an_added_teacher(two_teachers, tm
 
 def test_verify_of_an_unknown_teacher_is_one_line(two_teachers):
     assert "has no teacher records named 'C'" in one_error_line(invoke("verify", two_teachers, "--quick", "--teacher-record", "C"), 2)
+
+
+def test_info_lists_each_teacher_with_its_units_and_bytes(two_teachers):
+    info = json.loads(invoke("info", two_teachers, "--json").stdout)
+    (added,) = info["teachers"]
+    group = two_teachers / "teachers" / "B"
+    on_disk = sum(p.stat().st_size for p in group.rglob("*") if p.is_file() and "claims" not in p.relative_to(group).parts)
+    assert (added["name"], added["units_held"], added["units_committed_by_root"], added["k"]) == ("B", 6, 6, 5)
+    assert added["size_bytes"] == on_disk and added["epochs_complete"] == [0, 1]
+    root = sum(p.stat().st_size for p in two_teachers.rglob("*") if p.is_file() and p.relative_to(two_teachers).parts[0]
+               not in ("teachers", "claims"))
+    assert info["size_bytes"] == root
+    text = invoke("info", two_teachers).stdout
+    assert "teacher B" in text and "6/6 units held" in text and "teacher records: main, B" in text
