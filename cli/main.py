@@ -166,7 +166,7 @@ def train_student(
     teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
     augmentation: str = typer.Option("light", "--augmentation", "-a", help="Without --cache: preset or JSON spec file."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Without --cache: view size in pixels."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="The student's view size in pixels (default: the cache's; required without --cache)."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(64, "--batch-size", help="Global batch size over all ranks."),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (AdamW by default)."),

@@ -140,22 +140,26 @@ class CacheLoader:
     cache was made from (spec string or :class:`~kdcache.sources.Source`). ``batch_size``: views
     per rank and step (the global batch is ``batch_size * world_size``). ``seed`` sets the order
     of views; ``blocks`` trains on some blocks only (e.g. all but a held-out meta split), in the
-    cache's numbering. ``num_workers``: DataLoader workers that decode and replay. Each batch
-    is a :class:`~kdcache.batch.Batch` whose ``images``, ``target``, ``labels`` and ``record``
-    are on ``device``. ``teacher_record``: whose records (``main``, the cache's first teacher; an
-    added teacher's name; or ``all``, every teacher's in ``batch.records``).
+    cache's numbering. ``num_workers``: DataLoader workers that decode and replay. ``image_size``:
+    the student's view size in pixels (default: the size the teacher scored them at); the views
+    are the same views replayed at that size (docs/format.md, "Replay at another size"). Each
+    batch is a :class:`~kdcache.batch.Batch` whose ``images``, ``target``, ``labels`` and
+    ``record`` are on ``device``. ``teacher_record``: whose records (``main``, the cache's first
+    teacher; an added teacher's name; or ``all``, every teacher's in ``batch.records``).
     """
 
     def __init__(self, cache: str | Cache, data: str | Source, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", seed: int = 0, num_workers: int = 0,
                  blocks: Sequence[int] | None = None, channels_last: bool = False, verify_checksums: bool = True,
-                 teacher_record: str = MAIN):
+                 image_size: int | None = None, teacher_record: str = MAIN):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: expected a positive number of views per rank")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"num_workers={num_workers!r}: expected 0 or more DataLoader workers")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ConfigError(f"rank={rank!r}, world_size={world_size!r}: expected 0 <= rank < world_size")
+        if image_size is not None:
+            _positive_int(image_size, "image_size")
         self.device, self.channels_last = _device(device), channels_last
         self.cache = open_cache(cache, verify_checksums=verify_checksums) if not isinstance(cache, Cache) else cache
         self.records = teacher_view(self.cache, teacher_record)
@@ -171,10 +175,11 @@ class CacheLoader:
                 raise ConfigError(f"blocks {format_selection(self.blocks) or '(none)'}: the cache {self.cache.location} holds "
                                   f"blocks {format_selection(held)}")
         self.spec = cache_spec(m)
+        self._size = image_size or self.spec.output_size
         self.num_classes = m.teacher.num_classes
         self.class_names = list(m.dataset.class_names)
         config = LoaderConfig(batch_size=batch_size * world_size, seed=seed, num_workers=num_workers,
-                              defer_finish=self.device.type == "cuda", replay_path=m.replay["path"])
+                              defer_finish=self.device.type == "cuda", replay_path=m.replay["path"], view_size=self._size)
         self._loader = ViewLoader(source=self.source, layout=m.blocks, plan=self.cache.samples(), spec=self.spec,
                                   num_classes=self.num_classes, config=config, ranks=Ranks(rank=rank, world=world_size),
                                   cache=self.records, cache_epochs=self.cache_epochs, blocks=self.blocks, view_seed=seed)
@@ -182,8 +187,8 @@ class CacheLoader:
 
     @property
     def image_size(self) -> int:
-        """The views' height and width in pixels: the size the teacher scored them at."""
-        return self.spec.output_size
+        """The views' height and width in pixels: ``image_size`` if given, else the size the teacher scored them at."""
+        return self._size
 
     def __len__(self) -> int:
         """Batches per epoch on each rank (the same on every rank)."""
@@ -221,7 +226,7 @@ class CacheLoader:
     def _eval_batches(self, source: Source, batch_size: int) -> Iterator[Batch]:
         if source.num_classes != self.num_classes:
             raise MismatchError(f"validation data {source.uri} has {source.num_classes} classes, the cache {self.num_classes}")
-        for batch in eval_batches(source, self.spec, batch_size=batch_size, num_classes=self.num_classes):
+        for batch in eval_batches(source, self.spec, batch_size=batch_size, num_classes=self.num_classes, size=self._size):
             yield batch.to(self.device, channels_last=self.channels_last)
 
 

@@ -18,7 +18,8 @@ number of DataLoader workers), never of the number of ranks:
 Teacher records are read by whole units (one contiguous, checksum-verified read per array) in a
 prefetch thread one window ahead. Training epochs beyond the cached epochs cycle through them.
 Without a cache (``--loss ce``, or an online teacher) the parameters are drawn from the spec
-and the seed, exactly as precompute draws them.
+and the seed, exactly as precompute draws them. ``LoaderConfig.view_size`` replays the same
+views at a student's own size (:mod:`kdcache.replay`, "Another size").
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ class LoaderConfig:
     window_blocks: int = 4
     num_workers: int = 0
     replay_path: str = "pil"
+    view_size: int | None = None  # the views' side; None: the spec's output_size (the teacher's views)
     drop_last: bool = True
     defer_finish: bool = False  # yield uint8 views, finished by Batch.to() on the training device
 
     def __post_init__(self) -> None:
+        if self.view_size is not None and (isinstance(self.view_size, bool) or not isinstance(self.view_size, int)
+                                           or self.view_size < 1):
+            raise ConfigError(f"view_size={self.view_size!r}; expected a positive whole number of pixels")
         if self.batch_size < 1 or self.window_blocks < 1 or self.num_workers < 0:
             raise ConfigError(
                 f"batch_size={self.batch_size}, window_blocks={self.window_blocks}, num_workers={self.num_workers}; "
@@ -245,7 +250,8 @@ class _WindowReader:
                 params = sample_view_params(v.spec, seed=v.seed, epoch=self.cache_epoch, block_id=block, sample_ids=members,
                                             image_sizes=images.sizes())
             labels = np.array([s.label for s in samples], dtype=np.int64)
-            pending = replay_pending(v.spec, params, images, positions=positions, path=self.config.replay_path)
+            pending = replay_pending(v.spec, params, images, positions=positions, path=self.config.replay_path,
+                                     size=self.config.view_size)
             targets = view_targets(v.spec, params, labels, v.num_classes, positions=positions)
             out[block] = (pending, {int(p): row for row, p in enumerate(positions.tolist())}, targets, labels)
         return out
@@ -347,9 +353,10 @@ class ViewLoader:
                                                 persistent_workers=False, prefetch_factor=2))
 
 
-def eval_batches(source: Source, spec: AugSpec, *, batch_size: int, num_classes: int):
-    """Evaluation batches: centre crop at the spec's size and normalisation, no teacher records."""
-    eval_spec = preset("none", output_size=spec.output_size, mean=spec.mean, std=spec.std, interpolation=spec.interpolation)
+def eval_batches(source: Source, spec: AugSpec, *, batch_size: int, num_classes: int, size: int | None = None):
+    """Evaluation batches: centre crop at ``size`` (default the spec's) and the spec's normalisation, no teacher records."""
+    eval_spec = preset("none", output_size=size or spec.output_size, mean=spec.mean, std=spec.std,
+                       interpolation=spec.interpolation)
     n = len(source)
     for start in range(0, n, batch_size):
         samples = source.read(list(range(start, min(n, start + batch_size))))

@@ -15,6 +15,14 @@ tensor the teacher scored. Two paths:
 
 The path and the versions of the libraries that shape the pixels are recorded in the cache
 (:func:`replay_fingerprint`).
+
+**Another size.** Every function takes ``size`` (default: the spec's ``output_size``), the side
+of the views to make. A view replayed at another size is the same view: the same crop region of
+the source image resized to ``size``, the same flip, jitter and RandAugment ops at the same
+magnitudes, the same mix partner and weight, and erase and cutmix boxes at the same relative
+place (their stored edges, in pixels of ``output_size``, scaled by :func:`scale_edge`). Only the
+pixels differ: they are a resampling at ``size``, not the pixels the teacher saw. At
+``output_size`` every value is the stored one, so the views are exactly the teacher's.
 """
 
 from __future__ import annotations
@@ -56,6 +64,20 @@ def replay_fingerprint(path: str) -> dict:
     return fingerprint
 
 
+def scale_edge(edge: int, size: int, output_size: int) -> int:
+    """A box edge stored in pixels of ``output_size``, at the same relative place in a ``size`` view.
+
+    ``round(edge * size / output_size)`` with halves rounded up, in integers: exact at
+    ``size == output_size``, and a box of edges ``a <= b`` keeps ``a' <= b'`` inside ``[0, size]``.
+    """
+    return (2 * int(edge) * size + output_size) // (2 * output_size)
+
+
+def _scaled_box(spec: AugSpec, size: int, top: int, left: int, bottom: int, right: int) -> tuple[int, int, int, int]:
+    s = spec.output_size
+    return scale_edge(top, size, s), scale_edge(left, size, s), scale_edge(bottom, size, s), scale_edge(right, size, s)
+
+
 def _columns(spec: AugSpec) -> dict[str, int]:
     return {name: i for i, name in enumerate(param_fields(spec))}
 
@@ -72,12 +94,12 @@ def _tensor_affine_interpolation(spec: AugSpec):
     return InterpolationMode(TENSOR_AFFINE_INTERPOLATION[spec.interpolation])
 
 
-def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.Image) -> torch.Tensor:
+def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.Image, size: int) -> torch.Tensor:
     import torchvision.transforms.functional as F
     from timm.data.auto_augment import NAME_TO_OP
 
     top, left, height, width = (int(row[cols[c]]) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
-    img = F.resized_crop(img, top, left, height, width, [spec.output_size, spec.output_size], _interpolation(spec))
+    img = F.resized_crop(img, top, left, height, width, [size, size], _interpolation(spec))
     if row[cols["flip"]] > 0.5:
         img = F.hflip(img)
     if spec.color_jitter > 0:
@@ -88,7 +110,7 @@ def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.I
         hparams = randaug_hparams(spec)
         kwargs = {"fillcolor": hparams["img_mean"], "resample": _pil_resample(spec)}
         for slot in range(spec.randaug_n):
-            op = _randaug_op(spec, row, cols, slot, hparams)
+            op = _randaug_op(spec, row, cols, slot, hparams, size)
             if op is not None:
                 name, arg = op
                 img = NAME_TO_OP[name](img, **kwargs) if arg is None else NAME_TO_OP[name](img, arg, **kwargs)
@@ -99,12 +121,15 @@ def _pil_resample(spec: AugSpec) -> int:
     return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[spec.interpolation]
 
 
-def _randaug_op(spec: AugSpec, row: np.ndarray, cols: dict[str, int], slot: int, hparams: dict):
+def _randaug_op(spec: AugSpec, row: np.ndarray, cols: dict[str, int], slot: int, hparams: dict, size: int):
     """(op name, argument) of a RandAugment slot, or None when the op was not applied.
 
-    The argument comes from timm's level function at the stored magnitude and sign. Posterize
-    keeps at least 1 bit (timm's level function gives 0 bits below magnitude 2.5, which Pillow
-    refuses).
+    The argument comes from timm's level function at the stored magnitude and sign, with the
+    spec's hparams (its ``output_size`` sets ``translate_const``). Posterize keeps at least 1 bit
+    (timm's level function gives 0 bits below magnitude 2.5, which Pillow refuses). At another
+    ``size``, the absolute translations (``TranslateX``, ``TranslateY``: pixels of ``output_size``)
+    are scaled to move the image by the same fraction; every other op's argument is free of the
+    size (angles, shear factors, fractions of the width, colour factors).
     """
     op_id = int(row[cols[f"ra{slot}_op"]])
     if op_id < 0:
@@ -113,6 +138,8 @@ def _randaug_op(spec: AugSpec, row: np.ndarray, cols: dict[str, int], slot: int,
     arg = op_argument(name, float(row[cols[f"ra{slot}_mag"]]), hparams, negate=bool(row[cols[f"ra{slot}_neg"]] > 0.5))
     if name.startswith("Posterize") and arg is not None:
         arg = max(1, arg)
+    if name in ("TranslateX", "TranslateY") and size != spec.output_size:
+        arg = arg * size / spec.output_size
     return name, arg
 
 
@@ -156,12 +183,12 @@ def _tensor_op(name: str, img: torch.Tensor, arg, fill: list[float], interpolati
     raise ConfigError(f"RandAugment op {name!r} has no tensor-path replay; use --replay-path pil")
 
 
-def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torch.Tensor) -> torch.Tensor:
+def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torch.Tensor, size: int) -> torch.Tensor:
     import torchvision.transforms.v2.functional as F
 
     interpolation = _interpolation(spec)
     top, left, height, width = (int(row[cols[c]]) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
-    img = F.resized_crop(img, top, left, height, width, [spec.output_size, spec.output_size], interpolation, antialias=True)
+    img = F.resized_crop(img, top, left, height, width, [size, size], interpolation, antialias=True)
     if row[cols["flip"]] > 0.5:
         img = F.horizontal_flip(img)
     if spec.color_jitter > 0:
@@ -173,7 +200,7 @@ def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torc
         fill = [float(v) for v in hparams["img_mean"]]
         affine = _tensor_affine_interpolation(spec)
         for slot in range(spec.randaug_n):
-            op = _randaug_op(spec, row, cols, slot, hparams)
+            op = _randaug_op(spec, row, cols, slot, hparams, size)
             if op is not None:
                 img = _tensor_op(op[0], img, op[1], fill, affine)
     return img
@@ -188,15 +215,23 @@ def to_uint8_tensor(img: Image.Image, device="cpu") -> torch.Tensor:
 # ---- block-level replay ------------------------------------------------------------------
 
 
-def replay_uint8(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> torch.Tensor:
-    """One sample's view up to its pixels: uint8 ``[3, S, S]`` (crop, flip, jitter, RandAugment)."""
-    cols = _columns(spec)
+def _size(spec: AugSpec, size: int | None) -> int:
+    if size is None:
+        return spec.output_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"view size {size!r}; expected a positive whole number of pixels")
+    return size
+
+
+def replay_uint8(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil", size: int | None = None) -> torch.Tensor:
+    """One sample's view up to its pixels: uint8 ``[3, size, size]`` (crop, flip, jitter, RandAugment)."""
+    cols, size = _columns(spec), _size(spec, size)
     if path == "pil":
-        return _pil_base(spec, row, cols, img)
+        return _pil_base(spec, row, cols, img, size)
     if path == "tensor":
         if isinstance(img, Image.Image):
             img = to_uint8_tensor(img)
-        return _tensor_base(spec, row, cols, img)
+        return _tensor_base(spec, row, cols, img, size)
     raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
 
 
@@ -244,8 +279,14 @@ class PendingViews:
         )
 
     def materialize(self, spec: AugSpec, device=None) -> torch.Tensor:
-        """float32 ``[m, 3, S, S]`` views: to [0, 1], normalise, erase (per sample), then mix."""
+        """float32 ``[m, 3, S, S]`` views: to [0, 1], normalise, erase (per sample), then mix.
+
+        ``S`` is the base views' size: erase and cutmix boxes, stored in pixels of the spec's
+        ``output_size``, are scaled to it (:func:`scale_edge`). The spec's ``mean`` and ``std``
+        normalise; a spec with only those replaced normalises as another model expects.
+        """
         cols = _columns(spec)
+        size = int(self.base.shape[-1])
         x = self.base.to(device, non_blocking=True).float()
         mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
@@ -254,7 +295,8 @@ class PendingViews:
             for i in np.flatnonzero(self.base_params[:, cols["erase"]] > 0.5):
                 top, left, height, width = (int(self.base_params[i, cols[c]])
                                             for c in ("erase_top", "erase_left", "erase_height", "erase_width"))
-                x[i, :, top : top + height, left : left + width] = 0.0
+                top, left, bottom, right = _scaled_box(spec, size, top, left, top + height, left + width)
+                x[i, :, top:bottom, left:right] = 0.0
         if np.array_equal(self.own, np.arange(len(self.base_params))):
             out = x if not spec.mixes else x.clone()
         else:
@@ -271,17 +313,20 @@ class PendingViews:
             out[rows] = out[rows] * lam + partner * (1.0 - lam)
             return out
         for r in mixed:
-            top, left, bottom, right = (int(self.view_params[r, cols[c]]) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
+            top, left, bottom, right = _scaled_box(spec, size, *(int(self.view_params[r, cols[c]])
+                                                                 for c in ("mix_top", "mix_left", "mix_bottom", "mix_right")))
             out[r, :, top:bottom, left:right] = x[int(self.partner[r]), :, top:bottom, left:right]
         return out
 
 
-def replay_pending(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil") -> PendingViews:
+def replay_pending(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil",
+                   size: int | None = None) -> PendingViews:
     """The uint8 stage of the views of a block at ``positions`` (default: all) and of their mix partners.
 
     ``params`` are the block's stored parameters ``[n, P]`` for one epoch; ``images`` the block's
     decoded images in block order (PIL images for ``pil``; PIL or uint8 tensors for ``tensor``).
-    Only the images of the requested views and their partners are touched.
+    Only the images of the requested views and their partners are touched. ``size``: the views'
+    side (default the spec's ``output_size``; see "Another size" above).
     """
     n = params.shape[0]
     positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
@@ -289,34 +334,36 @@ def replay_pending(spec: AugSpec, params: np.ndarray, images, *, positions=None,
     partners = params[positions, cols["mix_partner"]].astype(np.int64) if spec.mixes else np.full(len(positions), -1)
     needed = np.unique(np.concatenate([positions, partners[partners >= 0]]))
     index = {int(p): i for i, p in enumerate(needed)}
-    base = torch.stack([replay_uint8(spec, params[p], images[int(p)], path=path) for p in needed])
+    base = torch.stack([replay_uint8(spec, params[p], images[int(p)], path=path, size=size) for p in needed])
     return PendingViews(
         base=base, base_params=params[needed], own=np.array([index[int(p)] for p in positions], dtype=np.int64),
         partner=np.array([index[int(p)] if p >= 0 else -1 for p in partners], dtype=np.int64), view_params=params[positions],
     )
 
 
-def replay_block(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil", device=None) -> torch.Tensor:
-    """Finished views ``[m, 3, S, S]`` (float32, normalised, mixed) of a block at ``positions``."""
-    return replay_pending(spec, params, images, positions=positions, path=path).materialize(spec, device)
+def replay_block(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil", device=None,
+                 size: int | None = None) -> torch.Tensor:
+    """Finished views ``[m, 3, S, S]`` (float32, normalised, mixed) of a block at ``positions``; ``S``: ``size``."""
+    return replay_pending(spec, params, images, positions=positions, path=path, size=size).materialize(spec, device)
 
 
-def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil") -> torch.Tensor:
+def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil", size: int | None = None) -> torch.Tensor:
     """One sample's own view before mixing: float32 ``[3, S, S]``, normalised and erased."""
-    pending = PendingViews(base=replay_uint8(spec, row, img, path=path)[None], base_params=np.asarray(row)[None],
+    pending = PendingViews(base=replay_uint8(spec, row, img, path=path, size=size)[None], base_params=np.asarray(row)[None],
                            own=np.zeros(1, np.int64), partner=np.full(1, -1, np.int64), view_params=np.asarray(row)[None])
     return pending.materialize(spec)[0]
 
 
 def mix_pair(spec: AugSpec, row: np.ndarray, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """Mix a finished view with its partner's finished view as the stored parameters say."""
+    """Mix a finished view with its partner's finished view as the stored parameters say (at the views' size)."""
     cols = _columns(spec)
     if not spec.mixes or int(row[cols["mix_partner"]]) < 0:
         return own
     lam = float(row[cols["mix_lam"]])
     if spec.mix == "mixup":
         return own * lam + partner * (1.0 - lam)
-    top, left, bottom, right = (int(row[cols[c]]) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
+    top, left, bottom, right = _scaled_box(spec, int(own.shape[-1]), *(int(row[cols[c]])
+                                                         for c in ("mix_top", "mix_left", "mix_bottom", "mix_right")))
     mixed = own.clone()
     mixed[:, top:bottom, left:right] = partner[:, top:bottom, left:right]
     return mixed

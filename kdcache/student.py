@@ -2,8 +2,9 @@
 
 ``train_student(config)`` opens the cache (path or URL) and the training data, refuses any
 mismatch before the first step (the cache's content digest if one is expected, class count,
-dataset size, image size, uncommitted units), builds the view loader (cached views and teacher
-records), the validation batches and, for MKD, a held-out meta split of whole blocks, then runs
+dataset size, uncommitted units), builds the view loader (cached views and teacher records, the
+views replayed at the student's ``--img-size`` when it differs from the teacher's), the
+validation batches and, for MKD, a held-out meta split of whole blocks, then runs
 :func:`kdcache.train.train`. Without a cache (``--loss ce``, or a live ``--teacher``) the views
 are drawn from an augmentation spec and the seed, exactly as precompute would draw them. The
 trained weights are exported as ``model.pt``, a checkpoint that ``precompute-logits --teacher``
@@ -91,6 +92,8 @@ class StudentConfig:
             raise ConfigError("--expect-digest names the cache to train from: give --cache too")
         if self.loss.needs_teacher and self.cache is None and self.teacher is None:
             raise ConfigError(f"loss {self.loss.name!r} needs teacher records: give --cache, or --teacher for online distillation")
+        if self.img_size is not None and self.img_size < 1:
+            raise ConfigError(f"--img-size {self.img_size}; expected a positive number of pixels")
         if self.cache is None and self.img_size is None:
             raise ConfigError("without --cache the views are drawn from --augmentation: give --img-size too")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
@@ -107,9 +110,10 @@ class StudentConfig:
 
 def _check_cache_against_data(cache, source, config: StudentConfig) -> tuple[list[int], list[int]]:
     """Refuse a cache that does not fit the data or misses a unit; returns the epochs and blocks to train from."""
-    if config.img_size is not None and config.img_size != cache_spec(cache.manifest).output_size:
-        raise MismatchError(f"--img-size {config.img_size} differs from the cache's view size {cache_spec(cache.manifest).output_size}; "
-                            "the student trains on the views the teacher saw")
+    size = cache_spec(cache.manifest).output_size
+    if config.teacher is not None and config.img_size not in (None, size):
+        raise MismatchError(f"--img-size {config.img_size} differs from the cache's view size {size}, and a live --teacher "
+                            "scores the student's own views: drop --img-size, or --teacher to train from the cache's records")
     held = held_views(cache, name=config.cache)
     if config.check_data:  # asked for: every sample's digest before anything is written (the loader checks each block anyway)
         check_all_samples(cache, source, name=config.data)
@@ -148,6 +152,9 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         plan = cache.samples()
         cache_epochs, cache_blocks = _check_cache_against_data(cache, source, config)
         spec, layout, num_classes = cache_spec(m), m.blocks, m.teacher.num_classes
+        if config.img_size is not None and config.img_size != spec.output_size:
+            log(f"the student trains at {config.img_size}px on the teacher's {spec.output_size}px views, replayed at "
+                f"{config.img_size}px (same crops, flips, ops, mixes and boxes)")
         class_names = m.dataset.class_names
     else:
         cache, cache_epochs = None, None
@@ -170,9 +177,11 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         blocks = cache_blocks
     meta_loader = None
     on_gpu = distributed.resolve_device(config.device, ranks).type == "cuda"
+    size = spec.output_size if config.img_size is None else config.img_size
     loader_config = LoaderConfig(batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,
                                  num_workers=config.num_workers, defer_finish=on_gpu,
-                                 replay_path=m.replay["path"] if cache is not None else "pil")  # the path the teacher saw
+                                 replay_path=m.replay["path"] if cache is not None else "pil",  # the path the teacher saw
+                                 view_size=size)
     common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
                   cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
     if config.loss.name == "mkd":
@@ -190,7 +199,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         val_source = open_source(config.val_data)
         if val_source.num_classes != num_classes:
             raise MismatchError(f"--val-data {config.val_data} has {val_source.num_classes} classes, expected {num_classes}")
-        val_batches = _Reiterable(lambda: eval_batches(val_source, spec, batch_size=256, num_classes=num_classes))
+        val_batches = _Reiterable(lambda: eval_batches(val_source, spec, batch_size=256, num_classes=num_classes, size=size))
     teacher = None
     if config.teacher is not None:
         device = distributed.resolve_device(config.device, ranks)
@@ -200,7 +209,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         if cache is not None and info.weights_sha256 != cache.manifest.teacher.weights_sha256:
             log("note: the live teacher's weights differ from the teacher the cache was made with")
     train_config = TrainConfig(
-        model=config.model, num_classes=num_classes, run_dir=config.run_dir, img_size=spec.output_size,
+        model=config.model, num_classes=num_classes, run_dir=config.run_dir, img_size=size,
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
         opt=config.opt, sched=config.sched, warmup_epochs=config.warmup_epochs, ema=config.ema, amp=config.amp,
         channels_last=config.channels_last, compile=config.compile, loss=config.loss, seed=config.seed,
@@ -211,11 +220,11 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
                    meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)
     if ranks.main and result.completed:
-        export_model(Path(config.run_dir), spec=spec, class_names=class_names)
+        export_model(Path(config.run_dir), spec=spec, class_names=class_names, size=size)
     return result
 
 
-def export_model(run_dir: Path, *, spec: AugSpec, class_names: list[str]) -> Path:
+def export_model(run_dir: Path, *, spec: AugSpec, class_names: list[str], size: int | None = None) -> Path:
     """Write ``model.pt``: the trained weights plus the data config a teacher needs."""
     from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -225,7 +234,8 @@ def export_model(run_dir: Path, *, spec: AugSpec, class_names: list[str]) -> Pat
     if "module" in weights:  # timm ModelEmaV3 keeps the averaged model under "module."
         weights = weights["module"]
     weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-    meta = {"input_size": (3, spec.output_size, spec.output_size), "mean": tuple(spec.mean), "std": tuple(spec.std),
+    size = size or spec.output_size
+    meta = {"input_size": (3, size, size), "mean": tuple(spec.mean), "std": tuple(spec.std),
             "interpolation": spec.interpolation, "class_names": list(class_names)}
     path = run_dir / MODEL_NAME
     payload = io.BytesIO()  # serialised first: torch.save would turn a failed write into an opaque RuntimeError

@@ -9,6 +9,7 @@ timm's transforms. The tensor path: close to the PIL path op by op, with the sam
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -323,3 +324,110 @@ def test_tensor_path_views_are_close_to_pil(block, name):
     assert gap.max() < 0.15, gap
     if name == "strong":  # RandAugment ops differ in their details (geometric resampling, enhance rounding)
         assert gap.max() > 0
+
+
+# ---- the same views at another size (a student at its own resolution) ---------------------------------
+
+
+def manual_view(spec: AugSpec, row: np.ndarray, img: Image.Image, size: int) -> torch.Tensor:
+    """Crop, flip and normalise with torchvision's functional ops directly, at ``size``."""
+    col = {f: i for i, f in enumerate(param_fields(spec))}
+    top, left, height, width = (int(row[col[c]]) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
+    view = TF.resized_crop(img, top, left, height, width, [size, size], TF.InterpolationMode.BILINEAR)
+    if row[col["flip"]] > 0.5:
+        view = TF.hflip(view)
+    x = torch.from_numpy(np.asarray(view.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    return x.div_(255).sub_(mean).div_(std)
+
+
+@pytest.mark.parametrize("name", ["light", "funmatch"])
+def test_student_size_view_is_the_same_view_replayed_at_its_size(block, name):
+    """A 64 px spec's parameters replayed at 32 px: torchvision's ops at 32 px directly, and a 32 px spec's replay."""
+    images, _ = block
+    big = preset(name, output_size=64, mean=MEAN, std=STD)
+    params = sample_view_params(big, seed=0, epoch=1, block_id=3, sample_ids=np.arange(100, 125), image_sizes=[(8, 8)] * 25)
+    views = replay_block(big, params, images, size=32)
+    assert views.shape == (25, 3, 32, 32)
+    col = {f: i for i, f in enumerate(param_fields(big))}
+    for i in range(len(images)):
+        want = manual_view(big, params[i], images[i], 32)
+        if big.mixes and params[i, col["mix_partner"]] >= 0:
+            j, lam = int(params[i, col["mix_partner"]]), float(params[i, col["mix_lam"]])
+            want = want * lam + manual_view(big, params[j], images[j], 32) * (1.0 - lam)
+        assert torch.equal(views[i], want), i
+    small = dataclasses.replace(big, output_size=32)  # drawn at 32 px from the same seed: the same parameters
+    np.testing.assert_array_equal(
+        sample_view_params(small, seed=0, epoch=1, block_id=3, sample_ids=np.arange(100, 125), image_sizes=[(8, 8)] * 25), params)
+    assert torch.equal(replay_block(small, params, images), views)
+    assert torch.equal(replay_block(big, params, images, size=64), replay_block(big, params, images))
+
+
+BOX_COLUMNS = {"cutmix": ("mix_top", "mix_left", "mix_bottom", "mix_right"),
+               "strong": ("erase_top", "erase_left", "erase_height", "erase_width")}
+
+
+def scaled_params(spec: AugSpec, params: np.ndarray, size: int) -> np.ndarray:
+    """The box columns as edges scaled to ``size`` (heights and widths as differences of scaled edges)."""
+    from kdcache.replay import scale_edge
+
+    col = {f: i for i, f in enumerate(param_fields(spec))}
+    out = params.copy()
+    for row in out:
+        if spec.mixes:
+            for c in BOX_COLUMNS["cutmix"]:
+                row[col[c]] = scale_edge(int(row[col[c]]), size, spec.output_size)
+        if spec.erase_prob > 0:
+            top, left, height, width = (int(row[col[c]]) for c in BOX_COLUMNS["strong"])
+            t, l = scale_edge(top, size, spec.output_size), scale_edge(left, size, spec.output_size)
+            row[col["erase_top"]], row[col["erase_left"]] = t, l
+            row[col["erase_height"]] = scale_edge(top + height, size, spec.output_size) - t
+            row[col["erase_width"]] = scale_edge(left + width, size, spec.output_size) - l
+    return out
+
+
+@pytest.mark.parametrize("size", [32, 48, 20])
+@pytest.mark.parametrize("name", ["cutmix", "strong"])
+def test_boxes_at_another_size_are_at_the_same_relative_place(block, name, size):
+    images, _ = block
+    big = preset(name, output_size=64, mean=MEAN, std=STD)
+    params = sample_view_params(big, seed=0, epoch=1, block_id=3, sample_ids=np.arange(100, 125), image_sizes=[(8, 8)] * 25)
+    at_size = dataclasses.replace(big, output_size=size)
+    want = replay_block(at_size, scaled_params(big, params, size), images)
+    assert torch.equal(replay_block(big, params, images, size=size), want)
+    assert not torch.equal(replay_block(at_size, params, images), want)  # unscaled boxes would sit elsewhere
+    col = {f: i for i, f in enumerate(param_fields(big))}
+    for c in BOX_COLUMNS[name][:2]:  # a box stored at 64 px is at the same fraction of a 32 px view, to half a pixel
+        edges = params[:, col[c]]
+        np.testing.assert_array_less(np.abs(scaled_params(big, params, size)[:, col[c]] - edges * size / 64), 0.5 + 1e-6)
+
+
+def test_scaled_edges_are_exact_at_the_stored_size_and_stay_in_order():
+    from kdcache.replay import scale_edge
+
+    for stored in (7, 32, 64, 224):
+        assert [scale_edge(e, stored, stored) for e in range(stored + 1)] == list(range(stored + 1))
+        for size in (1, 5, 16, 33, 384):
+            edges = [scale_edge(e, size, stored) for e in range(stored + 1)]
+            assert edges[0] == 0 and edges[-1] == size and edges == sorted(edges)
+
+
+def test_absolute_translation_moves_the_same_fraction_at_another_size():
+    img = composite(60, 60)
+    specs = {s: AugSpec(output_size=s, mean=(0.5,) * 3, std=(0.5,) * 3, randaug_n=1, randaug_m=9.0, randaug_mstd=0.0,
+                        randaug_ops=("TranslateX", "TranslateY")) for s in (64, 32)}
+    for op_id in (0, 1):
+        row = np.array([0, 0, 60, 60, 0, op_id, 9.0, 0.0], np.float32)
+        at_32 = replay_base(specs[64], row, img, size=32)
+        assert torch.equal(at_32, replay_base(specs[32], row, img))  # 0.45 * 64 * 0.9 px at 64 is 0.45 * 32 * 0.9 px at 32
+        assert not torch.equal(at_32, replay_base(specs[64], np.array([0, 0, 60, 60, 0, -1, 0, 0], np.float32), img, size=32))
+
+
+def test_a_size_that_is_not_a_positive_integer_is_refused(block):
+    from kdcache.errors import ConfigError
+
+    images, _ = block
+    spec, params = block_params("light")
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ConfigError, match="view size"):
+            replay_block(spec, params, images, size=bad)
