@@ -1,7 +1,8 @@
 """``kdcache add-teacher``: score a cache's existing views with another teacher, beside the first one's records.
 
 The plan, the views and their parameters are the cache's: each block's stored parameters are
-replayed (never drawn again), and the new teacher's top-k records go to its own group
+replayed (never drawn again), at the teacher's own input size (the same view geometry,
+kdcache.replay "Another size") and normalised with its own mean and std; its top-k records go to its own group
 ``teachers/NAME/`` (kdcache.format.group), unit by unit, through the same claims, commit protocol
 and work loop as ``precompute-logits`` (:class:`kdcache.precompute.UnitWork`). Nothing outside
 that group is written, so the root's files stay byte-identical. Units the root has not committed
@@ -90,8 +91,8 @@ class _StoredViews:
     Pickles cheaply (the cache it reads is opened again in a DataLoader worker), like precompute's preparer.
     """
 
-    def __init__(self, config: AddTeacherConfig, source, cache: Cache):
-        self.data, self.source, self.cache = config.data, source, cache
+    def __init__(self, config: AddTeacherConfig, source, cache: Cache, size: int):
+        self.data, self.source, self.cache, self.size = config.data, source, cache, size
         self.layout, self.plan = cache.layout, cache.samples()
         self.spec = cache_spec(cache.manifest)
 
@@ -107,7 +108,7 @@ class _StoredViews:
         params = self.cache.read_block(epoch, block, arrays=["params"])["params"]
         check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(samples),
                           where=f"{self.cache.location}: epoch {epoch} block {block}")
-        return replay_pending(self.spec, params, images, path=self.cache.manifest.replay["path"]), params
+        return replay_pending(self.spec, params, images, path=self.cache.manifest.replay["path"], size=self.size), params
 
 
 def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) -> TeacherGroup:
@@ -116,7 +117,7 @@ def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) ->
     return TeacherGroup(
         name=config.name, teacher=info, k=_resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
         dtypes={a: m.dtypes[a] for a in TEACHER_ARRAYS}, compression={a: COMPRESSION[a] for a in TEACHER_ARRAYS},
-        replay=m.replay, size=spec.output_size, mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
+        replay=m.replay, size=int(info.input_size[-1]), mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
         batch_size=batch_size, tool_version=__version__, created=now_iso(), command=config.command or " ".join(sys.argv),
     )
 
@@ -183,9 +184,9 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
     if info.num_classes != m.teacher.num_classes:
         raise MismatchError(f"teacher {config.teacher.label} has {info.num_classes} classes, the cache {config.cache} "
                             f"{m.teacher.num_classes}")
-    if info.input_size[-1] != spec.output_size or info.input_size[-2] != spec.output_size:
-        raise ConfigError(f"teacher {config.teacher.label} takes {info.input_size[-2]}x{info.input_size[-1]} images, the cache's "
-                          f"views are {spec.output_size}x{spec.output_size}; this kdcache adds teachers of the views' size only")
+    if info.input_size[-1] != info.input_size[-2]:
+        raise ConfigError(f"teacher {config.teacher.label} takes {info.input_size[-2]}x{info.input_size[-1]} images; the cache's "
+                          "views are square, so a teacher added to it must take square images")
     group = _group_for(config, cache, info, config.batch_size or m.batch_size)
     committed = sorted(cache.ledger)
     epochs = parse_selection(config.epochs, "--epochs") if config.epochs is not None else None
@@ -220,7 +221,7 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
         work = UnitWork(run_config, ranks, claims, log, progress, stop, writer=writer, cache=records, planned=planned)
         interrupted = False
         try:
-            work.run(source, teacher, device, _StoredViews(config, source, cache), spec=finish_spec)
+            work.run(source, teacher, device, _StoredViews(config, source, cache, group.size), spec=finish_spec)
         except KdcacheError as exc:
             exc.units_computed = work.units_done
             raise

@@ -230,8 +230,10 @@ def _pick_views(cache: Cache, count: int, seed: int) -> dict[tuple[int, int], li
 def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: VerifyReport, teacher, device) -> None:
     m = cache.manifest
     spec = cache_spec(m)
-    if isinstance(cache, TeacherRecords):  # an added teacher scored the views normalised as it expects
+    size = None
+    if isinstance(cache, TeacherRecords):  # an added teacher scored the views at its own size, normalised as it expects
         spec = dataclasses.replace(spec, mean=tuple(cache.group.mean), std=tuple(cache.group.std))
+        size = cache.group.size
     path = config.replay_path or m.replay["path"]
     report.replay_path = path if path == m.replay["path"] else f"{path} (cache made with {m.replay['path']})"
     layout = cache.layout
@@ -260,7 +262,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             report.fail(str(exc))
             bad += 1
             continue
-        views = replay_block(spec, stored["params"], images, path=path, device=device)
+        views = replay_block(spec, stored["params"], images, path=path, device=device, size=size)
         batch = config.batch_size or m.batch_size
         logits = torch.cat([teacher_logits(teacher, views[i : i + batch], device) for i in range(0, len(views), batch)]).cpu()
         values, indices, _ = make_records(logits, m.k)

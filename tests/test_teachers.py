@@ -367,3 +367,59 @@ def test_info_lists_each_teacher_with_its_units_and_bytes(two_teachers):
     assert info["size_bytes"] == root
     text = invoke("info", two_teachers).stdout
     assert "teacher B" in text and "6/6 units held" in text and "teacher records: main, B" in text
+
+
+# ---- a teacher of another input size and normalisation ---------------------------------------------------
+
+
+def save_teacher_at(path: Path, size, mean, std) -> Path:
+    import timm
+    import torch
+
+    from kdcache.teacher import MODEL_META_KEY
+
+    torch.manual_seed(2)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    meta = {"input_size": (3, *size), "mean": mean, "std": std, "interpolation": "bilinear"}
+    torch.save({"state_dict": model.state_dict(), MODEL_META_KEY: meta}, path)
+    return path
+
+
+def test_a_teacher_of_another_size_scores_the_same_views_at_its_size(cache_copy, tmp_path, helpers, one_thread):
+    import dataclasses
+
+    import torch
+
+    from kdcache.augment import cache_spec
+    from kdcache.replay import replay_block
+    from kdcache.sources import decode_sample, open_source
+    from kdcache.teacher import load_teacher
+
+    path, before = cache_copy
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    checkpoint = save_teacher_at(tmp_path / "big.pt", (48, 48), *imagenet)
+    assert invoke(*add_teacher_argv(path, checkpoint, "big")).exit_code == 0
+    assert root_files(path, helpers) == before
+    cache = open_cache(path)
+    big = cache.teacher_records("big")
+    assert (big.group.size, big.group.mean, big.group.std) == (48, list(imagenet[0]), list(imagenet[1]))
+    result = invoke(*verify_argv(path, checkpoint, "--teacher-record", "big"))  # re-scored at 48 px, normalised as it expects
+    assert result.exit_code == 0 and "16 match" in result.output, result.output
+    # the stored records are the teacher's on the cache's views replayed at 48 px with its own mean and std
+    plan = cache.samples()
+    images = [decode_sample(s) for s in open_source("digits").read(plan["source_index"][cache.layout.block_slots(0)].tolist())]
+    params = cache.read_block(0, 0)["params"]
+    spec = dataclasses.replace(cache_spec(cache.manifest), mean=imagenet[0], std=imagenet[1])
+    views = replay_block(spec, params, images, size=48)
+    assert views.shape[-2:] == (48, 48)
+    model, _ = load_teacher(teacher_config(checkpoint))
+    with torch.no_grad():
+        top1 = model(views).argmax(1).numpy()
+    assert (top1 == big.read_block(0, 0)["indices"][:, 0]).mean() > 0.99
+
+
+def test_a_teacher_of_non_square_input_is_refused_in_one_line(cache_copy, tmp_path, helpers):
+    path, before = cache_copy
+    checkpoint = save_teacher_at(tmp_path / "wide.pt", (32, 48), (0.5,) * 3, (0.5,) * 3)
+    assert "must take square images" in one_error_line(invoke(*add_teacher_argv(path, checkpoint, "wide")), 2)
+    assert helpers.tree_hashes(path) == before
