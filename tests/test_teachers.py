@@ -423,3 +423,49 @@ def test_a_teacher_of_non_square_input_is_refused_in_one_line(cache_copy, tmp_pa
     checkpoint = save_teacher_at(tmp_path / "wide.pt", (32, 48), (0.5,) * 3, (0.5,) * 3)
     assert "must take square images" in one_error_line(invoke(*add_teacher_argv(path, checkpoint, "wide")), 2)
     assert helpers.tree_hashes(path) == before
+
+
+# ---- export and merge carry every teacher ------------------------------------------------------------------
+
+
+def test_export_and_zip_carry_every_teacher_with_one_digest(two_teachers, tmp_path):
+    from kdcache.export import ExportConfig, export_cache
+
+    digest = open_cache(two_teachers).digest()
+    export_cache(ExportConfig(cache=str(two_teachers), output=str(tmp_path / "copy")), log=quiet)
+    export_cache(ExportConfig(cache=str(two_teachers), output=str(tmp_path / "all.zip"), format="zip"), log=quiet)
+    for where in (tmp_path / "copy", tmp_path / "all.zip"):
+        copy = open_cache(where)
+        assert copy.teachers == ["main", "B"] and copy.digest() == digest
+        for epoch, block in ((0, 0), (1, 5)):
+            for name in ("main", "B"):
+                for array, data in open_cache(two_teachers).teacher_records(name).read_block(epoch, block).items():
+                    assert (copy.teacher_records(name).read_block(epoch, block)[array] == data).all()
+    assert group_records(tmp_path / "copy") == group_records(two_teachers)
+    assert invoke("verify", tmp_path / "all.zip", "--quick").exit_code == 0
+    export_cache(ExportConfig(cache=str(two_teachers), output=str(tmp_path / "epoch1"), epochs=(1,)), log=quiet)
+    subset = open_cache(tmp_path / "epoch1")
+    assert sorted(subset.teacher_records("B").ledger) == [(1, 0), (1, 1), (1, 2)]
+    assert invoke("verify", tmp_path / "epoch1", "--quick").exit_code == 0
+
+
+def test_merge_carries_every_teacher_and_refuses_one_name_for_two_teachers(two_teachers, small_cache, tmp_path, teacher_ckpt):
+    from kdcache.errors import MismatchError
+    from kdcache.export import ExportConfig, export_cache
+    from kdcache.merge import merge_caches
+
+    for epoch in (0, 1):
+        export_cache(ExportConfig(cache=str(two_teachers), output=str(tmp_path / f"half{epoch}"), epochs=(epoch,)), log=quiet)
+    merge_caches(str(tmp_path / "merged"), [str(tmp_path / "half1"), str(tmp_path / "half0")], log=quiet)
+    merged = open_cache(tmp_path / "merged")
+    assert merged.teachers == ["main", "B"] and merged.digest() == open_cache(two_teachers).digest()
+    assert group_records(tmp_path / "merged") == group_records(two_teachers)
+    # the same name, another teacher: refused, naming the field
+    other = tmp_path / "other"
+    shutil.copytree(small_cache, other)
+    run_add_teacher(other, teacher_ckpt, name="B")
+    with pytest.raises(MismatchError, match=r"the teacher records 'B' differ between .* \(B\.teacher\.weights_sha256"):
+        merge_caches(str(tmp_path / "refused"), [str(tmp_path / "half1"), str(other)], log=quiet)
+    assert not (tmp_path / "refused").exists()
+    line = one_error_line(invoke("merge", tmp_path / "refused", tmp_path / "half1", other), 4)
+    assert "the teacher records 'B' differ" in line
