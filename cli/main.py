@@ -288,6 +288,7 @@ def show(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A teacher spec (as for precompute-logits): also draw the live teacher."),
     teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
+    teacher_record: str = typer.Option("main", "--teacher-record", help="Whose stored top-5 to draw: main, or an added teacher's name."),
 ):
     """Draw what the teacher saw: replayed views, partners or source images, and the stored top-5."""
     from kdcache.show import ShowConfig, render_views
@@ -296,6 +297,7 @@ def show(
     config = ShowConfig(
         cache=cache, data=data, epoch=epoch, output=out, samples=tuple(samples or ()), count=count,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
+        teacher_record=teacher_record,
     )
     result = render_views(config)
     _log(f"{result.rows} view(s) of epoch {epoch}, {result.width}x{result.height} px")

@@ -469,3 +469,31 @@ def test_merge_carries_every_teacher_and_refuses_one_name_for_two_teachers(two_t
     assert not (tmp_path / "refused").exists()
     line = one_error_line(invoke("merge", tmp_path / "refused", tmp_path / "half1", other), 4)
     assert "the teacher records 'B' differ" in line
+
+
+# ---- show -------------------------------------------------------------------------------------------------
+
+
+def test_show_draws_a_named_teachers_top5(two_teachers, tmp_path, teacher_b):
+    from kdcache.show import ShowConfig, collect_views
+
+    shown = {name: collect_views(ShowConfig(cache=str(two_teachers), data="digits", epoch=1, output=str(tmp_path / "x.png"), count=4,
+                                            teacher_record=name)) for name in ("main", "B")}
+    b = open_cache(two_teachers).teacher_records("B").read_block(1, 0)
+    for row in shown["B"]:
+        assert (row.indices == b["indices"][row.position]).all()
+    assert any((m.indices != o.indices).any() for m, o in zip(shown["main"], shown["B"]))
+    result = invoke("show", two_teachers, "--data", "digits", "--epoch", "1", "--out", tmp_path / "b.png", "--count", "2",
+                    "--teacher-record", "B", "--teacher", "test_resnet", "--teacher-checkpoint", teacher_b)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b.png").is_file()
+    for record, expected in (("C", "has no teacher records named 'C'"), ("all", "show draws one teacher's records")):
+        line = one_error_line(invoke("show", two_teachers, "--data", "digits", "--epoch", "1", "--out", tmp_path / "c.png",
+                                     "--teacher-record", record), 2)
+        assert expected in line
+
+
+def test_a_webdataset_export_of_several_teachers_is_refused_in_one_line(two_teachers, tmp_path):
+    line = one_error_line(invoke("export", two_teachers, tmp_path / "wds", "--format", "wds"), 2)
+    assert "several teachers (main, B)" in line and "--format zarr or zip" in line
+    assert not (tmp_path / "wds").exists()
