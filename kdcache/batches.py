@@ -230,12 +230,17 @@ class CacheLoader:
             yield batch.to(self.device, channels_last=self.channels_last)
 
 
-def teacher_records(cache: str | Cache, epoch: int, block: int, *, device: str | torch.device = "cpu") -> TeacherRecord:
+def teacher_records(cache: str | Cache, epoch: int, block: int, *, device: str | torch.device = "cpu",
+                    teacher_record: str = MAIN) -> TeacherRecord:
     """The teacher records of one cached (epoch, block), in slot order: row ``i`` is the block's ``i``-th sample.
 
     The block's samples are ``cache.samples()["source_index"][cache.layout.block_slots(block)]``.
+    ``teacher_record``: whose records (``main``, or an added teacher's name).
     """
     cache = open_cache(cache) if not isinstance(cache, Cache) else cache
+    if teacher_record == "all":
+        raise ConfigError("teacher_record='all': teacher_records gives one teacher's records; name one (main, or an added teacher)")
+    cache = teacher_view(cache, teacher_record)
     epochs, blocks = cache.manifest.epochs, cache.layout.num_blocks
     for value, what, count in ((epoch, "epoch", epochs), (block, "block", blocks)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < count:
