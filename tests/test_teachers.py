@@ -497,3 +497,24 @@ def test_a_webdataset_export_of_several_teachers_is_refused_in_one_line(two_teac
     line = one_error_line(invoke("export", two_teachers, tmp_path / "wds", "--format", "wds"), 2)
     assert "several teachers (main, B)" in line and "--format zarr or zip" in line
     assert not (tmp_path / "wds").exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_add_the_same_records_as_one_process(tmp_path, small_cache, two_teachers, teacher_b, subprocess_env,
+                                                                 helpers):
+    import sys
+
+    path = tmp_path / "cache"
+    shutil.copytree(small_cache, path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(helpers.free_port()), "--tee", "3", "-m", "kdcache_cli.main", *add_teacher_argv(path, teacher_b)]
+    run = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    by_rank: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+    for rank, epoch, unit in re.findall(r"^\[\D*(\d+)\]:committed epoch (\d+) unit (\d+)", output, flags=re.M):
+        by_rank[int(rank)].append((int(epoch), int(unit)))
+    assert sorted(by_rank[0] + by_rank[1]) == UNITS and by_rank[0] and by_rank[1], output
+    assert output.count("created the teacher records 'B'") == 1  # rank 0 alone makes the group
+    assert group_records(path) == group_records(two_teachers) and group_ledger(path) == group_ledger(two_teachers)
+    assert root_files(path, helpers) == root_files(small_cache, helpers)
