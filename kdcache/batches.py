@@ -89,10 +89,7 @@ def teacher_view(cache, teacher_record: str):
         raise ConfigError(f"teacher_record={teacher_record!r}: expected a teacher's record name, or 'all'")
     if teacher_record == MAIN:
         return cache
-    if not isinstance(cache, Cache):
-        raise ConfigError(f"{cache.location} is a webdataset export: it holds the records of its first teacher only "
-                          f"(teacher record 'main'), not {teacher_record!r}")
-    return cache.teacher_records(teacher_record)
+    return cache.teacher_records(teacher_record)  # a cache, or a webdataset export (which holds every teacher's records)
 
 
 def check_all_samples(cache: Cache, source: Source, *, name: str | None = None) -> None:

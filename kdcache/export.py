@@ -222,10 +222,6 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
         log(f"a block subset: blocks {format_selection(blocks)} of {layout.num_blocks} "
             f"({sum(layout.sizes[b] for b in blocks)} of {m.dataset.num_samples} samples); train-student trains on these only")
     if config.format == "wds":  # tar shards plus an index (kdcache.format.wds)
-        if teachers:
-            raise ConfigError(f"{config.cache} holds the records of several teachers (main, {', '.join(teachers)}); a webdataset "
-                              "export holds one teacher's records, and dropping the others is not an export: export it with "
-                              "--format zarr or zip, which carry every teacher")
         done = export_wds(cache, config.output, units=keys, data=config.data, log=log)
         return ExportResult(output=done.output, format="wds", epochs=epochs, blocks=blocks, units=len(keys), views=done.views,
                             bytes=done.bytes)

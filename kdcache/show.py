@@ -31,7 +31,7 @@ import torch
 from kdcache.augment import AugSpec, cache_spec, check_view_params, partner_positions
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import format_selection
-from kdcache.format import Cache, Manifest, TeacherRecords, open_cache
+from kdcache.format import Cache, Manifest, open_cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
 from kdcache.replay import replay_base, replay_block
@@ -485,7 +485,7 @@ def _open(config: ShowConfig):
     from kdcache.batches import teacher_view
 
     cache = teacher_view(open_cache(config.cache, verify_checksums=True), config.teacher_record)
-    if config.teacher is not None and isinstance(cache, TeacherRecords):
+    if config.teacher is not None and getattr(cache, "group", None) is not None:
         spec, group = cache_spec(cache.manifest), cache.group
         if (group.size, list(group.mean), list(group.std)) != (spec.output_size, list(spec.mean), list(spec.std)):
             raise ConfigError(f"teacher {config.teacher_record!r} scored the views at {group.size}px with mean {group.mean} "

@@ -127,9 +127,14 @@ def compare_records(stored: dict, values: np.ndarray, indices: np.ndarray, logit
     return described, False
 
 
+def _added(cache) -> bool:
+    """Whether ``cache`` is an added teacher's records (of a cache or of a webdataset export)."""
+    return getattr(cache, "group", None) is not None
+
+
 def _label(check: str, cache) -> str:
     """A check's name in the report: an added teacher's checks carry its name."""
-    return f"{check} [{cache.name}]" if isinstance(cache, TeacherRecords) else check
+    return f"{check} [{cache.name}]" if _added(cache) else check
 
 
 def _check_structure(cache: Cache, report: VerifyReport) -> None:
@@ -168,10 +173,10 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
         for unit in units:
             if not cache.unit_committed(epoch, unit):
                 missing += 1
-                whose = f"{cache.location}: " if isinstance(cache, TeacherRecords) else ""
+                whose = f"{cache.location}: " if _added(cache) else ""
                 report.fail(f"{whose}epoch {epoch} unit {unit} (blocks {m.blocks.unit_blocks(unit).start}.."
                             f"{m.blocks.unit_blocks(unit).stop - 1}) is not committed"
-                            + (f"; {cache.FINISH}" if isinstance(cache, TeacherRecords) else ""))
+                            + (f"; {cache.FINISH}" if _added(cache) else ""))
                 continue
             try:
                 cache.verify_unit(epoch, unit)  # with its epoch index, if any: the unit's own entry must agree with it
@@ -231,7 +236,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
     m = cache.manifest
     spec = cache_spec(m)
     size = None
-    if isinstance(cache, TeacherRecords):  # an added teacher scored the views at its own size, normalised as it expects
+    if _added(cache):  # an added teacher scored the views at its own size, normalised as it expects
         spec = dataclasses.replace(spec, mean=tuple(cache.group.mean), std=tuple(cache.group.std))
         size = cache.group.size
     path = config.replay_path or m.replay["path"]
@@ -284,16 +289,11 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
 
 
 def _name(view) -> str:
-    return f"teacher {view.name!r}" if isinstance(view, TeacherRecords) else f"teacher {MAIN!r}"
+    return f"teacher {view.name!r}" if _added(view) else f"teacher {MAIN!r}"
 
 
 def _teacher_views(cache, teacher_record: str | None) -> list:
     """The records to check: one teacher's (``teacher_record``), or every teacher's (None or ``all``)."""
-    if not isinstance(cache, Cache):  # a webdataset export holds its first teacher's records only
-        if teacher_record not in (None, ALL, MAIN):
-            raise ConfigError(f"{cache.location} is a webdataset export: it holds the records of its first teacher only "
-                              f"(teacher record 'main'), not {teacher_record!r}")
-        return [cache]
     if teacher_record is not None and teacher_record != ALL:
         return [cache.teacher_records(teacher_record)]
     return [cache.teacher_records(name) for name in cache.teachers]

@@ -14,7 +14,7 @@ from kdcache.location import Location
 from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, _short
 from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS, TeacherGroup, group_dir, list_groups
 from kdcache.format.digest import content_digest
-from kdcache.format.held import HeldUnits
+from kdcache.format.held import AllTeachers, HeldUnits
 from kdcache.format.ledger import Ledger, check_agreement, load_ledger
 from kdcache.format.store import LedgerEntry, ledger_key, metadata_keys, read_root, sample_array_sha256, sha256_bytes, shard_key
 
@@ -336,37 +336,6 @@ class TeacherRecords(Cache):
             return (f"remove its ledger entry from {self.location}/ledger (and the epoch's index from ledger/epochs) and "
                     f"score it again with kdcache add-teacher")
         return "this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes the cache"
-
-    def digest(self) -> str:
-        return self.root.digest()
-
-
-class AllTeachers(HeldUnits):
-    """Every teacher's records over the cache's views at once (record name ``all``).
-
-    ``read_block`` gives the root's arrays with ``teachers``: one ``{values, indices, tail}`` per
-    teacher, in :attr:`Cache.teachers` order. A unit is held when every teacher has committed it.
-    """
-
-    FINISH = ("training from every teacher needs each one's records of every unit: finish the precompute "
-              "(kdcache precompute-logits --resume) and each kdcache add-teacher")
-
-    def __init__(self, root: Cache):
-        self.root, self.names = root, root.teachers
-        self.views = [root.teacher_records(name) for name in self.names]
-        self.location, self.manifest, self.subset, self.layout = root.location, root.manifest, root.subset, root.layout
-        self.verify_checksums = root.verify_checksums
-        self._units, self._lock = OrderedDict(), threading.Lock()
-        self.ledger = {key: entry for key, entry in root.ledger.items() if all(key in view.ledger for view in self.views[1:])}
-
-    def samples(self) -> dict[str, np.ndarray]:
-        return self.root.samples()
-
-    def read_block(self, epoch: int, block: int) -> dict:
-        records = self.root.read_block(epoch, block)
-        records["teachers"] = [{a: records[a] for a in TEACHER_ARRAYS}] + [
-            view.read_block(epoch, block, arrays=list(TEACHER_ARRAYS)) for view in self.views[1:]]
-        return records
 
     def digest(self) -> str:
         return self.root.digest()
