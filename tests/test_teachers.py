@@ -559,3 +559,40 @@ def test_two_torchrun_ranks_add_the_same_records_as_one_process(tmp_path, small_
     assert output.count("created the teacher records 'B'") == 1  # rank 0 alone makes the group
     assert group_records(path) == group_records(two_teachers) and group_ledger(path) == group_ledger(two_teachers)
     assert root_files(path, helpers) == root_files(small_cache, helpers)
+
+
+def test_epochs_added_to_the_cache_are_scored_by_running_add_teacher_again(two_teachers, tmp_path, make_config, teacher_b, helpers):
+    path = tmp_path / "cache"
+    shutil.copytree(two_teachers, path)
+    helpers.run_precompute(make_config(path, epochs=3, resume=True))  # the root grows; the group's arrays stay as made
+    cache = open_cache(path)
+    assert cache.teacher_records("B").complete_epochs() == [0, 1]
+    verified = invoke("verify", path, "--quick")
+    assert verified.exit_code == 5 and re.search(r"ledger \[B\]\s+6 unit\(s\) committed, 3 missing", verified.output), verified.output
+    before = group_records(path)
+    result = run_add_teacher(path, teacher_b)
+    assert (result.units_done, result.units_skipped) == (3, 6)
+    assert {k: v for k, v in group_records(path).items() if k in before} == before
+    assert open_cache(path).teacher_records("B").complete_epochs() == [0, 1, 2]
+    assert invoke("verify", path, "--quick").exit_code == 0
+
+
+@pytest.mark.parametrize("args, code, expected", [
+    (["--topk", "many"], 2, "--topk 'many'"),
+    (["--topk", "0"], 2, "--topk 0"),
+    (["--topk", "11"], 2, "exceeds the teacher's 10 classes"),
+    (["--epochs", "5"], 2, "has epochs 0 to 1"),
+    (["--epochs", "x"], 2, "is not a number or a range"),
+    (["--batch-size", "0"], 2, "--batch-size 0"),
+])
+def test_bad_options_are_refused_in_one_line(cache_copy, teacher_b, helpers, args, code, expected):
+    path, before = cache_copy
+    assert expected in one_error_line(invoke(*add_teacher_argv(path, teacher_b, "B", *args)), code)
+    assert helpers.tree_hashes(path) == before
+
+
+def test_without_a_teacher_or_on_a_url_it_is_refused_in_one_line(small_cache, teacher_b):
+    line = one_error_line(invoke("add-teacher", small_cache, "--data", "digits", "--name", "B"), 2)
+    assert "needs exactly one of --teacher" in line
+    line = one_error_line(invoke(*add_teacher_argv("http://127.0.0.1:9/cache", teacher_b)), 2)
+    assert "writes into a local cache directory" in line
