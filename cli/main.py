@@ -125,6 +125,7 @@ def add_teacher(
     epochs: Optional[str] = typer.Option(None, "--epochs", help="Epochs to score, e.g. 0,2-4 (default: every committed unit)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     workers: int = typer.Option(0, "--workers", help="Processes preparing blocks."),
+    repair: bool = typer.Option(False, "--repair", help="Re-hash the teacher's committed units first, and score the damaged ones again."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Score at most this many units, then stop (exit 7 if units are left)."),
 ):
@@ -137,7 +138,7 @@ def add_teacher(
 
     config = AddTeacherConfig(
         cache=cache, data=data, name=name, teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None),
-        topk=None if topk is None else _topk(topk), epochs=epochs, batch_size=batch_size, workers=workers,
+        topk=None if topk is None else _topk(topk), epochs=epochs, batch_size=batch_size, workers=workers, repair=repair,
         lease_seconds=lease, max_units=max_units, command=_command_line(),
     )
     stop = threading.Event()

@@ -20,9 +20,20 @@ from pathlib import Path
 
 from kdcache import __version__, distributed
 from kdcache.augment import cache_spec, check_view_params
-from kdcache.errors import ConfigError, FormatError, KdcacheError, MismatchError, SourceError, WriteError, describe_os_error
+from kdcache.errors import (
+    ChecksumError,
+    ConfigError,
+    FormatError,
+    IncompleteCacheError,
+    KdcacheError,
+    MismatchError,
+    SourceError,
+    WriteError,
+    describe_os_error,
+)
 from kdcache.format import (
     COMPRESSION,
+    LEDGER_DIR,
     TEACHER_ARRAYS,
     Cache,
     Claims,
@@ -32,13 +43,14 @@ from kdcache.format import (
     check_teacher_name,
     format_selection,
     now_iso,
+    parse_ledger,
     parse_selection,
 )
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
 from kdcache.location import Location
 from kdcache.plan import check_block, read_block
-from kdcache.precompute import PrecomputeResult, UnitWork, _resolve_k
+from kdcache.precompute import PrecomputeResult, UnitWork, resolve_k
 from kdcache.replay import replay_pending
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher
@@ -54,6 +66,7 @@ class AddTeacherConfig:
     epochs: str | None = None  # a selection such as 0,2-4; None: every epoch
     batch_size: int | None = None  # None: the cache's
     workers: int = 0
+    repair: bool = False  # re-hash its committed units first; the damaged ones are scored again
     max_units: int | None = None
     lease_seconds: float = DEFAULT_LEASE
     command: str = ""
@@ -115,7 +128,7 @@ def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) ->
     m = cache.manifest
     spec = cache_spec(m)
     return TeacherGroup(
-        name=config.name, teacher=info, k=_resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
+        name=config.name, teacher=info, k=resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
         dtypes={a: m.dtypes[a] for a in TEACHER_ARRAYS}, compression={a: COMPRESSION[a] for a in TEACHER_ARRAYS},
         replay=m.replay, size=int(info.input_size[-1]), mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
         batch_size=batch_size, tool_version=__version__, created=now_iso(), command=config.command or " ".join(sys.argv),
@@ -151,6 +164,34 @@ def _prepare_group(config: AddTeacherConfig, cache: Cache, group: TeacherGroup, 
         group, k=existing.k if config.topk is None else group.k,
         batch_size=existing.batch_size if config.batch_size is None else group.batch_size))
     log(f"joining the teacher records {config.name!r} of {config.cache}")
+
+
+def _repair_group(config: AddTeacherConfig, log) -> None:
+    """--repair: unreadable ledger entries, and committed units whose files fail their checksums, are uncommitted.
+
+    The group's epoch indexes are dropped first (they only repeat the entries; the run writes them again).
+    """
+    writer = GroupWriter(config.cache, config.name)
+    ledger = writer.path / LEDGER_DIR
+    for index in sorted((ledger / "epochs").glob("e*.json")):
+        index.unlink()
+    location = Location(writer.path)
+    for entry in sorted(ledger.glob("e*-u*.json")):
+        try:
+            parse_ledger(location, entry.name)
+        except FormatError as exc:
+            log(f"repair: {exc}")
+            entry.unlink()
+    records = Cache(config.cache).teacher_records(config.name)
+    damaged = 0
+    for epoch, unit in sorted(records.ledger):
+        try:
+            records.verify_unit(epoch, unit)
+        except (ChecksumError, IncompleteCacheError) as exc:
+            log(f"repair: {exc}")
+            writer.uncommit(epoch, unit)
+            damaged += 1
+    log(f"repair: {damaged} damaged unit(s) of the teacher records {config.name!r} will be scored again")
 
 
 def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
@@ -201,6 +242,8 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
         try:
             try:
                 _prepare_group(config, cache, group, log)
+                if config.repair:
+                    _repair_group(config, log)
             except OSError as exc:
                 raise WriteError(f"cannot write {config.output}: {describe_os_error(exc)}; no unit was scored") from None
         except KdcacheError as exc:

@@ -13,20 +13,20 @@ from kdcache.format import Cache, open_cache
 
 
 def _added_teachers(cache, root_units: int) -> list[dict]:
-    """Each added teacher of a zarr cache: who it is, its units held (its and the root's committed) and its own bytes."""
-    if not isinstance(cache, Cache):
-        return []
+    """Each added teacher: who it is, its units held (its and the root's committed) and, in a zarr cache, its own bytes
+    (a webdataset export holds every teacher's records in one shard per unit: no bytes of its own)."""
     found = []
     for name in cache.teachers[1:]:
         records = cache.teacher_records(name)
-        t, size = records.group.teacher, records.stored_size()
+        t = records.group.teacher
+        size = records.stored_size() if isinstance(cache, Cache) else (None, None)
         views = sum(entry.views for entry in records.ledger.values())
         found.append({
             "name": name, "teacher": t.name, "source": t.source, "weights_sha256": t.weights_sha256, "k": records.group.k,
             "size": records.group.size, "mean": records.group.mean, "std": records.group.std,
             "units_held": len(records.ledger), "units_committed_by_root": root_units,
             "epochs_complete": records.complete_epochs(), "size_bytes": size[0], "files": size[1],
-            "bytes_per_view": size[0] / views if views else None,
+            "bytes_per_view": size[0] / views if views and size[0] is not None else None,
         })
     return found
 
@@ -145,10 +145,11 @@ def format_info(info: dict) -> str:
         + (f"{bpv:.1f} bytes per view ({info['views_committed']} views)" if bpv else "no views committed"),
     ]
     for added in info.get("teachers") or []:
-        per_view = f"{added['bytes_per_view']:.1f} bytes per view" if added["bytes_per_view"] else "no views"
+        stored = ("" if added["size_bytes"] is None else f"; {added['size_bytes'] / 1e6:.2f} MB in {added['files']} files, "
+                  + (f"{added['bytes_per_view']:.1f} bytes per view" if added["bytes_per_view"] else "no views"))
         lines.append(f"teacher {added['name']:<3} {added['teacher']}  top-{added['k']} at {added['size']}px  "
                      f"mean {added['mean']} std {added['std']}; {added['units_held']}/{added['units_committed_by_root']} "
-                     f"units held; {added['size_bytes'] / 1e6:.2f} MB in {added['files']} files, {per_view}\n"
+                     f"units held{stored}\n"
                      f"            weights sha256 {added['weights_sha256']}")
     if info.get("teachers"):
         lines.append(f"records     teacher records: main, {', '.join(a['name'] for a in info['teachers'])} "

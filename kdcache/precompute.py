@@ -130,7 +130,8 @@ class PrecomputeResult:
         return self.views / self.seconds if self.seconds else 0.0
 
 
-def _resolve_k(topk: int | str, num_classes: int) -> int:
+def resolve_k(topk: int | str, num_classes: int) -> int:
+    """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes (``full``: all of them)."""
     if topk == "full":
         return num_classes
     if topk > num_classes:
@@ -139,7 +140,7 @@ def _resolve_k(topk: int | str, num_classes: int) -> int:
 
 
 def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan, layout, spec) -> Manifest:
-    k = _resolve_k(config.topk, teacher_info.num_classes)
+    k = resolve_k(config.topk, teacher_info.num_classes)
     return Manifest(
         format_version=FORMAT_VERSION,
         tool_version=__version__,
@@ -298,7 +299,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
         raise MismatchError(
             f"data {config.data} has {source.num_classes} classes but the teacher has {teacher_info.num_classes}"
         )
-    _resolve_k(config.topk, teacher_info.num_classes)
+    resolve_k(config.topk, teacher_info.num_classes)
     spec = resolve_spec(
         config.augmentation, output_size=teacher_info.input_size[-1], mean=teacher_info.mean, std=teacher_info.std,
         interpolation=teacher_info.interpolation,

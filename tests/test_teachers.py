@@ -596,3 +596,21 @@ def test_without_a_teacher_or_on_a_url_it_is_refused_in_one_line(small_cache, te
     assert "needs exactly one of --teacher" in line
     line = one_error_line(invoke(*add_teacher_argv("http://127.0.0.1:9/cache", teacher_b)), 2)
     assert "writes into a local cache directory" in line
+
+
+def test_a_damaged_unit_of_an_added_teacher_is_found_and_scored_again_with_repair(two_teachers, tmp_path, teacher_b):
+    path = tmp_path / "cache"
+    shutil.copytree(two_teachers, path)
+    shard = path / "teachers" / "B" / "indices" / "c" / "0" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    shard.write_bytes(bytes(data))
+    (path / "teachers" / "B" / "ledger" / "e000001-u000000.json").write_text("{not json")
+    line = one_error_line(invoke("verify", path, "--quick"), 3)
+    assert "teachers/B: ledger entry ledger/e000001-u000000.json is not valid JSON" in line
+    result = invoke(*add_teacher_argv(path, teacher_b, "B", "--repair"))
+    assert result.exit_code == 0, result.output
+    assert "repair: 1 damaged unit(s) of the teacher records 'B' will be scored again" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "computed 2 unit(s)"
+    assert group_records(path) == group_records(two_teachers) and group_ledger(path) == group_ledger(two_teachers)
+    assert invoke("verify", path, "--quick").exit_code == 0

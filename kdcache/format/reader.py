@@ -333,8 +333,7 @@ class TeacherRecords(Cache):
 
     def repair_advice(self) -> str:
         if self.location.local:
-            return (f"remove its ledger entry from {self.location}/ledger (and the epoch's index from ledger/epochs) and "
-                    f"score it again with kdcache add-teacher")
+            return "score it again with kdcache add-teacher ... --repair"
         return "this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes the cache"
 
     def digest(self) -> str:
