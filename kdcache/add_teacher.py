@@ -126,7 +126,6 @@ class _StoredViews:
 
 def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) -> TeacherGroup:
     m = cache.manifest
-    spec = cache_spec(m)
     return TeacherGroup(
         name=config.name, teacher=info, k=resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
         dtypes={a: m.dtypes[a] for a in TEACHER_ARRAYS}, compression={a: COMPRESSION[a] for a in TEACHER_ARRAYS},

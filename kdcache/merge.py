@@ -32,7 +32,6 @@ from kdcache.format import (
     CacheWriter,
     GroupWriter,
     TeacherGroup,
-    group_dir,
     LedgerEntry,
     Manifest,
     Subset,
