@@ -614,3 +614,14 @@ def test_a_damaged_unit_of_an_added_teacher_is_found_and_scored_again_with_repai
     assert result.stderr.strip().splitlines()[-1] == "computed 2 unit(s)"
     assert group_records(path) == group_records(two_teachers) and group_ledger(path) == group_ledger(two_teachers)
     assert invoke("verify", path, "--quick").exit_code == 0
+
+
+def test_index_writes_an_added_teachers_epoch_indexes(two_teachers, tmp_path):
+    path = tmp_path / "cache"
+    shutil.copytree(two_teachers, path)
+    shutil.rmtree(path / "teachers" / "B" / "ledger" / "epochs")
+    assert open_cache(path).teacher_records("B").indexed_epochs() == []
+    result = invoke("index", path)
+    assert result.exit_code == 0 and "teacher B: epoch indexes 2 written" in result.stderr, result.output
+    assert open_cache(path).teacher_records("B").indexed_epochs() == [0, 1]
+    assert open_cache(path).digest() == open_cache(two_teachers).digest()

@@ -25,6 +25,7 @@ from pathlib import Path
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
 from kdcache.location import Location, atomic_write_bytes, fsync_dir
 from kdcache.format.digest import entry_content
+from kdcache.format.group import group_dir, list_groups
 from kdcache.format.manifest import LEDGER_DIR
 from kdcache.format.store import (
     LedgerEntry,
@@ -290,4 +291,12 @@ def index_cache(location: str | Path, *, log=print) -> dict[str, list[int]]:
         raise FormatError(f"cache {location} does not exist")
     if (where.path / "kdcache-wds.json").is_file():
         raise ConfigError(f"{location} is a webdataset export: its index (kdcache-wds.json) already lists every shard")
-    return index_epochs(where.path, log=log)
+    done = index_epochs(where.path, log=log)
+    manifest, _ = read_root(where)
+    for name in list_groups(where, manifest):  # each added teacher's own ledger: an index per epoch it holds whole
+        group = where.path / group_dir(name)
+        units = range(manifest.blocks.num_units)
+        outcome = [write_epoch_index(group, epoch, units=units) for epoch in range(manifest.epochs)]
+        log(f"{location}: teacher {name}: epoch indexes {outcome.count('written')} written, {outcome.count('rewritten')} "
+            f"rewritten, {outcome.count('unchanged')} already up to date; {outcome.count('incomplete')} epoch(s) not complete")
+    return done
