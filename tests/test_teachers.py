@@ -625,3 +625,13 @@ def test_index_writes_an_added_teachers_epoch_indexes(two_teachers, tmp_path):
     assert result.exit_code == 0 and "teacher B: epoch indexes 2 written" in result.stderr, result.output
     assert open_cache(path).teacher_records("B").indexed_epochs() == [0, 1]
     assert open_cache(path).digest() == open_cache(two_teachers).digest()
+
+
+def test_a_served_cache_of_several_teachers_reads_every_teacher(two_teachers, serve_directory):
+    url = serve_directory(two_teachers.parent) + "/" + two_teachers.name
+    remote, here = open_cache(url), open_cache(two_teachers)
+    assert remote.teachers == ["main", "B"] and remote.digest() == here.digest()
+    for name in ("main", "B"):
+        for array, data in here.teacher_records(name).read_block(1, 2).items():
+            assert (remote.teacher_records(name).read_block(1, 2)[array] == data).all()
+    assert invoke("verify", url, "--quick").exit_code == 0
