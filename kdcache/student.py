@@ -102,6 +102,9 @@ class StudentConfig:
             raise ConfigError(f"--eval-every {self.eval_every}; expected at least 1 (epochs between evaluations)")
         if self.teacher_record != "main" and self.cache is None:
             raise ConfigError(f"--teacher-record {self.teacher_record} names a teacher of the cache: give --cache too")
+        if self.teacher_record != "main" and self.teacher is not None:
+            raise ConfigError(f"--teacher-record {self.teacher_record} chooses the cache's records, but a live --teacher "
+                              "replaces them; give one of the two")
         if self.teacher_record == "all" and self.loss.name == "mkd":
             raise ConfigError("loss 'mkd' learns the temperatures of one teacher: train it with --teacher-record NAME, not all")
         if self.meta_blocks < 1:

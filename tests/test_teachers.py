@@ -260,11 +260,19 @@ def test_train_student_runs_from_each_teacher_and_from_all(two_teachers, tmp_pat
 @pytest.mark.parametrize("args, code, expected", [
     (["--teacher-record", "C"], 2, "has no teacher records named 'C'; it has main, B (or all)"),
     (["--teacher-record", "all", "--loss", "mkd"], 2, "'mkd' learns the temperatures of one teacher"),
+    (["--teacher-record", ""], 2, "has no teacher records named ''"),
 ])
 def test_train_student_refuses_an_unknown_teacher_in_one_line(two_teachers, tmp_path, args, code, expected):
     result = invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", two_teachers, "--run-dir",
                     tmp_path / "run", "--amp", "none", "--device", "cpu", *args)
     assert expected in one_error_line(result, code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_record_with_a_live_teacher_is_refused_in_one_line(two_teachers, tmp_path, teacher_b):
+    result = invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", two_teachers, "--run-dir",
+                    tmp_path / "run", "--teacher-record", "B", "--teacher", "test_resnet", "--teacher-checkpoint", teacher_b)
+    assert "a live --teacher replaces them" in one_error_line(result, 2)
     assert not (tmp_path / "run").exists()
 
 
