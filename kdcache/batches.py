@@ -30,7 +30,7 @@ from kdcache.augment import cache_spec
 from kdcache.batch import Batch
 from kdcache.distributed import Ranks
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
-from kdcache.format import MAIN, Cache, format_selection, open_cache
+from kdcache.format import MAIN, AllTeachers, Cache, format_selection, open_cache
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -68,9 +68,11 @@ def held_views(cache: Cache, *, name: str | None = None) -> tuple[list[int], lis
     missing = cache.missing_units()
     if missing and cache.subset is None:
         epoch, unit = missing[0]
+        added = getattr(cache, "group", None) is not None or isinstance(cache, AllTeachers)  # an added teacher's gap
+        finish = cache.FINISH if added else "finish it with kdcache precompute-logits --resume"
         raise IncompleteCacheError(
             f"cache {name}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
-            f"{m.epochs * len(units)} units); {getattr(cache, 'FINISH', 'finish it with kdcache precompute-logits --resume')}"
+            f"{m.epochs * len(units)} units); {finish}"
         )
     if missing:
         epoch, unit = missing[0]
