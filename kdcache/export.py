@@ -19,6 +19,9 @@ cache without it must hold every unit, so a precompute stopped early is never ta
 - ``--format zarr`` writes a directory; ``--format zip`` writes one zip archive of the same
   files, stored uncompressed (the shard files are already compressed), which kdcache reads in
   place from a path or URL ending in ``.zip``.
+- Added teachers (``teachers/NAME/``, kdcache.format.group) are carried: each group as made, with
+  its committed units among the chosen ones, copied and checked the same way; ``--format wds``
+  stores their records beside the first teacher's in each shard (kdcache.format.wds).
 
 The output is built beside its final place and renamed into it at the end, so a failed export
 leaves nothing at ``OUT``.

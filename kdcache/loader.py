@@ -16,7 +16,8 @@ number of DataLoader workers), never of the number of ranks:
    on exactly the views of a 1-rank run with the same global batch.
 
 Teacher records are read by whole units (one contiguous, checksum-verified read per array) in a
-prefetch thread one window ahead. Training epochs beyond the cached epochs cycle through them.
+prefetch thread one window ahead; from a cache of several teachers read as ``all``
+(:class:`kdcache.format.AllTeachers`), every teacher's records of each view, in ``Batch.records``. Training epochs beyond the cached epochs cycle through them.
 Without a cache (``--loss ce``, or an online teacher) the parameters are drawn from the spec
 and the seed, exactly as precompute draws them. ``LoaderConfig.view_size`` replays the same
 views at a student's own size (:mod:`kdcache.replay`, "Another size").

@@ -10,6 +10,10 @@ output gets its epoch index. A unit committed in more
 than one input must have the same files in each (it is copied once). The result is built in a
 hidden sibling directory and renamed into place at the end: a failed merge leaves no output.
 
+Added teachers (``teachers/NAME/``) are carried too: a teacher of one name must be the same
+teacher in every input that has it (weights, k, size, normalisation, batch size), and its units
+come from whichever inputs hold them.
+
 Subsets made by ``kdcache export`` merge like any inputs. The output declares a subset only when
 every input is one and together they hold epochs x units; when it holds every unit it is a whole
 cache, and otherwise a partial one. A webdataset export is refused: merge copies zarr shard files.

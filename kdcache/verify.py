@@ -7,6 +7,10 @@ the dataset (every sample's digest against the plan, when the data is given) and
 fidelity (the teacher re-run on randomly chosen views rebuilt from the stored parameters
 must give the stored record: the same class indices, values equal up to fp16 rounding).
 Any failure raises :class:`VerifyError` naming the view, unit or sample and what differed.
+
+A cache of several teachers (``kdcache add-teacher``) has every teacher's structure and ledger
+checked, and the views re-scored for the teachers whose records the given teacher made (each
+added one at its own input size and normalisation); ``teacher_record`` checks one teacher only.
 """
 
 from __future__ import annotations
