@@ -643,3 +643,19 @@ def test_a_served_cache_of_several_teachers_reads_every_teacher(two_teachers, se
         for array, data in here.teacher_records(name).read_block(1, 2).items():
             assert (remote.teacher_records(name).read_block(1, 2)[array] == data).all()
     assert invoke("verify", url, "--quick").exit_code == 0
+
+
+def test_teachers_of_other_k_train_together(cache_copy, teacher_b):
+    import torch
+
+    from kdcache.batches import CacheLoader
+    from kdcache.losses import LossConfig, compute_loss
+
+    path, _ = cache_copy
+    run_add_teacher(path, teacher_b, name="top3", topk=3)
+    assert open_cache(path).teacher_records("top3").manifest.k == 3
+    batch = next(iter(CacheLoader(str(path), "digits", batch_size=16, teacher_record="all").epoch(0)))
+    assert [record.k for record in batch.records] == [5, 3]
+    logits = torch.zeros(len(batch), 10, requires_grad=True)
+    compute_loss(LossConfig(name="kd"), logits, list(batch.records), batch.target).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
