@@ -112,6 +112,43 @@ def precompute_logits(
     _log(f"computed {result.units_done} unit(s)")
 
 
+@app.command("add-teacher")
+@handles_errors
+def add_teacher(
+    cache: str = typer.Argument(..., metavar="CACHE", help="The local cache whose views the teacher scores."),
+    data: str = typer.Option(..., "--data", help="The source the cache was made from."),
+    name: str = typer.Option(..., "--name", help="The teacher's record name (letters, digits, _ . -; not main or all)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec, as for precompute-logits (docs/cli.md)."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher."),
+    teacher_file: Optional[str] = typer.Option(None, "--teacher-file", help="A TorchScript or torch.export file (or a pickled whole module) instead."),
+    topk: Optional[str] = typer.Option(None, "--topk", help="Logits kept per view, or 'full' (default: the cache's k)."),
+    epochs: Optional[str] = typer.Option(None, "--epochs", help="Epochs to score, e.g. 0,2-4 (default: every committed unit)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
+    workers: int = typer.Option(0, "--workers", help="Processes preparing blocks."),
+    repair: bool = typer.Option(False, "--repair", help="Re-hash the teacher's committed units first, and score the damaged ones again."),
+    lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
+    max_units: Optional[int] = typer.Option(None, "--max-units", help="Score at most this many units, then stop (exit 7 if units are left)."),
+):
+    """Score a cache's existing views with another teacher, under teachers/NAME/, leaving the first teacher's records alone.
+
+    Resumes when run again; any number of ranks and jobs may run it on one cache at once.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+    from kdcache.add_teacher import AddTeacherConfig, add_teacher as run
+
+    config = AddTeacherConfig(
+        cache=cache, data=data, name=name, teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None),
+        topk=None if topk is None else _topk(topk), epochs=epochs, batch_size=batch_size, workers=workers, repair=repair,
+        lease_seconds=lease, max_units=max_units, command=_command_line(),
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
+    _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
+         f"epochs complete for {name}: {result.epochs_complete}")
+    _log(f"computed {result.units_done} unit(s)")
+
+
 @app.command("train-student")
 @handles_errors
 def train_student(
@@ -158,6 +195,7 @@ def train_student(
     check_data: bool = typer.Option(False, "--check-data", help="Check every sample's digest before the first step (one pass over the data); blocks are checked as they stream anyway."),
     no_data_check: bool = typer.Option(False, "--no-data-check", hidden=True, help="No pass over the data before the first step: the default now."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
+    teacher_record: str = typer.Option("main", "--teacher-record", help="Whose records to distil: main (the cache's first teacher), an added teacher's name, or all (the mean over teachers)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -174,6 +212,7 @@ def train_student(
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every,
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
+        teacher_record=teacher_record,
     )
     result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
@@ -224,6 +263,7 @@ def verify(
     quick: bool = typer.Option(False, "--quick", help="Structure and checksums only, no data or teacher."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
+    teacher_record: Optional[str] = typer.Option(None, "--teacher-record", help="Check one teacher's records (main, or an added teacher's name); default: every teacher's, replaying those --teacher made."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
     from kdcache.verify import VerifyConfig, verify_cache as run_verify
@@ -231,7 +271,7 @@ def verify(
     has_teacher = teacher is not None or teacher_file is not None
     config = VerifyConfig(
         cache=cache, data=data, views=views, seed=seed, replay_path=replay_path, quick=quick, batch_size=batch_size,
-        expect_digest=expect_digest,
+        expect_digest=expect_digest, teacher_record=teacher_record,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
     run_verify(config, log=typer.echo)
@@ -249,6 +289,7 @@ def show(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A teacher spec (as for precompute-logits): also draw the live teacher."),
     teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
+    teacher_record: str = typer.Option("main", "--teacher-record", help="Whose stored top-5 to draw: main, or an added teacher's name."),
 ):
     """Draw what the teacher saw: replayed views, partners or source images, and the stored top-5."""
     from kdcache.show import ShowConfig, render_views
@@ -257,6 +298,7 @@ def show(
     config = ShowConfig(
         cache=cache, data=data, epoch=epoch, output=out, samples=tuple(samples or ()), count=count,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
+        teacher_record=teacher_record,
     )
     result = render_views(config)
     _log(f"{result.rows} view(s) of epoch {epoch}, {result.width}x{result.height} px")

@@ -4,7 +4,7 @@ The public API is what is named here (docs/python.md documents it); everything e
 and may change. Modules that import torch, timm or zarr load on first use, so ``import kdcache``
 stays cheap.
 
-- The commands, one function each: :func:`precompute_logits`, :func:`train_student`,
+- The commands, one function each: :func:`precompute_logits`, :func:`add_teacher`, :func:`train_student`,
   :func:`verify_cache`, :func:`cache_info`, :func:`render_views`, :func:`merge_caches`,
   :func:`export_cache`, :func:`index_cache`, :func:`write_shards`, :func:`run_quickstart`,
   each with its config dataclass.
@@ -35,6 +35,8 @@ _LAZY = {
     # the commands
     "PrecomputeConfig": "kdcache.precompute",
     "precompute_logits": "kdcache.precompute",
+    "AddTeacherConfig": "kdcache.add_teacher",
+    "add_teacher": "kdcache.add_teacher",
     "StudentConfig": "kdcache.student",
     "train_student": "kdcache.student",
     "RunResult": "kdcache.train_config",

@@ -18,6 +18,8 @@ class Batch:
     ``target``: float32 ``[B, C]`` soft label (one-hot, or ``lam*y_i + (1-lam)*y_j`` for mixed views).
     ``labels``: int64 ``[B]``, each view's own label.
     ``record``: the teacher records of these views, or None when training without a cache.
+    ``records``: with every teacher at once (``teacher_record="all"``), each teacher's records of
+    these views, in the cache's teacher order (``record`` is then the first, ``main``); else None.
     ``views``: int64 ``[B, 2]``: (cache epoch, sample position) of each view.
     ``pending``: instead of ``images``, the views' uint8 stage and their spec; :meth:`to`
     finishes them on the target device (a quarter of the bytes to move, the same values).
@@ -29,6 +31,7 @@ class Batch:
     record: TeacherRecord | None
     views: torch.Tensor
     pending: tuple[PendingViews, object] | None = None
+    records: tuple[TeacherRecord, ...] | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -49,4 +52,5 @@ class Batch:
             labels=self.labels.to(device, non_blocking=True),
             record=None if self.record is None else self.record.to(device),
             views=self.views,
+            records=None if self.records is None else tuple(r.to(device) for r in self.records),
         )

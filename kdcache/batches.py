@@ -30,7 +30,7 @@ from kdcache.augment import cache_spec
 from kdcache.batch import Batch
 from kdcache.distributed import Ranks
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
-from kdcache.format import Cache, format_selection, open_cache
+from kdcache.format import MAIN, AllTeachers, Cache, format_selection, open_cache
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
@@ -68,9 +68,11 @@ def held_views(cache: Cache, *, name: str | None = None) -> tuple[list[int], lis
     missing = cache.missing_units()
     if missing and cache.subset is None:
         epoch, unit = missing[0]
+        added = getattr(cache, "group", None) is not None or isinstance(cache, AllTeachers)  # an added teacher's gap
+        finish = cache.FINISH if added else "finish it with kdcache precompute-logits --resume"
         raise IncompleteCacheError(
             f"cache {name}: epoch {epoch} unit {unit} is not committed ({len(cache.ledger)} of "
-            f"{m.epochs * len(units)} units); finish it with kdcache precompute-logits --resume"
+            f"{m.epochs * len(units)} units); {finish}"
         )
     if missing:
         epoch, unit = missing[0]
@@ -81,6 +83,15 @@ def held_views(cache: Cache, *, name: str | None = None) -> tuple[list[int], lis
             f"export it again from {cache.subset.source}"
         )
     return epochs, cache.held_blocks()
+
+
+def teacher_view(cache, teacher_record: str):
+    """The cache as one teacher's records see it (``main``, an added teacher's name) or every teacher's (``all``)."""
+    if not isinstance(teacher_record, str):
+        raise ConfigError(f"teacher_record={teacher_record!r}: expected a teacher's record name, or 'all'")
+    if teacher_record == MAIN:
+        return cache
+    return cache.teacher_records(teacher_record)  # a cache, or a webdataset export (which holds every teacher's records)
 
 
 def check_all_samples(cache: Cache, source: Source, *, name: str | None = None) -> None:
@@ -132,13 +143,14 @@ class CacheLoader:
     the student's view size in pixels (default: the size the teacher scored them at); the views
     are the same views replayed at that size (docs/format.md, "Replay at another size"). Each
     batch is a :class:`~kdcache.batch.Batch` whose ``images``, ``target``, ``labels`` and
-    ``record`` are on ``device``.
+    ``record`` are on ``device``. ``teacher_record``: whose records (``main``, the cache's first
+    teacher; an added teacher's name; or ``all``, every teacher's in ``batch.records``).
     """
 
     def __init__(self, cache: str | Cache, data: str | Source, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", seed: int = 0, num_workers: int = 0,
                  blocks: Sequence[int] | None = None, channels_last: bool = False, verify_checksums: bool = True,
-                 image_size: int | None = None):
+                 image_size: int | None = None, teacher_record: str = MAIN):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: expected a positive number of views per rank")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -149,9 +161,10 @@ class CacheLoader:
             _positive_int(image_size, "image_size")
         self.device, self.channels_last = _device(device), channels_last
         self.cache = open_cache(cache, verify_checksums=verify_checksums) if not isinstance(cache, Cache) else cache
+        self.records = teacher_view(self.cache, teacher_record)
         self.source = open_training_data(self.cache, data)
         m = self.cache.manifest
-        self.cache_epochs, held = held_views(self.cache)
+        self.cache_epochs, held = held_views(self.records)
         if blocks is None:
             self.blocks = held
         else:
@@ -168,7 +181,7 @@ class CacheLoader:
                               defer_finish=self.device.type == "cuda", replay_path=m.replay["path"], view_size=self._size)
         self._loader = ViewLoader(source=self.source, layout=m.blocks, plan=self.cache.samples(), spec=self.spec,
                                   num_classes=self.num_classes, config=config, ranks=Ranks(rank=rank, world=world_size),
-                                  cache=self.cache, cache_epochs=self.cache_epochs, blocks=self.blocks, view_seed=seed)
+                                  cache=self.records, cache_epochs=self.cache_epochs, blocks=self.blocks, view_seed=seed)
         self._epoch = 0
 
     @property
@@ -216,12 +229,17 @@ class CacheLoader:
             yield batch.to(self.device, channels_last=self.channels_last)
 
 
-def teacher_records(cache: str | Cache, epoch: int, block: int, *, device: str | torch.device = "cpu") -> TeacherRecord:
+def teacher_records(cache: str | Cache, epoch: int, block: int, *, device: str | torch.device = "cpu",
+                    teacher_record: str = MAIN) -> TeacherRecord:
     """The teacher records of one cached (epoch, block), in slot order: row ``i`` is the block's ``i``-th sample.
 
     The block's samples are ``cache.samples()["source_index"][cache.layout.block_slots(block)]``.
+    ``teacher_record``: whose records (``main``, or an added teacher's name).
     """
     cache = open_cache(cache) if not isinstance(cache, Cache) else cache
+    if teacher_record == "all":
+        raise ConfigError("teacher_record='all': teacher_records gives one teacher's records; name one (main, or an added teacher)")
+    cache = teacher_view(cache, teacher_record)
     epochs, blocks = cache.manifest.epochs, cache.layout.num_blocks
     for value, what, count in ((epoch, "epoch", epochs), (block, "block", blocks)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < count:

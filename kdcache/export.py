@@ -19,6 +19,9 @@ cache without it must hold every unit, so a precompute stopped early is never ta
 - ``--format zarr`` writes a directory; ``--format zip`` writes one zip archive of the same
   files, stored uncompressed (the shard files are already compressed), which kdcache reads in
   place from a path or URL ending in ``.zip``.
+- Added teachers (``teachers/NAME/``, kdcache.format.group) are carried: each group as made, with
+  its committed units among the chosen ones, copied and checked the same way; ``--format wds``
+  stores their records beside the first teacher's in each shard (kdcache.format.wds).
 
 The output is built beside its final place and renamed into it at the end, so a failed export
 leaves nothing at ``OUT``.
@@ -36,12 +39,14 @@ from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import (
     Cache,
     CacheWriter,
+    GroupWriter,
     Manifest,
     Subset,
     WdsExport,
     check_wds_output,
     default_selection,
     format_selection,
+    group_dir,
     is_wds,
     ledger_key,
     open_cache,
@@ -50,7 +55,7 @@ from kdcache.format import (
 )
 from kdcache.format.ledger import epoch_index_bytes, epoch_index_key, index_epochs
 from kdcache.location import fsync_dir, is_url
-from kdcache.merge import check_entry, copy_unit, ledger_entry_bytes, read_unit_files
+from kdcache.merge import check_entry, copy_teachers, copy_unit, ledger_entry_bytes, read_unit_files
 
 #: Output formats: a cache directory, one zip archive of its files, or webdataset tar shards (kdcache.format.wds).
 FORMATS = ("zarr", "zip", "wds")
@@ -157,7 +162,18 @@ def _select(cache: Cache, config: ExportConfig) -> tuple[list[int], list[int]]:
     return epochs, units
 
 
-def _write_zip(staged: Path, cache: Cache, keys: list[tuple[int, int]], target: Path) -> None:
+def _teachers_of(cache: Cache, keys: list[tuple[int, int]]) -> dict:
+    """The added teachers to carry into an export of ``keys``: each with its committed units among them."""
+    if is_wds(cache):
+        return {}
+    chosen, teachers = set(keys), {}
+    for name, group in cache.groups.items():
+        view = cache.teacher_records(name)
+        teachers[name] = (group, [view], {key: 0 for key in view.ledger if key in chosen})
+    return teachers
+
+
+def _write_zip(staged: Path, cache: Cache, keys: list[tuple[int, int]], target: Path, teachers: dict) -> None:
     """One zip archive of the staged metadata plus the chosen units, members stored as they are."""
 
     def add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
@@ -179,6 +195,18 @@ def _write_zip(staged: Path, cache: Cache, keys: list[tuple[int, int]], target: 
                 entries = [cache.ledger[key] for key in keys if key[0] == epoch]
                 add(archive, epoch_index_key(epoch),
                     epoch_index_bytes(epoch, entries, sum(len(ledger_entry_bytes(e)) for e in entries)))
+            for teacher, (_, (view,), owner) in sorted(teachers.items()):  # its group's metadata was staged with the root's
+                prefix = f"{group_dir(teacher)}/"
+                for key in sorted(owner):
+                    entry = view.own_ledger[key]
+                    for member, data in read_unit_files(f"{name} (teacher {teacher})", view, entry).items():
+                        add(archive, prefix + member, data)
+                    add(archive, prefix + ledger_key(*key), ledger_entry_bytes(entry))
+                for epoch in sorted({e for e, _ in owner}):
+                    entries = [view.own_ledger[key] for key in sorted(owner) if key[0] == epoch]
+                    if len(entries) == cache.layout.num_units:  # a group's index lists every unit of its epoch
+                        add(archive, prefix + epoch_index_key(epoch),
+                            epoch_index_bytes(epoch, entries, sum(len(ledger_entry_bytes(e)) for e in entries)))
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -190,6 +218,7 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
     epochs, units = _select(cache, config)
     plan = cache.samples()
     keys = [(e, u) for e in epochs for u in units]
+    teachers = _teachers_of(cache, keys)
     blocks = [b for u in units for b in layout.unit_blocks(u)]
     subset = Subset.of(m, keys, source=cache.location)  # None: every unit of every epoch, a whole cache
     if len(units) < layout.num_units:
@@ -212,12 +241,15 @@ def export_cache(config: ExportConfig, *, log=print) -> ExportResult:
     try:
         if config.format == "zip":
             CacheWriter.create(staged, m, plan, subset=subset)  # metadata and plan; units go straight into the archive
-            _write_zip(staged, cache, keys, archive)
+            for teacher, (group, _, _) in sorted(teachers.items()):
+                GroupWriter.create(staged, group, log=log)
+            _write_zip(staged, cache, keys, archive, teachers)
             final = archive
         else:
             CacheWriter.create(staged, m, plan, subset=subset)  # the source's manifest, unchanged: same teacher, epochs, layout
             for key in keys:
                 copy_unit(str(cache.location), cache, cache.ledger[key], staged)
+            copy_teachers(teachers, [str(cache.location)], staged, log=log)  # every added teacher, its units among these
             index_epochs(staged, log=log)
             final = staged
         if os.path.lexists(out):  # something appeared there meanwhile

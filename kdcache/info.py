@@ -1,14 +1,34 @@
 """`kdcache info`: what a team receiving a cache needs to know at a glance.
 
 Besides the manifest's essentials: what kind of location it is (a zarr cache, a webdataset
-export, either as a zip archive) and, for a subset made by ``kdcache export``, which epochs and
-blocks it holds and where it came from.
+export, either as a zip archive), for a subset made by ``kdcache export``, which epochs and
+blocks it holds and where it came from, and for a cache of several teachers each teacher with
+its units held and its bytes.
 """
 
 from __future__ import annotations
 
 from kdcache.format import format_selection, is_wds
 from kdcache.format import Cache, open_cache
+
+
+def _added_teachers(cache, root_units: int) -> list[dict]:
+    """Each added teacher: who it is, its units held (its and the root's committed) and, in a zarr cache, its own bytes
+    (a webdataset export holds every teacher's records in one shard per unit: no bytes of its own)."""
+    found = []
+    for name in cache.teachers[1:]:
+        records = cache.teacher_records(name)
+        t = records.group.teacher
+        size = records.stored_size() if isinstance(cache, Cache) else (None, None)
+        views = sum(entry.views for entry in records.ledger.values())
+        found.append({
+            "name": name, "teacher": t.name, "source": t.source, "weights_sha256": t.weights_sha256, "k": records.group.k,
+            "size": records.group.size, "mean": records.group.mean, "std": records.group.std,
+            "units_held": len(records.ledger), "units_committed_by_root": root_units,
+            "epochs_complete": records.complete_epochs(), "size_bytes": size[0], "files": size[1],
+            "bytes_per_view": size[0] / views if views and size[0] is not None else None,
+        })
+    return found
 
 
 def cache_info(location: str, *, cache: Cache | None = None) -> dict:
@@ -18,6 +38,7 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
     complete = cache.complete_epochs()
     views = sum(entry.views for entry in cache.ledger.values())
     size, files = cache.stored_size()  # from the ledger's byte counts: no request per file
+    added = _added_teachers(cache, len(cache.ledger))
     indexed = None if is_wds(cache) else cache.indexed_epochs()
     subset = None
     if cache.subset is not None:
@@ -68,9 +89,10 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
         "blocks": m.blocks.num_blocks,
         "views_committed": views,
         "replay": m.replay,
-        "size_bytes": size,
+        "size_bytes": size,  # the root's files: the first teacher's records, the parameters, the plan
         "files": files,
         "bytes_per_view": size / views if views else None,
+        "teachers": added,  # the added teachers (teachers/NAME/), each with its own bytes
     }
 
 
@@ -122,4 +144,14 @@ def format_info(info: dict) -> str:
         f"size        {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files; "
         + (f"{bpv:.1f} bytes per view ({info['views_committed']} views)" if bpv else "no views committed"),
     ]
+    for added in info.get("teachers") or []:
+        stored = ("" if added["size_bytes"] is None else f"; {added['size_bytes'] / 1e6:.2f} MB in {added['files']} files, "
+                  + (f"{added['bytes_per_view']:.1f} bytes per view" if added["bytes_per_view"] else "no views"))
+        lines.append(f"teacher {added['name']:<3} {added['teacher']}  top-{added['k']} at {added['size']}px  "
+                     f"mean {added['mean']} std {added['std']}; {added['units_held']}/{added['units_committed_by_root']} "
+                     f"units held{stored}\n"
+                     f"            weights sha256 {added['weights_sha256']}")
+    if info.get("teachers"):
+        lines.append(f"records     teacher records: main, {', '.join(a['name'] for a in info['teachers'])} "
+                     "(train-student --teacher-record NAME or all)")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ number of DataLoader workers), never of the number of ranks:
    on exactly the views of a 1-rank run with the same global batch.
 
 Teacher records are read by whole units (one contiguous, checksum-verified read per array) in a
-prefetch thread one window ahead. Training epochs beyond the cached epochs cycle through them.
+prefetch thread one window ahead; from a cache of several teachers read as ``all``
+(:class:`kdcache.format.AllTeachers`), every teacher's records of each view, in ``Batch.records``. Training epochs beyond the cached epochs cycle through them.
 Without a cache (``--loss ce``, or an online teacher) the parameters are drawn from the spec
 and the seed, exactly as precompute draws them. ``LoaderConfig.view_size`` replays the same
 views at a student's own size (:mod:`kdcache.replay`, "Another size").
@@ -273,15 +274,14 @@ class _WindowReader:
         selected = [views[b][0].select(rows_by_block[b]) for b in blocks]
         offsets = dict(zip(blocks, np.cumsum([0] + [len(s) for s in selected[:-1]])))
         pending = PendingViews.cat(selected).select([offsets[b] + i for b, i in order])
-        record = None
+        record, every = None, None
         if v.cache is not None:
-            rows = [{k: records[int(b)][k][int(p)] for k in ("values", "indices", "tail")} for b, p in members]
-            record = TeacherRecord(
-                values=torch.from_numpy(np.stack([r["values"] for r in rows])),
-                indices=torch.from_numpy(np.stack([r["indices"] for r in rows]).astype(np.int64)),
-                tail=torch.from_numpy(np.stack([r["tail"] for r in rows])),
-                num_classes=v.num_classes,
-            )
+            record = _gather_record(records, members, v.num_classes)
+            if "teachers" in records[int(members[0, 0])]:  # every teacher's records (teacher_record "all")
+                count = len(records[int(members[0, 0])]["teachers"])
+                every = tuple(_gather_record({b: r["teachers"][t] for b, r in records.items()}, members, v.num_classes)
+                              for t in range(count))
+                record = every[0]
         slots = members[:, 0] * v.layout.block_capacity + members[:, 1]
         batch = Batch(
             images=None,
@@ -290,10 +290,22 @@ class _WindowReader:
             record=record,
             views=torch.from_numpy(np.stack([np.full(len(members), self.cache_epoch), slots], axis=1)),
             pending=(pending, v.spec),
+            records=every,
         )
         if not self.config.defer_finish:
             batch.materialize()
         return batch
+
+
+def _gather_record(records: dict[int, dict], members: np.ndarray, num_classes: int) -> TeacherRecord:
+    """The teacher records of the views ``members`` (block, position), in their order, from per-block arrays."""
+    rows = [{k: records[int(b)][k][int(p)] for k in ("values", "indices", "tail")} for b, p in members]
+    return TeacherRecord(
+        values=torch.from_numpy(np.stack([r["values"] for r in rows])),
+        indices=torch.from_numpy(np.stack([r["indices"] for r in rows]).astype(np.int64)),
+        tail=torch.from_numpy(np.stack([r["tail"] for r in rows])),
+        num_classes=num_classes,
+    )
 
 
 class _LazyImages:

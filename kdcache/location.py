@@ -110,6 +110,18 @@ class Location:
         except zipfile.BadZipFile as exc:
             raise FormatError(f"{self.raw}: not a zip archive ({exc})") from None
 
+    def child(self, prefix: str) -> "Location":
+        """The same byte access, rooted at the folder ``prefix`` inside this location (shares an archive's or URL's filesystem)."""
+        prefix = prefix.strip("/")
+        child = object.__new__(Location)
+        child.__dict__.update(self.__dict__)
+        child.raw = f"{self.raw.rstrip('/')}/{prefix}"
+        if not self.remote:
+            child.path = self.path / prefix
+        if not self.local:  # an archive's directory is read once, here, and shared
+            child._fs, child.root = self.fs, self._key(prefix)
+        return child
+
     def _key(self, key: str) -> str:
         return f"{self.root}/{key}" if self.root else key
 

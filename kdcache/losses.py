@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -312,7 +314,7 @@ class LossConfig:
 def compute_loss(
     config: LossConfig,
     student_logits: torch.Tensor,
-    record: TeacherRecord | None,
+    record: "TeacherRecord | Sequence[TeacherRecord] | None",
     target: torch.Tensor,
     *,
     temperatures: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -321,8 +323,20 @@ def compute_loss(
 
     ``record`` may be None for ``ce`` only. ``temperatures`` = ``(teacher_T, student_T)`` is
     required by ``mkd`` (e.g. ``MetaTemperatures()()``) and refused by every other loss.
+    ``record`` may also be a sequence of several teachers' records of the same views (multi-teacher
+    KD, docs/methods.md): the loss is then the mean of the per-teacher losses, that is the CE term
+    unchanged and the mean of the per-teacher distillation terms.
     """
     name = config.name
+    if isinstance(record, (list, tuple)):
+        if name == "mkd":
+            raise ConfigError("loss 'mkd' learns the temperatures of one teacher; train it from one teacher's records "
+                              "(--teacher-record NAME), not all")
+        if not record:
+            raise ConfigError("records of several teachers were asked for, but none were given")
+        if name == "ce" or len(record) == 1:
+            return compute_loss(config, student_logits, record[0], target, temperatures=temperatures)
+        return torch.stack([compute_loss(config, student_logits, r, target) for r in record]).mean()
     if temperatures is not None and name != "mkd":
         raise ConfigError(f"temperatures were given but loss {name!r} does not take them; only 'mkd' does")
     if name == "ce":

@@ -10,6 +10,10 @@ output gets its epoch index. A unit committed in more
 than one input must have the same files in each (it is copied once). The result is built in a
 hidden sibling directory and renamed into place at the end: a failed merge leaves no output.
 
+Added teachers (``teachers/NAME/``) are carried too: a teacher of one name must be the same
+teacher in every input that has it (weights, k, size, normalisation, batch size), and its units
+come from whichever inputs hold them.
+
 Subsets made by ``kdcache export`` merge like any inputs. The output declares a subset only when
 every input is one and together they hold epochs x units; when it holds every unit it is a whole
 cache, and otherwise a partial one. A webdataset export is refused: merge copies zarr shard files.
@@ -30,6 +34,8 @@ from kdcache.format import (
     RECORD_ARRAYS,
     Cache,
     CacheWriter,
+    GroupWriter,
+    TeacherGroup,
     LedgerEntry,
     Manifest,
     Subset,
@@ -108,7 +114,7 @@ def check_entry(name: str, cache: Cache, entry: LedgerEntry) -> None:
             f"{name}: ledger entry epoch {entry.epoch} unit {entry.unit} is outside the cache "
             f"({epochs} epochs, {layout.num_units} units per epoch)"
         )
-    for array in RECORD_ARRAYS:
+    for array in getattr(cache, "ARRAYS", RECORD_ARRAYS):  # an added teacher's units hold no params
         if "sha256" not in entry.files.get(shard_key(array, entry.epoch, entry.unit), {}):
             raise IncompleteCacheError(
                 f"{name}: ledger entry epoch {entry.epoch} unit {entry.unit} has no checksum for "
@@ -116,17 +122,19 @@ def check_entry(name: str, cache: Cache, entry: LedgerEntry) -> None:
             )
 
 
-def _plan_units(names: list[str], caches: list[Cache]) -> dict[tuple[int, int], int]:
-    """(epoch, unit) -> index of the first input holding it; refuses units that differ between inputs."""
+def _plan_units(names: list[str], caches: list, *, ledger=lambda cache: cache.ledger) -> dict[tuple[int, int], int]:
+    """(epoch, unit) -> index of the first input holding it; refuses units that differ between inputs.
+
+    ``ledger``: which entries of an input (an added teacher's group: its own ledger's)."""
     owner: dict[tuple[int, int], int] = {}
     for i, (name, cache) in enumerate(zip(names, caches)):
-        for key, entry in sorted(cache.ledger.items()):
+        for key, entry in sorted(ledger(cache).items()):
             check_entry(name, cache, entry)
             if key not in owner:
                 owner[key] = i
                 continue
-            held = caches[owner[key]].ledger[key]
-            for array in RECORD_ARRAYS:
+            held = ledger(caches[owner[key]])[key]
+            for array in getattr(cache, "ARRAYS", RECORD_ARRAYS):
                 file = shard_key(array, *key)
                 if held.files[file]["sha256"] != entry.files[file]["sha256"]:
                     raise MismatchError(
@@ -141,7 +149,7 @@ def read_unit_files(name: str, cache: Cache, entry: LedgerEntry) -> dict[str, by
     (and that entry, if read from an epoch index, against the unit's own entry)."""
     cache.check_own_entry(entry.epoch, entry.unit)
     files = {}
-    for array in RECORD_ARRAYS:
+    for array in getattr(cache, "ARRAYS", RECORD_ARRAYS):
         key = shard_key(array, entry.epoch, entry.unit)
         data = cache.location.read(key)
         if data is None:
@@ -169,6 +177,57 @@ def copy_unit(name: str, cache: Cache, entry: LedgerEntry, out: Path) -> None:
             raise ChecksumError(f"{out}: the copy of {key} (epoch {entry.epoch} unit {entry.unit}) from {name} does not "
                                 "read back with its checksum; check the output disk")
     atomic_write_bytes(out / ledger_key(entry.epoch, entry.unit), ledger_entry_bytes(entry))
+
+
+#: What an added teacher's records depend on, most telling first (not where its weights file was, nor the kdcache version).
+_TEACHER_RECIPE = ("teacher.weights_sha256", "teacher.num_classes", "k", "size", "mean", "std", "batch_size", "replay.path",
+                   "dtypes", "compression")
+
+
+def _teacher_recipe(group: TeacherGroup) -> list:
+    return [group.teacher.weights_sha256, group.teacher.num_classes, group.k, group.size, group.mean, group.std,
+            group.batch_size, group.replay.get("path"), group.dtypes, group.compression]
+
+
+def _plan_teachers(names: list[str], caches: list[Cache]) -> dict[str, tuple[TeacherGroup, list, dict]]:
+    """Every added teacher of the inputs: name -> (its group, its records in each input or None, unit -> input).
+
+    A teacher of one name must be the same in every input that has it (weights, k, size, ...),
+    else the merge is refused naming the field; its units come from whichever inputs hold them.
+    """
+    found: dict[str, tuple[TeacherGroup, list, dict]] = {}
+    first_with: dict[str, int] = {}
+    for i, (name, cache) in enumerate(zip(names, caches)):
+        for teacher, group in cache.groups.items():
+            if teacher not in found:
+                found[teacher], first_with[teacher] = (group, [None] * len(caches), {}), i
+            differs = next((d for d in (first_difference(f"{teacher}.{f}", old, new) for f, old, new in
+                                         zip(_TEACHER_RECIPE, _teacher_recipe(found[teacher][0]), _teacher_recipe(group)))
+                            if d is not None), None)
+            if differs is not None:
+                field_name, old, new = differs
+                raise MismatchError(f"the teacher records {teacher!r} differ between {names[first_with[teacher]]} and {name} "
+                                    f"({field_name}: {_show(old)} against {_show(new)}); they are not the same teacher: "
+                                    "rename one (merge them apart) or drop it")
+            found[teacher][1][i] = cache.teacher_records(teacher)
+    for teacher, (group, views, _) in found.items():
+        held = [(names[i], view) for i, view in enumerate(views) if view is not None]
+        owner = _plan_units([n for n, _ in held], [v for _, v in held], ledger=lambda view: view.own_ledger)
+        index = [i for i, view in enumerate(views) if view is not None]
+        found[teacher] = (group, views, {key: index[j] for key, j in owner.items()})
+    return found
+
+
+def copy_teachers(teachers: dict[str, tuple[TeacherGroup, list, dict]], names: list[str], out: Path, *, log=print) -> None:
+    """Write each added teacher's group into the new cache ``out``: its attributes as they are, its units copied
+    byte for byte (each checked against its input's ledger), then the epoch index of each complete epoch."""
+    for teacher, (group, views, owner) in sorted(teachers.items()):
+        writer = GroupWriter.create(out, group, log=log)
+        for key in sorted(owner):
+            view = views[owner[key]]
+            copy_unit(f"{names[owner[key]]} (teacher {teacher})", view, view.own_ledger[key], writer.path)
+        for epoch in sorted({e for e, _ in owner}):
+            writer.write_epoch_index(epoch)
 
 
 def _merged_subset(manifest: Manifest, names: list[str], caches: list[Cache], owner) -> Subset | None:
@@ -207,6 +266,7 @@ def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print
     for cache in caches[1:]:
         cache.samples()  # each input's plan must match its own manifest checksum (compared above)
     owner = _plan_units(names, caches)
+    teachers = _plan_teachers(names, caches)
 
     epochs = max(cache.manifest.epochs for cache in caches)
     manifest = dataclasses.replace(first, epochs=epochs, created=now_iso(), command=command or f"kdcache merge {output}")
@@ -219,6 +279,7 @@ def merge_caches(output: str, inputs: list[str], *, command: str = "", log=print
         for key in sorted(owner):
             i = owner[key]
             copy_unit(names[i], caches[i], caches[i].ledger[key], tmp)
+        copy_teachers(teachers, names, tmp, log=log)  # every input's added teachers, under the same names
         index_epochs(tmp, log=log)  # every complete epoch gets its index, whether the inputs had one or not
         _check_output(out)  # nothing appeared there meanwhile
         if out.exists():

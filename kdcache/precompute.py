@@ -107,6 +107,11 @@ class PrecomputeConfig:
         if self.repair and not self.resume:
             raise ConfigError("--repair works on an existing cache; pass it together with --resume")
 
+    def finishing_command(self) -> str:
+        """The command that finishes the cache: this one, with --resume."""
+        command = self.command or "kdcache precompute-logits"
+        return command if " --resume" in f"{command} " else f"{command} --resume"
+
 
 @dataclass
 class PrecomputeResult:
@@ -125,7 +130,8 @@ class PrecomputeResult:
         return self.views / self.seconds if self.seconds else 0.0
 
 
-def _resolve_k(topk: int | str, num_classes: int) -> int:
+def resolve_k(topk: int | str, num_classes: int) -> int:
+    """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes (``full``: all of them)."""
     if topk == "full":
         return num_classes
     if topk > num_classes:
@@ -134,7 +140,7 @@ def _resolve_k(topk: int | str, num_classes: int) -> int:
 
 
 def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan, layout, spec) -> Manifest:
-    k = _resolve_k(config.topk, teacher_info.num_classes)
+    k = resolve_k(config.topk, teacher_info.num_classes)
     return Manifest(
         format_version=FORMAT_VERSION,
         tool_version=__version__,
@@ -263,16 +269,11 @@ class _BlockPreparer:
         return replay_pending(self.spec, params, images, path=self.manifest.replay["path"]), params
 
 
-def _unit_arrays(manifest: Manifest, unit: int) -> dict[str, np.ndarray]:
+def _unit_arrays(manifest: Manifest, unit: int, names=RECORD_ARRAYS) -> dict[str, np.ndarray]:
     layout = manifest.blocks
     rows = len(layout.unit_blocks(unit)) * layout.block_capacity
-    k = manifest.k
-    return {
-        "values": np.zeros((rows, k), dtype=manifest.dtypes["values"]),
-        "indices": np.zeros((rows, k), dtype=manifest.dtypes["indices"]),
-        "tail": np.zeros((rows, 2), dtype=manifest.dtypes["tail"]),
-        "params": np.zeros((rows, len(manifest.param_fields)), dtype=manifest.dtypes["params"]),
-    }
+    widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
+    return {name: np.zeros((rows, widths[name]), dtype=manifest.dtypes[name]) for name in names}
 
 
 def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = False,
@@ -298,7 +299,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
         raise MismatchError(
             f"data {config.data} has {source.num_classes} classes but the teacher has {teacher_info.num_classes}"
         )
-    _resolve_k(config.topk, teacher_info.num_classes)
+    resolve_k(config.topk, teacher_info.num_classes)
     spec = resolve_spec(
         config.augmentation, output_size=teacher_info.input_size[-1], mean=teacher_info.mean, std=teacher_info.std,
         interpolation=teacher_info.interpolation,
@@ -321,10 +322,10 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
             raise failure
         if message is not None:
             raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
-        work = _Work(config, ranks, claims, log, progress, stop)
+        work = UnitWork(config, ranks, claims, log, progress, stop)
         interrupted = False
         try:
-            work.run(source, teacher, device)
+            work.run(source, teacher, device, _BlockPreparer(config, source, work.manifest, work.cache.samples()))
         except KdcacheError as exc:
             exc.units_computed = work.units_done
             raise
@@ -333,18 +334,28 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     return work.finish(interrupted=interrupted)
 
 
-class _Work:
-    """One process's share of a precompute: claim a pending unit, compute it, commit it, release it; repeat."""
+class UnitWork:
+    """One process's share of the units of a cache (or of an added teacher's group): claim a pending unit,
+    score it, commit it, release it; repeat.
 
-    def __init__(self, config: PrecomputeConfig, ranks, claims: Claims, log, progress: bool, stop: threading.Event | None):
+    ``writer`` and ``cache`` are where units are committed and how the committed ones are read
+    (default: the cache ``config.output``; ``kdcache add-teacher`` passes a group's). ``planned``:
+    the units to commit (default: every unit of epochs ``config.from_epoch`` on). ``config`` needs
+    ``max_units``, ``batch_size``, ``workers``, ``from_epoch``, ``output`` and ``finishing_command()``.
+    """
+
+    def __init__(self, config, ranks, claims: Claims, log, progress: bool, stop: threading.Event | None, *,
+                 writer: CacheWriter | None = None, cache: Cache | None = None, planned=None):
         self.config, self.ranks, self.claims, self.log, self.stop = config, ranks, claims, log, stop
-        self.writer = CacheWriter(config.output)
+        self.writer = writer if writer is not None else CacheWriter(config.output)
         self.manifest = self.writer.manifest
-        self.cache = Cache(config.output, verify_checksums=False)
+        self.cache = cache if cache is not None else Cache(config.output, verify_checksums=False)
         self.layout = self.manifest.blocks
         # One snapshot for every rank (rank 0's): it orders the work; the claims decide who does what.
         committed = distributed.broadcast_object(sorted(self.cache.ledger))
-        self.planned = [(e, u) for e in range(config.from_epoch, self.manifest.epochs) for u in range(self.layout.num_units)]
+        if planned is None:
+            planned = [(e, u) for e in range(config.from_epoch, self.manifest.epochs) for u in range(self.layout.num_units)]
+        self.planned = list(planned)
         done = set(committed)
         pending = [key for key in self.planned if key not in done]
         mine = pending[ranks.rank :: ranks.world]  # each rank starts on its own share, then helps with the rest
@@ -387,12 +398,13 @@ class _Work:
             if not claimed and all(self.claims.live_holder(unit_claim(*key)) for key in order):
                 return
 
-    def run(self, source, teacher, device) -> None:
+    def run(self, source, teacher, device, preparer, *, spec=None) -> None:
+        """Score the claimed units' blocks: ``preparer[(epoch, unit, block)]`` gives a block's (pending views, params);
+        ``spec`` finishes the views where the teacher runs (default: the cache's)."""
         config, manifest, layout = self.config, self.manifest, self.layout
         self.units_claimed = 0
         jobs = ((e, u, b) for e, u in self.claimed_units() for b in layout.unit_blocks(u))
-        preparer = _BlockPreparer(config, source, manifest, self.cache.samples())
-        spec = cache_spec(manifest)
+        spec = spec if spec is not None else cache_spec(manifest)
         overlap = torch.device(device).type == "cuda"
         arrays, current = None, None
         try:
@@ -401,7 +413,7 @@ class _Work:
                     raise KeyboardInterrupt
                 views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
                 if current != (epoch, unit):
-                    arrays, current = _unit_arrays(manifest, unit), (epoch, unit)
+                    arrays, current = _unit_arrays(manifest, unit, self.writer.ARRAYS), (epoch, unit)
                 logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device)
                                     for i in range(0, len(views), config.batch_size)]).cpu()
                 values, indices, tail = make_records(logits, manifest.k)
@@ -410,7 +422,8 @@ class _Work:
                 arrays["values"][rows] = values.numpy()
                 arrays["indices"][rows] = indices.numpy().astype(arrays["indices"].dtype)
                 arrays["tail"][rows] = tail.numpy()
-                arrays["params"][rows] = np.asarray(params)
+                if "params" in arrays:
+                    arrays["params"][rows] = np.asarray(params)
                 self.views_done += len(views)
                 if block == layout.unit_blocks(unit)[-1]:
                     self._commit(epoch, unit, arrays)
@@ -425,9 +438,9 @@ class _Work:
             self.writer.write_unit(epoch, unit, arrays)
             self.writer.write_epoch_index(epoch)  # once every unit of the epoch is committed: its index (else nothing)
         except OSError as exc:
-            raise WriteError(f"cannot write epoch {epoch} unit {unit} of {self.config.output}: {describe_os_error(exc)}; "
+            raise WriteError(f"cannot write epoch {epoch} unit {unit} of {self.writer.path}: {describe_os_error(exc)}; "
                              "the units committed before it are kept: free space, then resume with "
-                             "kdcache precompute-logits --resume") from None
+                             f"{self.config.finishing_command()}") from None
         self.claims.release(key, committed=True)
         self.units_done += 1
         self.bar.committed(epoch, unit)
@@ -459,18 +472,12 @@ class _Work:
             why = "interrupted: " if interrupted else ""
             error = UnfinishedCacheError(
                 f"{why}cache {self.config.output}: epoch {epoch} unit {unit} is not committed and no live writer holds it "
-                f"({len(result.unheld)} such unit(s)); finish the cache with: {_finishing_command(self.config)}")
+                f"({len(result.unheld)} such unit(s)); finish the cache with: {self.config.finishing_command()}")
             error.units_computed, error.result = self.units_done, result
             raise error
         if interrupted:
             raise KeyboardInterrupt
         return result
-
-
-def _finishing_command(config: PrecomputeConfig) -> str:
-    """The command that finishes the cache: this one, with --resume."""
-    command = config.command or "kdcache precompute-logits"
-    return command if " --resume" in f"{command} " else f"{command} --resume"
 
 
 _LEDGER_ENTRY = re.compile(r"^e(\d{6})-u\d{6}\.json$")
@@ -482,7 +489,7 @@ class _Progress:
     Units committed by other processes count too (read from the ledger), so the ETA is the cache's.
     """
 
-    def __init__(self, work: _Work, *, bar: bool):
+    def __init__(self, work: UnitWork, *, bar: bool):
         self.work = work
         self.bar = None
         if bar:

@@ -73,6 +73,7 @@ class ShowConfig:
     ``samples`` are sample keys, or slot indices of the cache's plan (an int, or a string of
     digits that is not itself a key); when given, ``count`` is not used. ``teacher``, if given,
     is re-run on the drawn views and its probabilities are drawn over the stored ones.
+    ``teacher_record``: whose stored records to draw (``main``, or an added teacher's name).
     """
 
     cache: str
@@ -82,9 +83,12 @@ class ShowConfig:
     samples: tuple[str | int, ...] = ()
     count: int = 8
     teacher: TeacherConfig | None = None
+    teacher_record: str = "main"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", tuple(self.samples or ()))
+        if self.teacher_record == "all":
+            raise ConfigError("--teacher-record all: show draws one teacher's records; name one (main, or an added teacher)")
         for name in ("cache", "output"):
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
@@ -476,9 +480,23 @@ def _figure(rows: list[ShownView], manifest: Manifest, config: ShowConfig, cache
     return fig
 
 
+def _open(config: ShowConfig):
+    """The cache as the chosen teacher's records see it."""
+    from kdcache.batches import teacher_view
+
+    cache = teacher_view(open_cache(config.cache, verify_checksums=True), config.teacher_record)
+    if config.teacher is not None and getattr(cache, "group", None) is not None:
+        spec, group = cache_spec(cache.manifest), cache.group
+        if (group.size, list(group.mean), list(group.std)) != (spec.output_size, list(spec.mean), list(spec.std)):
+            raise ConfigError(f"teacher {config.teacher_record!r} scored the views at {group.size}px with mean {group.mean} "
+                              f"std {group.std}, the picture shows them at {spec.output_size}px as the cache's spec normalises "
+                              "them; draw it without --teacher (kdcache verify --teacher-record re-scores it)")
+    return cache
+
+
 def collect_views(config: ShowConfig, *, cache: Cache | None = None) -> list[ShownView]:
     """The views to draw, in row order, with their pixels, stored probabilities and (with a teacher) live ones."""
-    cache = cache or open_cache(config.cache, verify_checksums=True)
+    cache = cache or _open(config)
     _check_epoch(cache, config.epoch)
     plan = cache.samples()
     views = _load_views(config, cache, plan, _resolve_slots(config, cache, plan))
@@ -489,7 +507,7 @@ def collect_views(config: ShowConfig, *, cache: Cache | None = None) -> list[Sho
 
 def render_views(config: ShowConfig) -> ShowResult:
     """Draw the chosen views of one epoch of a cache into a PNG (see the module docstring)."""
-    cache = open_cache(config.cache, verify_checksums=True)
+    cache = _open(config)
     views = collect_views(config, cache=cache)
     fig = _figure(views, cache.manifest, config, cache)
     panels = len(fig.get_axes())

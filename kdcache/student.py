@@ -27,7 +27,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.augment import AugSpec, cache_spec, resolve_spec
-from kdcache.batches import check_all_samples, held_views, open_training_data
+from kdcache.batches import check_all_samples, held_views, open_training_data, teacher_view
 from kdcache.errors import ConfigError, MismatchError, WriteError, describe_os_error
 from kdcache.format import format_selection, open_cache
 from kdcache.format.digest import check_digest_option, require_digest
@@ -84,6 +84,7 @@ class StudentConfig:
     verify_checksums: bool = True
     check_data: bool = False  # every sample's digest before the first step (one pass over the data); else as blocks stream
     expect_digest: str | None = None  # refuse a cache whose content digest is another
+    teacher_record: str = "main"  # whose records: main (the first teacher), an added teacher's name, or all
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expect_digest", check_digest_option(self.expect_digest))
@@ -99,6 +100,13 @@ class StudentConfig:
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs}; expected 0 to --epochs ({self.epochs})")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every {self.eval_every}; expected at least 1 (epochs between evaluations)")
+        if self.teacher_record != "main" and self.cache is None:
+            raise ConfigError(f"--teacher-record {self.teacher_record} names a teacher of the cache: give --cache too")
+        if self.teacher_record != "main" and self.teacher is not None:
+            raise ConfigError(f"--teacher-record {self.teacher_record} chooses the cache's records, but a live --teacher "
+                              "replaces them; give one of the two")
+        if self.teacher_record == "all" and self.loss.name == "mkd":
+            raise ConfigError("loss 'mkd' learns the temperatures of one teacher: train it with --teacher-record NAME, not all")
         if self.meta_blocks < 1:
             raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
 
@@ -141,6 +149,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     if config.cache is not None:
         cache = open_cache(config.cache, verify_checksums=config.verify_checksums)
         require_digest(cache, config.expect_digest)
+        cache = teacher_view(cache, config.teacher_record)  # whose records: the views and the plan are the root's
         m = cache.manifest
         source = open_training_data(cache, config.data, cache_name=config.cache)
         plan = cache.samples()

@@ -190,7 +190,7 @@ def _with_teacher_records(batch: Batch, teacher: torch.nn.Module, num_classes: i
         logits = teacher(batch.images)
     if logits.shape[-1] != num_classes:
         raise ConfigError(f"the teacher outputs {logits.shape[-1]} classes; expected num_classes={num_classes}")
-    return dataclasses.replace(batch, record=TeacherRecord.from_logits(logits.float(), k=num_classes))
+    return dataclasses.replace(batch, record=TeacherRecord.from_logits(logits.float(), k=num_classes), records=None)
 
 
 @torch.no_grad()
@@ -450,7 +450,8 @@ class _Run:
         temperatures = self._temperatures(batch)
         with self.autocast():
             logits = self.train_model(batch.images)
-        loss = compute_loss(self.config.loss, logits.float(), batch.record, batch.target, temperatures=temperatures)
+        records = batch.records if batch.records is not None else batch.record  # every teacher's, or one
+        loss = compute_loss(self.config.loss, logits.float(), records, batch.target, temperatures=temperatures)
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -7,6 +7,10 @@ the dataset (every sample's digest against the plan, when the data is given) and
 fidelity (the teacher re-run on randomly chosen views rebuilt from the stored parameters
 must give the stored record: the same class indices, values equal up to fp16 rounding).
 Any failure raises :class:`VerifyError` naming the view, unit or sample and what differed.
+
+A cache of several teachers (``kdcache add-teacher``) has every teacher's structure and ledger
+checked, and the views re-scored for the teachers whose records the given teacher made (each
+added one at its own input size and normalisation); ``teacher_record`` checks one teacher only.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from kdcache import distributed
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
 from kdcache.format import format_selection
-from kdcache.format import RECORD_ARRAYS, Cache, open_cache
+from kdcache.format import ALL, MAIN, RECORD_ARRAYS, Cache, TeacherRecords, open_cache
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
 from kdcache.record import make_records
@@ -42,6 +46,7 @@ class VerifyConfig:
     check_params: bool = True
     batch_size: int | None = None  # None: the cache's, so a correct cache gives equal values, not merely close ones
     expect_digest: str | None = None  # refuse a cache whose content digest is another, before any other check
+    teacher_record: str | None = None  # one teacher's records (main, an added name); None or all: every teacher's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expect_digest", check_digest_option(self.expect_digest))
@@ -78,8 +83,9 @@ class VerifyReport:
         self.failures.append(message)
 
     def format(self) -> str:
-        lines = [f"verify {self.cache}"] + ([f"  {'digest':<12} {self.digest}"] if self.digest else [])
-        lines += [f"  {check:<12} {outcome}" for check, outcome in self.checks]
+        width = max([12] + [len(check) for check, _ in self.checks])  # an added teacher's checks carry its name
+        lines = [f"verify {self.cache}"] + ([f"  {'digest':<{width}} {self.digest}"] if self.digest else [])
+        lines += [f"  {check:<{width}} {outcome}" for check, outcome in self.checks]
         lines += [f"  near-tie     {tie}" for tie in self.near_ties[:5]]
         lines += [f"  FAILED       {failure}" for failure in self.failures[:20]]
         if len(self.failures) > 20:
@@ -125,23 +131,37 @@ def compare_records(stored: dict, values: np.ndarray, indices: np.ndarray, logit
     return described, False
 
 
+def _added(cache) -> bool:
+    """Whether ``cache`` is an added teacher's records (of a cache or of a webdataset export)."""
+    return getattr(cache, "group", None) is not None
+
+
+def _label(check: str, cache) -> str:
+    """A check's name in the report: an added teacher's checks carry its name."""
+    return f"{check} [{cache.name}]" if _added(cache) else check
+
+
 def _check_structure(cache: Cache, report: VerifyReport) -> None:
     m = cache.manifest
     widths = {"values": m.k, "indices": m.k, "tail": 2, "params": len(m.param_fields)}
-    for name in RECORD_ARRAYS:
+    failed = len(report.failures)
+    added = isinstance(cache, TeacherRecords)  # its arrays' epoch axis grows as it scores epochs the root added
+    for name in getattr(cache, "ARRAYS", RECORD_ARRAYS):
         try:
             array = cache._array(name)
         except KdcacheError as exc:
             report.fail(str(exc))
             continue
         expected = (m.epochs, m.blocks.num_slots, widths[name])
-        if tuple(array.shape) != expected or np.dtype(array.dtype) != np.dtype(m.dtypes[name]):
-            report.fail(f"array {name}: shape {tuple(array.shape)} dtype {array.dtype}; manifest says {expected} {m.dtypes[name]}")
+        shape = (m.epochs if added and array.shape[0] <= m.epochs else array.shape[0], *array.shape[1:])
+        if tuple(shape) != expected or np.dtype(array.dtype) != np.dtype(m.dtypes[name]):
+            report.fail(f"array {cache.location}/{name}: shape {tuple(array.shape)} dtype {array.dtype}; "
+                        f"{'its group' if added else 'manifest'} says {expected} {m.dtypes[name]}")
     try:
         cache_spec(m)
     except KdcacheError as exc:
         report.fail(f"manifest augmentation: {exc}")
-    report.add("structure", "ok" if not report.failures else "FAILED")
+    report.add(_label("structure", cache), "ok" if len(report.failures) == failed else "FAILED")
 
 
 def _check_ledger(cache: Cache, report: VerifyReport) -> None:
@@ -157,8 +177,10 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
         for unit in units:
             if not cache.unit_committed(epoch, unit):
                 missing += 1
-                report.fail(f"epoch {epoch} unit {unit} (blocks {m.blocks.unit_blocks(unit).start}.."
-                            f"{m.blocks.unit_blocks(unit).stop - 1}) is not committed")
+                whose = f"{cache.location}: " if _added(cache) else ""
+                report.fail(f"{whose}epoch {epoch} unit {unit} (blocks {m.blocks.unit_blocks(unit).start}.."
+                            f"{m.blocks.unit_blocks(unit).stop - 1}) is not committed"
+                            + (f"; {cache.FINISH}" if _added(cache) else ""))
                 continue
             try:
                 cache.verify_unit(epoch, unit)  # with its epoch index, if any: the unit's own entry must agree with it
@@ -169,7 +191,7 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
     if cache.subset is not None:  # say what it holds
         held = (f" (a subset: epochs {format_selection(epochs)} of {m.epochs}, "
                 f"units {format_selection(units)} of {m.blocks.num_units})")
-    report.add("ledger", f"{len(cache.ledger)} unit(s) committed, {missing} missing, {damaged} damaged{held}")
+    report.add(_label("ledger", cache), f"{len(cache.ledger)} unit(s) committed, {missing} missing, {damaged} damaged{held}")
     for reason in cache.stale_indexes() if isinstance(cache, Cache) else []:  # its unit is missing: failed above
         report.add("ledger", reason)
 
@@ -214,14 +236,13 @@ def _pick_views(cache: Cache, count: int, seed: int) -> dict[tuple[int, int], li
     return {key: sorted(value) for key, value in picked.items()}
 
 
-def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: VerifyReport) -> None:
+def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: VerifyReport, teacher, device) -> None:
     m = cache.manifest
-    device = distributed.resolve_device("auto", distributed.ranks_from_env())
-    teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
-    if info.weights_sha256 != m.teacher.weights_sha256:
-        report.fail(f"teacher weights differ: {config.teacher.label} has sha256 "
-                    f"{info.weights_sha256[:16]}..., the cache was made with {m.teacher.weights_sha256[:16]}...")
     spec = cache_spec(m)
+    size = None
+    if _added(cache):  # an added teacher scored the views at its own size, normalised as it expects
+        spec = dataclasses.replace(spec, mean=tuple(cache.group.mean), std=tuple(cache.group.std))
+        size = cache.group.size
     path = config.replay_path or m.replay["path"]
     report.replay_path = path if path == m.replay["path"] else f"{path} (cache made with {m.replay['path']})"
     layout = cache.layout
@@ -250,7 +271,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             report.fail(str(exc))
             bad += 1
             continue
-        views = replay_block(spec, stored["params"], images, path=path, device=device)
+        views = replay_block(spec, stored["params"], images, path=path, device=device, size=size)
         batch = config.batch_size or m.batch_size
         logits = torch.cat([teacher_logits(teacher, views[i : i + batch], device) for i in range(0, len(views), batch)]).cpu()
         values, indices, _ = make_records(logits, m.k)
@@ -267,8 +288,19 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                 bad += 1
                 report.fail(f"{where_view}: {problem}")
     ties = f", {len(report.near_ties)} near-tie(s) (classes within fp16 rounding, not a failure)" if report.near_ties else ""
-    report.add("replay", f"{report.views_checked} view(s) on path {report.replay_path}: {report.views_checked - bad} match"
-                         f"{ties}, max |diff| {report.max_abs_diff:.3g}")
+    report.add(_label("replay", cache), f"{report.views_checked} view(s) on path {report.replay_path}: "
+                                        f"{report.views_checked - bad} match{ties}, max |diff| {report.max_abs_diff:.3g}")
+
+
+def _name(view) -> str:
+    return f"teacher {view.name!r}" if _added(view) else f"teacher {MAIN!r}"
+
+
+def _teacher_views(cache, teacher_record: str | None) -> list:
+    """The records to check: one teacher's (``teacher_record``), or every teacher's (None or ``all``)."""
+    if teacher_record is not None and teacher_record != ALL:
+        return [cache.teacher_records(teacher_record)]
+    return [cache.teacher_records(name) for name in cache.teachers]
 
 
 def verify_cache(config: VerifyConfig, *, log=print) -> VerifyReport:
@@ -276,8 +308,10 @@ def verify_cache(config: VerifyConfig, *, log=print) -> VerifyReport:
     cache = open_cache(config.cache, verify_checksums=True)
     require_digest(cache, config.expect_digest)
     report = VerifyReport(cache=str(cache.location), digest=cache.digest() + (" (as expected)" if config.expect_digest else ""))
-    _check_structure(cache, report)
-    _check_ledger(cache, report)
+    views = _teacher_views(cache, config.teacher_record)
+    for view in views:
+        _check_structure(view, report)
+        _check_ledger(view, report)
     plan = cache.samples()
     if dataset_digest(plan) != cache.manifest.dataset.digest:
         report.fail(f"manifest field dataset.digest = {cache.manifest.dataset.digest[:16]}... does not match the plan's samples "
@@ -294,7 +328,17 @@ def verify_cache(config: VerifyConfig, *, log=print) -> VerifyReport:
         else:
             _check_dataset(cache, source, plan, report, config.data)
         if config.views and report.ok:
-            _check_replay(cache, config, source, plan, report)
+            device = distributed.resolve_device("auto", distributed.ranks_from_env())
+            teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
+            scored = [view for view in views if view.manifest.teacher.weights_sha256 == info.weights_sha256]
+            if not scored:  # the views are re-scored anyway, so the report says how far the records are off
+                made = (f"{views[0].manifest.teacher.weights_sha256[:16]}..." if len(views) == 1 else
+                        ", ".join(f"{_name(view)} {view.manifest.teacher.weights_sha256[:16]}..." for view in views))
+                report.fail(f"teacher weights differ: {config.teacher.label} has sha256 {info.weights_sha256[:16]}..., "
+                            f"the cache{' was' if len(views) == 1 else chr(39) + 's records were'} made with {made}")
+                scored = views
+            for view in scored:  # every teacher whose records this teacher made
+                _check_replay(view, config, source, plan, report, teacher, device)
     log(report.format())
     if not report.ok:
         raise VerifyError(f"{report.failures[0]}" + (f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""))

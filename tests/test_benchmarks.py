@@ -111,3 +111,12 @@ def test_patience_study_prints_its_tables_and_plots_and_resumes(tmp_path):
     # A rerun finds every step done and only prints the tables again.
     again = run("patience.py", "--quick", "--out", str(study))
     assert "  runs/" not in again and again.split("\nteacher ")[1] == out.split("\nteacher ")[1]
+
+
+@pytest.mark.slow
+def test_teachers_benchmark_prints_throughput_and_bytes_per_teacher():
+    out = run("teachers.py", "--quick")
+    rows = {line[:58].strip(): line[58:].split() for line in out.splitlines()}
+    assert float(rows["add-teacher (read params, decode, replay, teacher, store)"][1]) > 0
+    assert float(rows["teacher B (teachers/B/)"][0]) > 0 and float(rows["teacher main (root)"][0]) > 0
+    assert float(rows["parameters (root, shared by every teacher)"][0]) > 0

@@ -120,21 +120,62 @@ def test_with_indexes_an_edit_shows_in_the_digest_or_refuses_the_unit(cache_copy
     assert digest_of(path) != digest
 
 
-def test_the_digest_follows_from_the_documented_encoding(small_cache):
-    """docs/format.md, "The content digest", computed here from the files alone."""
+def documented_digest(path: Path) -> str:
+    """docs/format.md, "The content digest", computed from the files alone."""
     def canonical(value) -> bytes:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
-    root = json.loads((small_cache / "zarr.json").read_bytes())["attributes"]
+    def entry_lines(ledger: Path) -> list[bytes]:
+        entries = [json.loads(p.read_bytes()) for p in sorted(ledger.glob("e*-u*.json"))]
+        lines = []
+        for e in sorted(entries, key=lambda e: (e["epoch"], e["unit"])):
+            files = {k: {"sha256": f["sha256"], "bytes": f["bytes"]} for k, f in e["files"].items()}
+            lines.append(canonical({"epoch": e["epoch"], "unit": e["unit"], "views": e["views"], "files": files}))
+        return lines
+
+    root = json.loads((path / "zarr.json").read_bytes())["attributes"]
     manifest = {k: v for k, v in root["kdcache"].items() if k not in ("created", "command")}
     subset = root.get("kdcache_subset")
     lines = [canonical(manifest), canonical(None if subset is None else {"epochs": subset["epochs"], "units": subset["units"]})]
-    entries = [json.loads(p.read_bytes()) for p in sorted((small_cache / "ledger").glob("e*-u*.json"))]
-    for e in sorted(entries, key=lambda e: (e["epoch"], e["unit"])):
-        files = {k: {"sha256": f["sha256"], "bytes": f["bytes"]} for k, f in e["files"].items()}
-        lines.append(canonical({"epoch": e["epoch"], "unit": e["unit"], "views": e["views"], "files": files}))
-    expected = hashlib.sha256(b"kdcache-content-digest-1\n" + b"".join(line + b"\n" for line in lines)).hexdigest()
-    assert digest_of(small_cache) == expected
+    lines += entry_lines(path / "ledger")
+    teachers = sorted(p.name for p in (path / "teachers").iterdir() if not p.name.startswith(".")) if (path / "teachers").is_dir() else []
+    for name in teachers:  # each added teacher: its group attributes less their provenance, then its own ledger's entries
+        group = json.loads((path / "teachers" / name / "zarr.json").read_bytes())["attributes"]["kdcache_teacher"]
+        lines.append(canonical({k: v for k, v in group.items() if k not in ("created", "command")}))
+        lines += entry_lines(path / "teachers" / name / "ledger")
+    return hashlib.sha256(b"kdcache-content-digest-1\n" + b"".join(line + b"\n" for line in lines)).hexdigest()
+
+
+def test_the_digest_follows_from_the_documented_encoding(small_cache):
+    assert digest_of(small_cache) == documented_digest(small_cache)
+
+
+def test_added_teachers_extend_the_digest_as_documented_and_leave_the_roots_lines_alone(cache_copy, make_teacher):
+    from kdcache.add_teacher import AddTeacherConfig, add_teacher
+    from kdcache.format.digest import content_digest
+    from kdcache.teacher import TeacherConfig
+
+    path, _ = cache_copy
+    alone = digest_of(path)
+    for name, seed in (("zeta", 1), ("B", 2)):  # digested in name order, whichever was added first
+        add_teacher(AddTeacherConfig(cache=str(path), data="digits", name=name, command="pytest",
+                                     teacher=TeacherConfig(model="test_resnet", checkpoint=str(make_teacher(seed=seed)))), log=quiet)
+    cache = open_cache(path)
+    assert cache.teachers == ["main", "B", "zeta"]
+    assert digest_of(path) == documented_digest(path) != alone
+    assert content_digest(cache.manifest, cache.subset, cache.ledger.values()) == alone  # the root's lines are what they were
+    group = path / "teachers" / "B" / "zarr.json"
+    root = json.loads(group.read_bytes())
+    root["attributes"]["kdcache_teacher"]["command"] = "another command line"  # provenance, not content
+    before = digest_of(path)
+    group.write_text(json.dumps(root))
+    assert digest_of(path) == documented_digest(path) == before
+    entry = path / "teachers" / "B" / "ledger" / "e000001-u000002.json"
+    data = json.loads(entry.read_bytes())
+    data["views"] += 1
+    entry.write_text(json.dumps(data))
+    (path / "teachers" / "B" / "ledger" / "epochs" / "e000001.json").unlink()  # else its epoch index is read, not the entry
+    assert digest_of(path) == documented_digest(path) not in (before, alone)
 
 
 # ---- --expect-digest ---------------------------------------------------------------------------------------------

@@ -78,3 +78,20 @@ def test_a_cache_made_before_epoch_indexes_has_the_same_digest_once_indexed(old_
     indexed = open_cache(old_cache)
     assert indexed.indexed_epochs() == [0, 1] and indexed.ledger == plain.ledger and indexed.digest() == OLD_CACHE_DIGEST
     assert (old_cache / epoch_index_key(1)).is_file()
+
+
+def test_a_cache_made_before_claims_takes_another_teacher(old_cache, helpers, make_teacher, one_thread):
+    """add-teacher on the old layout: its files stay as they are, the teacher's group verifies and trains."""
+    before = helpers.tree_hashes(old_cache)
+    result = CliRunner().invoke(app, ["add-teacher", str(old_cache), "--data", "digits:val", "--teacher", "test_resnet",
+                                      "--teacher-checkpoint", str(make_teacher(seed=1)), "--name", "B", "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines()[-1] == "computed 6 unit(s)"
+    after = helpers.tree_hashes(old_cache)
+    assert {name: after[name] for name in before} == before and all(name.startswith("teachers/B/") for name in set(after) - set(before))
+    cache = open_cache(old_cache)
+    assert cache.teachers == ["main", "B"] and cache.teacher_records("B").complete_epochs() == [0, 1]
+    for args in (["--quick"], ["--data", "digits:val", "--teacher", "test_resnet", "--teacher-checkpoint", str(make_teacher(seed=1)),
+                               "--views", "16", "--teacher-record", "B"]):
+        verified = CliRunner().invoke(app, ["verify", str(old_cache), *args])
+        assert verified.exit_code == 0, verified.output

@@ -141,7 +141,7 @@ def test_a_missing_shard_is_named_locally_and_over_http(export_copy, serve_direc
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "kdcache-wds.json is not valid JSON ("),
-    ("version", "kdcache-wds.json: webdataset container version 2 is not supported by this kdcache (reads version 1)"),
+    ("version", "kdcache-wds.json: webdataset container version 3 is not supported by this kdcache (reads 1 and 2)"),
     ("manifest", "kdcache-wds.json: manifest: format_version 7 is not supported"),
 ])
 def test_a_damaged_index_is_a_one_line_format_error(export_copy, damage, message):
@@ -151,7 +151,7 @@ def test_a_damaged_index_is_a_one_line_format_error(export_copy, damage, message
     else:
         index = json.loads(path.read_text())
         if damage == "version":
-            index["version"] = 2
+            index["version"] = 3
         else:
             index["manifest"]["format_version"] = 7
         path.write_text(json.dumps(index))

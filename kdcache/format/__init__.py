@@ -11,6 +11,7 @@ Layout (a zarr v3 hierarchy; docs/format.md is the spec):
     CACHE/samples/{source_index,label,digest,key}   [slots]      the plan: which sample sits in each slot
     CACHE/ledger/e{E:06d}-u{U:06d}.json                          one file per committed unit, with sha256 per shard file
     CACHE/claims/e{E:06d}-u{U:06d}.g{G}.json                     a writer's claim on a unit it computes (kdcache.format.claims)
+    CACHE/teachers/NAME/{zarr.json,values,indices,tail,ledger,claims}  an added teacher's records (kdcache.format.group)
 
 Slots: block b occupies slots [b * block_capacity, b * block_capacity + size_b); the rest of
 its capacity is padding (never read, compressed away). One inner zarr chunk holds one
@@ -22,7 +23,7 @@ is written only after the unit's shard files are durable (fsync) and their sha25
 Modules: :mod:`~kdcache.format.manifest` (what a cache is), :mod:`~kdcache.format.store` (keys,
 codecs, checksums, the JSON files), :mod:`~kdcache.format.ledger` (the ledger's entries and epoch
 indexes), :mod:`~kdcache.format.digest` (the content digest), :mod:`~kdcache.format.reader` and
-:mod:`~kdcache.format.writer`, :mod:`~kdcache.format.held` (what both readers share),
+:mod:`~kdcache.format.writer`, :mod:`~kdcache.format.held` (what both readers share), :mod:`~kdcache.format.group` (added teachers' groups),
 :mod:`~kdcache.format.wds` (the webdataset export: its reader and writer) and
 :mod:`~kdcache.format.selection` (choosing epochs and units). The format imports nothing of
 kdcache's but :mod:`kdcache.errors` and :mod:`kdcache.location`.
@@ -73,8 +74,19 @@ from kdcache.format.digest import (
     require_digest,
 )
 from kdcache.format.held import HeldUnits
+from kdcache.format.group import (
+    ALL,
+    MAIN,
+    TEACHER_ARRAYS,
+    TEACHERS_DIR,
+    TeacherGroup,
+    check_teacher_name,
+    group_dir,
+)
 from kdcache.format.reader import (
+    AllTeachers,
     Cache,
+    TeacherRecords,
     open_cache,
 )
 from kdcache.format.selection import (
@@ -98,6 +110,7 @@ from kdcache.format.claims import (
 from kdcache.format.writer import (
     CacheWriter,
     CreatedElsewhere,
+    GroupWriter,
     creation_dir,
     remove_stale_creations,
     write_manifest,
@@ -140,6 +153,15 @@ __all__ = [
     "content_digest",
     "require_digest",
     "Cache",
+    "AllTeachers",
+    "TeacherRecords",
+    "ALL",
+    "MAIN",
+    "TEACHER_ARRAYS",
+    "TEACHERS_DIR",
+    "TeacherGroup",
+    "check_teacher_name",
+    "group_dir",
     "HeldUnits",
     "open_cache",
     "default_selection",
@@ -156,6 +178,7 @@ __all__ = [
     "unit_claim",
     "CacheWriter",
     "CreatedElsewhere",
+    "GroupWriter",
     "creation_dir",
     "remove_stale_creations",
     "write_manifest",

@@ -37,15 +37,24 @@ def entry_content(entry: LedgerEntry) -> dict:
     return {"epoch": entry.epoch, "unit": entry.unit, "views": entry.views, "files": files}
 
 
-def content_digest(manifest: Manifest, subset: Subset | None, entries) -> str:
+def content_digest(manifest: Manifest, subset: Subset | None, entries, *, teachers=()) -> str:
     """sha256 hex of: the prefix line, then one canonical JSON line each for the manifest's content, the
-    subset's ``{epochs, units}`` (or ``null``), and every ledger entry's content in (epoch, unit) order."""
+    subset's ``{epochs, units}`` (or ``null``), and every ledger entry's content in (epoch, unit) order.
+
+    ``teachers``: the added teachers, ``(group, its ledger entries)`` in name order; each adds a line of
+    its group attributes' content, then its entries' lines in the same form. Without any, the digest
+    is what it was before caches could hold several teachers.
+    """
     digest = hashlib.sha256(DIGEST_PREFIX)
     digest.update(canonical_json(manifest_content(manifest)) + b"\n")
     declared = None if subset is None else {"epochs": list(subset.epochs), "units": list(subset.units)}
     digest.update(canonical_json(declared) + b"\n")
     for entry in sorted(entries, key=lambda e: (e.epoch, e.unit)):
         digest.update(canonical_json(entry_content(entry)) + b"\n")
+    for group, group_entries in sorted(teachers, key=lambda pair: pair[0].name):
+        digest.update(canonical_json(group.content()) + b"\n")
+        for entry in sorted(group_entries, key=lambda e: (e.epoch, e.unit)):
+            digest.update(canonical_json(entry_content(entry)) + b"\n")
     return digest.hexdigest()
 
 

@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 
 from kdcache.format.digest import content_digest
+from kdcache.format.group import TEACHER_ARRAYS
 from kdcache.format.manifest import BlockLayout, Manifest, Subset
 
 
@@ -80,3 +81,35 @@ class HeldUnits:
     def digest(self) -> str:
         """The content digest (kdcache.format.digest): the manifest, what a subset declares, every ledger entry."""
         return content_digest(self.manifest, self.subset, self.ledger.values())
+
+
+class AllTeachers(HeldUnits):
+    """Every teacher's records over the cache's views at once (record name ``all``).
+
+    ``read_block`` gives the root's arrays with ``teachers``: one ``{values, indices, tail}`` per
+    teacher, in the root's ``teachers`` order. A unit is held when every teacher has committed it.
+    ``root``: a :class:`~kdcache.format.Cache` or a webdataset export of several teachers.
+    """
+
+    FINISH = ("training from every teacher needs each one's records of every unit: finish the precompute "
+              "(kdcache precompute-logits --resume) and each kdcache add-teacher")
+
+    def __init__(self, root):
+        self.root, self.names = root, root.teachers
+        self.views = [root.teacher_records(name) for name in self.names]
+        self.location, self.manifest, self.subset, self.layout = root.location, root.manifest, root.subset, root.layout
+        self.verify_checksums = root.verify_checksums
+        self._units, self._lock = OrderedDict(), threading.Lock()
+        self.ledger = {key: entry for key, entry in root.ledger.items() if all(key in view.ledger for view in self.views[1:])}
+
+    def samples(self) -> dict:
+        return self.root.samples()
+
+    def read_block(self, epoch: int, block: int) -> dict:
+        records = self.root.read_block(epoch, block)
+        records["teachers"] = [{a: records[a] for a in TEACHER_ARRAYS}] + [
+            view.read_block(epoch, block, arrays=list(TEACHER_ARRAYS)) for view in self.views[1:]]
+        return records
+
+    def digest(self) -> str:
+        return self.root.digest()

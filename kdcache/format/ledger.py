@@ -25,6 +25,7 @@ from pathlib import Path
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
 from kdcache.location import Location, atomic_write_bytes, fsync_dir
 from kdcache.format.digest import entry_content
+from kdcache.format.group import group_dir, list_groups
 from kdcache.format.manifest import LEDGER_DIR
 from kdcache.format.store import (
     LedgerEntry,
@@ -219,8 +220,10 @@ def held_units_of_epoch(path: Path, epoch: int) -> list[int] | None:
     return list(range(manifest.blocks.num_units)) if 0 <= epoch < manifest.epochs else None
 
 
-def write_epoch_index(path: str | Path, epoch: int) -> str:
+def write_epoch_index(path: str | Path, epoch: int, *, units=None) -> str:
     """Write the index of ``epoch`` of the local cache at ``path`` if all its held units are committed.
+
+    ``units``: the units the index lists (an added teacher's group, whose folder has no manifest), else the held ones.
 
     Returns ``"incomplete"`` (a held unit has no entry: nothing written), ``"unchanged"`` (the
     index on disk already says exactly this), ``"written"`` or ``"rewritten"`` (it differed from
@@ -228,7 +231,7 @@ def write_epoch_index(path: str | Path, epoch: int) -> str:
     same index at once: they write the same bytes, each through its own temporary file and a rename.
     """
     path = Path(path)
-    units = held_units_of_epoch(path, epoch)
+    units = held_units_of_epoch(path, epoch) if units is None else list(units)
     if units is None:
         return "incomplete"
     location = Location(path)
@@ -288,4 +291,12 @@ def index_cache(location: str | Path, *, log=print) -> dict[str, list[int]]:
         raise FormatError(f"cache {location} does not exist")
     if (where.path / "kdcache-wds.json").is_file():
         raise ConfigError(f"{location} is a webdataset export: its index (kdcache-wds.json) already lists every shard")
-    return index_epochs(where.path, log=log)
+    done = index_epochs(where.path, log=log)
+    manifest, _ = read_root(where)
+    for name in list_groups(where, manifest):  # each added teacher's own ledger: an index per epoch it holds whole
+        group = where.path / group_dir(name)
+        units = range(manifest.blocks.num_units)
+        outcome = [write_epoch_index(group, epoch, units=units) for epoch in range(manifest.epochs)]
+        log(f"{location}: teacher {name}: epoch indexes {outcome.count('written')} written, {outcome.count('rewritten')} "
+            f"rewritten, {outcome.count('unchanged')} already up to date; {outcome.count('incomplete')} epoch(s) not complete")
+    return done

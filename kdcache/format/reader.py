@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
-from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
+from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
 from kdcache.location import Location
 from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, _short
-from kdcache.format.held import HeldUnits
+from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS, TeacherGroup, group_dir, list_groups
+from kdcache.format.digest import content_digest
+from kdcache.format.held import AllTeachers, HeldUnits
 from kdcache.format.ledger import Ledger, check_agreement, load_ledger
 from kdcache.format.store import LedgerEntry, ledger_key, metadata_keys, read_root, sample_array_sha256, sha256_bytes, shard_key
 
 
 class Cache(HeldUnits):
-    """A kdcache cache opened for reading (local path or URL)."""
+    """A kdcache cache opened for reading (local path or URL).
+
+    Its records are the first teacher's (record name ``main``); :attr:`teachers` names every
+    teacher and :meth:`teacher_records` reads another's.
+    """
+
+    #: The record arrays a unit's shard files hold (an added teacher's: all but params).
+    ARRAYS = RECORD_ARRAYS
+    #: How to finish a unit that is not committed.
+    FINISH = "resume the precompute (kdcache precompute-logits --resume) to finish it"
 
     def __init__(self, location: str | os.PathLike, *, verify_checksums: bool = True):
         self.location = Location(location)
@@ -27,7 +39,9 @@ class Cache(HeldUnits):
         self._array_meta: dict[str, bytes] = {}
         self._units: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
-        for array in RECORD_ARRAYS:
+        self._groups: dict[str, TeacherGroup] | None = None
+        self._teacher_views: dict = {}
+        for array in self.ARRAYS:
             self._meta(array)  # array metadata that disagrees with the manifest is refused here, naming the field
         self.refresh()
 
@@ -35,6 +49,33 @@ class Cache(HeldUnits):
         """Re-read the ledger (units committed since opening become visible): epoch indexes, then the other entries."""
         self._ledger: Ledger = load_ledger(self.location)
         self.ledger: dict[tuple[int, int], LedgerEntry] = self._ledger.entries
+
+    @property
+    def groups(self) -> dict[str, TeacherGroup]:
+        """The added teachers' group attributes, by name (one listing of ``teachers/``, on first use)."""
+        if self._groups is None:
+            self._groups = list_groups(self.location, self.manifest)
+        return self._groups
+
+    @property
+    def teachers(self) -> list[str]:
+        """Every teacher's record name: ``main`` (the root's teacher), then the added ones in name order."""
+        return [MAIN, *self.groups]
+
+    def teacher_records(self, name: str) -> "Cache":
+        """The cache as teacher ``name``'s records see it: ``main`` is this cache; ``all`` every teacher at once
+        (:class:`AllTeachers`); an added teacher's records with the root's plan and parameters (:class:`TeacherRecords`)."""
+        if name == MAIN:
+            return self
+        if name not in self._teacher_views:
+            if name == ALL:
+                self._teacher_views[name] = AllTeachers(self)
+            elif name in self.groups:
+                self._teacher_views[name] = TeacherRecords(self, self.groups[name])
+            else:
+                raise ConfigError(f"{self.location} has no teacher records named {name!r}; it has {', '.join(self.teachers)}"
+                                  f"{' (or all)' if len(self.teachers) > 1 else ''}")
+        return self._teacher_views[name]
 
     def stale_indexes(self) -> list[str]:
         """Why each ignored epoch index was ignored (it lists a unit whose own ledger entry is gone)."""
@@ -52,6 +93,11 @@ class Cache(HeldUnits):
         size = sum(shards) + self._ledger.ledger_bytes + sum(v for v in sizes.values() if v is not None)
         files = len(shards) + self._ledger.ledger_files + sum(v is not None for v in sizes.values())
         return size, files
+
+    def digest(self) -> str:
+        """The content digest (kdcache.format.digest): the root's lines, then each added teacher's, in name order."""
+        teachers = [(group, self.teacher_records(name).own_ledger.values()) for name, group in self.groups.items()]
+        return content_digest(self.manifest, self.subset, self.ledger.values(), teachers=teachers)
 
     @property
     def num_classes(self) -> int:
@@ -156,10 +202,10 @@ class Cache(HeldUnits):
         if entry is None:
             raise IncompleteCacheError(
                 f"{self.location}: {self._describe(epoch, unit)} is not committed; "
-                "resume the precompute (kdcache precompute-logits --resume) to finish it"
+                + self.FINISH
             )
         files = {}
-        keys = [shard_key(array, epoch, unit) for array in RECORD_ARRAYS]
+        keys = [shard_key(array, epoch, unit) for array in self.ARRAYS]
         check = fresh or self.verify_checksums
         agree = check and self._ledger.indexed(epoch, unit)  # its own entry must say what the epoch index says
         try:
@@ -172,7 +218,7 @@ class Cache(HeldUnits):
                                 "(its CRC-32 does not match); fetch or export the archive again") from None
         if agree:
             check_agreement(self.location, entry, fetched[ledger_key(epoch, unit)])
-        for array, key in zip(RECORD_ARRAYS, keys):
+        for array, key in zip(self.ARRAYS, keys):
             data = fetched[key]
             if data is None:
                 raise IncompleteCacheError(f"{self.location}: {self._describe(epoch, unit)}: file {key} is missing")
@@ -202,14 +248,14 @@ class Cache(HeldUnits):
         blocks = self.layout.unit_blocks(unit)
         rows = slice(blocks.start * self.layout.block_capacity, blocks.stop * self.layout.block_capacity)
         files = self._unit_bytes(epoch, unit, fresh=fresh)
-        return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
+        return {array: self._decode(array, epoch, unit, files[array], rows) for array in self.ARRAYS}
 
-    def read_block(self, epoch: int, block: int) -> dict[str, np.ndarray]:
-        """The record arrays of one block, ``[block size, ...]``: one inner chunk of its (verified) unit."""
+    def read_block(self, epoch: int, block: int, *, arrays=None) -> dict[str, np.ndarray]:
+        """The record arrays (``arrays``, default all) of one block, ``[block size, ...]``: one inner chunk of its (verified) unit."""
         unit = self.layout.unit_of(block)
         files = self._unit_bytes(epoch, unit)
         rows = self.layout.block_slots(block)
-        return {array: self._decode(array, epoch, unit, files[array], rows) for array in RECORD_ARRAYS}
+        return {array: self._decode(array, epoch, unit, files[array], rows) for array in (arrays or self.ARRAYS)}
 
     def check_own_entry(self, epoch: int, unit: int) -> None:
         """A unit read from an epoch index: its own ledger entry must say the same (kdcache.format.ledger.check_agreement)."""
@@ -219,6 +265,79 @@ class Cache(HeldUnits):
     def verify_unit(self, epoch: int, unit: int) -> None:
         """Re-hash one unit's files against the ledger (raises ChecksumError / IncompleteCacheError)."""
         self.read_unit(epoch, unit, fresh=True)
+
+
+class TeacherRecords(Cache):
+    """An added teacher's records (``teachers/NAME/``) over the root's views: read like a cache.
+
+    Its manifest is the root's with this teacher's fields (:meth:`TeacherGroup.records_manifest`);
+    ``read_block`` gives its values, indices and tail with the root's params; the plan is the root's.
+    A unit is held only when both the root and this teacher have committed it (``ledger``);
+    ``own_ledger`` is every entry of the group's own ledger.
+    """
+
+    ARRAYS = TEACHER_ARRAYS
+
+    def __init__(self, root: Cache, group: TeacherGroup):
+        self.root, self.group, self.name = root, group, group.name
+        self.location = root.location.child(group_dir(group.name))
+        self.FINISH = f"score it with kdcache add-teacher {root.location} --name {group.name} (it resumes)"
+        self.manifest, self.subset = group.records_manifest(root.manifest), root.subset
+        self.layout = self.manifest.blocks
+        self.verify_checksums = root.verify_checksums
+        self._array_meta, self._units, self._lock = {}, OrderedDict(), threading.Lock()
+        self._groups, self._teacher_views = {}, {}
+        for array in self.ARRAYS:
+            self._meta(array)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.root.refresh()
+        self._ledger = load_ledger(self.location)
+        self.own_ledger: dict[tuple[int, int], LedgerEntry] = self._ledger.entries
+        self.ledger = {key: entry for key, entry in self.own_ledger.items() if key in self.root.ledger}
+
+    def _meta(self, array: str) -> bytes:
+        if array not in self._array_meta:
+            data = self.location.read(f"{array}/zarr.json")
+            if data is None:
+                raise FormatError(f"{self.location}: array metadata {array}/zarr.json is missing")
+            try:  # the root may have more epochs than when this group was made: its arrays grow as it scores them
+                meta = json.loads(data)
+                meta["shape"][0] = max(int(meta["shape"][0]), self.manifest.epochs)
+                data = json.dumps(meta).encode()
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                pass  # refused, naming the file, by the check below
+            self._check_meta(array, data)
+            self._array_meta[array] = data
+        return self._array_meta[array]
+
+    def samples(self) -> dict[str, np.ndarray]:
+        return self.root.samples()
+
+    def read_block(self, epoch: int, block: int, *, arrays=None) -> dict[str, np.ndarray]:
+        """This teacher's records of one block, with the root's params of its views."""
+        wanted = arrays or RECORD_ARRAYS
+        records = super().read_block(epoch, block, arrays=[a for a in wanted if a != "params"])
+        if "params" in wanted:
+            records["params"] = self.root.read_block(epoch, block, arrays=["params"])["params"]
+        return records
+
+    def stored_size(self) -> tuple[int, int]:
+        """(bytes, files) of this teacher's group: its shard files, ledger and metadata."""
+        keys = ["zarr.json", *(f"{array}/zarr.json" for array in self.ARRAYS)]
+        sizes = self.location.sizes(keys)
+        shards = [meta.get("bytes") or 0 for entry in self.own_ledger.values() for meta in entry.files.values()]
+        size = sum(shards) + self._ledger.ledger_bytes + sum(v for v in sizes.values() if v is not None)
+        return size, len(shards) + self._ledger.ledger_files + sum(v is not None for v in sizes.values())
+
+    def repair_advice(self) -> str:
+        if self.location.local:
+            return "score it again with kdcache add-teacher ... --repair"
+        return "this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes the cache"
+
+    def digest(self) -> str:
+        return self.root.digest()
 
 
 def _buffer(data: bytes):

@@ -50,7 +50,9 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
-from kdcache.format.held import HeldUnits
+from kdcache.format.digest import content_digest
+from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS, TeacherGroup
+from kdcache.format.held import AllTeachers, HeldUnits
 from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, Manifest, Subset, now_iso
 from kdcache.format.selection import default_selection, format_selection
 from kdcache.format.store import LedgerEntry, npy_bytes, sample_array_sha256, sha256_bytes
@@ -59,11 +61,15 @@ from kdcache.location import Location, fsync_dir, atomic_write_bytes, is_url
 #: The version of this container (the index's ``version``); the records inside follow the
 #: cache format version of the manifest they carry.
 WDS_VERSION = 1
+#: The version of an export that holds added teachers' records too (an older reader refuses it rather than drop them).
+WDS_TEACHERS_VERSION = 2
 CONTAINER = "kdcache-wds"
 INDEX_NAME = "kdcache-wds.json"
 SAMPLES_NAME = "samples.tar"
 _BLOCK_MEMBER = re.compile(r"e(\d{6,})-b(\d{6,})\.(\w+)\.npy$")
 _VIEW_MEMBER = re.compile(r"e\d{6,}-b\d{6,}-p\d{6,}\.")
+#: An added teacher's records of a block: ``eEEEEEE-bBBBBBB.teacher.NAME.{values,indices,tail}.npy``.
+_TEACHER_MEMBER = re.compile(r"e(\d{6,})-b(\d{6,})\.teacher\.([A-Za-z0-9][A-Za-z0-9_.-]*)\.(values|indices|tail)\.npy$")
 
 
 def shard_name(epoch: int, unit: int) -> str:
@@ -161,9 +167,13 @@ def _plan_groups(plan: dict[str, np.ndarray]) -> list[dict]:
     return [{"__key__": "samples", **members}]
 
 
-def _shard_groups(epoch: int, blocks: range, records: dict[int, dict], images: dict[int, list] | None):
+def _shard_groups(epoch: int, blocks: range, records: dict[int, dict], images: dict[int, list] | None, added=None):
+    """``added``: each added teacher's records, name -> block -> arrays, stored beside the block's own."""
     for block in blocks:
-        yield {"__key__": block_key(epoch, block), **{f"{name}.npy": npy_bytes(records[block][name]) for name in RECORD_ARRAYS}}
+        members = {f"{name}.npy": npy_bytes(records[block][name]) for name in RECORD_ARRAYS}
+        for teacher, by_block in sorted((added or {}).items()):
+            members.update({f"teacher.{teacher}.{name}.npy": npy_bytes(by_block[block][name]) for name in TEACHER_ARRAYS})
+        yield {"__key__": block_key(epoch, block), **members}
         for position, (extension, data, label, key) in enumerate(images.get(block, []) if images else []):
             yield {
                 "__key__": view_key(epoch, block, position),
@@ -187,6 +197,13 @@ def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, i
     m, layout = cache.manifest, cache.layout
     units = sorted({(int(e), int(u)) for e, u in units})
     _check_committed(cache, units)
+    added = {name: cache.teacher_records(name) for name in getattr(cache, "teachers", [MAIN])[1:]}
+    for teacher, records in added.items():  # every shard holds every teacher's records of its blocks
+        lacking = [key for key in units if key not in records.ledger]
+        if lacking:
+            raise IncompleteCacheError(f"{cache.location}: the teacher records {teacher!r} lack epoch {lacking[0][0]} unit "
+                                       f"{lacking[0][1]} ({len(lacking)} exported unit(s)); score them with kdcache "
+                                       "add-teacher, or export other epochs or blocks")
     subset = Subset.of(m, units, source=cache.location)
     plan = cache.samples()
 
@@ -205,8 +222,10 @@ def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, i
             members = images(unit) if images is not None else None  # read once per unit, stored in each epoch's shard
             for epoch in by_unit[unit]:
                 records = {block: cache.read_block(epoch, block) for block in blocks}
+                others = {teacher: {block: view.read_block(epoch, block, arrays=list(TEACHER_ARRAYS)) for block in blocks}
+                          for teacher, view in added.items()}
                 name = shard_name(epoch, unit)
-                written = _write_tar(tmp / name, _shard_groups(epoch, blocks, records, members))
+                written = _write_tar(tmp / name, _shard_groups(epoch, blocks, records, members, others))
                 entry = cache.ledger[(epoch, unit)]
                 shards.append({"file": name, "epoch": epoch, "unit": unit, "blocks": [blocks.start, blocks.stop - 1],
                                "views": entry.views, "committed": entry.committed, **written})
@@ -215,7 +234,7 @@ def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, i
         shards.sort(key=lambda s: (s["epoch"], s["unit"]))
         index = {
             "container": CONTAINER,
-            "version": WDS_VERSION,
+            "version": WDS_TEACHERS_VERSION if added else WDS_VERSION,
             "exported": now_iso(),
             "command": command,
             "source": str(cache.location),
@@ -225,6 +244,7 @@ def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, i
             "arrays": {name: {"dtype": m.dtypes[name], "width": _width(m, name)} for name in RECORD_ARRAYS},
             "samples": samples_file,
             "shards": shards,
+            **({"teachers": {teacher: view.group.to_dict() for teacher, view in added.items()}} if added else {}),
         }
         atomic_write_bytes(tmp / INDEX_NAME, json.dumps(index, indent=1).encode())  # last: it commits the export
         check_wds_output(out)  # nothing appeared there meanwhile
@@ -281,9 +301,10 @@ class WdsCache(HeldUnits):
         if not isinstance(index, dict) or index.get("container") != CONTAINER:
             raise FormatError(f"{where}: not a kdcache webdataset index (container {_get(index, 'container')!r}, "
                               f"expected {CONTAINER!r})")
-        if index.get("version") != WDS_VERSION:
+        known = [v for v in (WDS_VERSION, WDS_TEACHERS_VERSION) if v is not None]
+        if index.get("version") not in known:
             raise FormatError(f"{where}: webdataset container version {index.get('version')!r} is not supported by this "
-                              f"kdcache (reads version {WDS_VERSION}); upgrade kdcache or export the cache again")
+                              f"kdcache (reads {' and '.join(map(str, known))}); upgrade kdcache or export the cache again")
         _fields(index, where, {"manifest": dict, "arrays": dict, "samples": dict, "shards": list})
         self.manifest = Manifest.from_dict(index["manifest"], where=f"{where}: manifest")
         self.layout = self.manifest.blocks
@@ -309,6 +330,39 @@ class WdsCache(HeldUnits):
         self.ledger: dict[tuple[int, int], LedgerEntry] = ledger
         self.images = bool(index.get("images"))
         self._index_bytes = len(data)
+        teachers = index.get("teachers") if index.get("version") == WDS_TEACHERS_VERSION else None
+        if teachers is not None and not isinstance(teachers, dict):
+            raise FormatError(f"{where}: field teachers = {teachers!r}; expected an object of teacher groups")
+        self.groups = {name: TeacherGroup.from_dict(group, self.manifest, where=f"{where}: teachers.{name}")
+                       for name, group in sorted((teachers or {}).items())}
+        for name, group in self.groups.items():
+            if group.name != name:
+                raise FormatError(f"{where}: teachers.{name} names the teacher {group.name!r}")
+        self._teacher_views: dict = {}
+
+    @property
+    def teachers(self) -> list[str]:
+        """Every teacher's record name: ``main``, then the added teachers the export holds, in name order."""
+        return [MAIN, *self.groups]
+
+    def teacher_records(self, name: str):
+        """As :meth:`kdcache.format.Cache.teacher_records`: ``main`` is this export, ``all`` every teacher at once."""
+        if name == MAIN:
+            return self
+        if name not in self._teacher_views:
+            if name == ALL:
+                self._teacher_views[name] = AllTeachers(self)
+            elif name in self.groups:
+                self._teacher_views[name] = WdsTeacherRecords(self, self.groups[name])
+            else:
+                raise ConfigError(f"{self.location} has no teacher records named {name!r}; it has {', '.join(self.teachers)}"
+                                  f"{' (or all)' if len(self.teachers) > 1 else ''}")
+        return self._teacher_views[name]
+
+    def digest(self) -> str:
+        """The content digest over the export's own shard files, then each added teacher's group attributes."""
+        return content_digest(self.manifest, self.subset, self.ledger.values(),
+                              teachers=[(group, []) for group in self.groups.values()])
 
     def stored_size(self) -> tuple[int, int]:
         """(bytes, files) of the export, from its index's byte counts (no request per shard)."""
@@ -386,6 +440,13 @@ class WdsCache(HeldUnits):
         wanted = self.layout.unit_blocks(unit)
         found: dict[int, dict[str, np.ndarray]] = {b: {} for b in wanted}
         for member, content in _tar_members(data, where, keep=lambda n: not _VIEW_MEMBER.match(n)).items():
+            added = _TEACHER_MEMBER.match(member)
+            if added is not None and int(added.group(1)) == epoch and int(added.group(2)) in found and added.group(3) in self.groups:
+                try:
+                    found[int(added.group(2))][f"teacher.{added.group(3)}.{added.group(4)}"] = _load_npy(content)
+                except ValueError as exc:
+                    raise ChecksumError(f"{where}: member {member} cannot be decoded ({exc})") from None
+                continue
             match = _BLOCK_MEMBER.match(member)
             if match is None or int(match.group(1)) != epoch or int(match.group(2)) not in found or match.group(3) not in RECORD_ARRAYS:
                 raise FormatError(f"{where}: unexpected member {member}")
@@ -405,11 +466,22 @@ class WdsCache(HeldUnits):
                 if value.shape != expected or value.dtype != np.dtype(m.dtypes[array]):
                     raise FormatError(f"{where}: member {member} holds {value.dtype} {value.shape}; "
                                       f"the manifest says {m.dtypes[array]} {expected}")
+            for teacher, group in self.groups.items():
+                for array in TEACHER_ARRAYS:
+                    member = f"{block_key(epoch, block)}.teacher.{teacher}.{array}.npy"
+                    value = arrays.get(f"teacher.{teacher}.{array}")
+                    expected = (self.layout.sizes[block], 2 if array == "tail" else group.k)
+                    if value is None:
+                        raise FormatError(f"{where}: block {block} has no member {member}")
+                    if value.shape != expected or value.dtype != np.dtype(group.dtypes[array]):
+                        raise FormatError(f"{where}: member {member} holds {value.dtype} {value.shape}; "
+                                          f"its teacher group says {group.dtypes[array]} {expected}")
         return found
 
-    def read_block(self, epoch: int, block: int) -> dict[str, np.ndarray]:
-        """The record arrays of one block, ``[block size, ...]``, from its (verified) shard."""
-        return self._unit_blocks(epoch, self.layout.unit_of(block))[block]
+    def read_block(self, epoch: int, block: int, *, arrays=None) -> dict[str, np.ndarray]:
+        """The record arrays (``arrays``, default all) of one block, ``[block size, ...]``, from its (verified) shard."""
+        found = self._unit_blocks(epoch, self.layout.unit_of(block))[block]
+        return {array: found[array] for array in (arrays or RECORD_ARRAYS)}
 
     def read_unit(self, epoch: int, unit: int, *, fresh: bool = False) -> dict[str, np.ndarray]:
         """All record arrays of one unit, ``[unit slots, ...]``, padding slots zero (as a cache stores them)."""
@@ -427,6 +499,41 @@ class WdsCache(HeldUnits):
     def verify_unit(self, epoch: int, unit: int) -> None:
         """Re-hash one unit's shard against the index (raises ChecksumError / IncompleteCacheError)."""
         self._unit_blocks(epoch, unit, fresh=True)
+
+
+class WdsTeacherRecords(HeldUnits):
+    """An added teacher's records in a webdataset export: read like the export, from the members
+    ``eEEEEEE-bBBBBBB.teacher.NAME.{values,indices,tail}.npy`` of its shards, with the export's params."""
+
+    ARRAYS = TEACHER_ARRAYS
+
+    def __init__(self, root: WdsCache, group: TeacherGroup):
+        self.root, self.group, self.name = root, group, group.name
+        self.location, self.subset, self.layout = root.location, root.subset, root.layout
+        self.manifest = group.records_manifest(root.manifest)
+        self.verify_checksums, self.ledger = root.verify_checksums, root.ledger  # every shard holds every teacher's records
+        self.FINISH = "export it again from the cache, once the teacher's records are complete there"
+        self._units, self._lock = OrderedDict(), threading.Lock()
+
+    def samples(self) -> dict[str, np.ndarray]:
+        return self.root.samples()
+
+    def read_block(self, epoch: int, block: int, *, arrays=None) -> dict[str, np.ndarray]:
+        found = self.root._unit_blocks(epoch, self.layout.unit_of(block))[block]
+        return {array: found[array if array == "params" else f"teacher.{self.name}.{array}"] for array in (arrays or RECORD_ARRAYS)}
+
+    def verify_unit(self, epoch: int, unit: int) -> None:
+        self.root.verify_unit(epoch, unit)
+
+    def _array(self, name: str) -> SimpleNamespace:
+        width = 2 if name == "tail" else self.group.k
+        return SimpleNamespace(shape=(self.manifest.epochs, self.layout.num_slots, width), dtype=np.dtype(self.group.dtypes[name]))
+
+    def stored_size(self) -> tuple[int, int]:
+        return self.root.stored_size()
+
+    def digest(self) -> str:
+        return self.root.digest()
 
 
 def _get(data: Any, key: str) -> Any:

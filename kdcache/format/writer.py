@@ -18,6 +18,7 @@ from kdcache.location import Location, fsync_dir, atomic_write_bytes
 from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, SUBSET_KEY, Subset, now_iso
 from kdcache.format.store import LedgerEntry, _compressors, ledger_key, read_root, sample_array_sha256, sha256_bytes, shard_key
 from kdcache.format.reader import Cache
+from kdcache.format.group import TEACHER_ARRAYS, TeacherGroup, group_dir, group_root, read_group
 from kdcache.format.claims import MANIFEST_CLAIM, Claims
 from kdcache.format.ledger import remove_epoch_index, write_epoch_index
 
@@ -57,8 +58,28 @@ def remove_stale_creations(final: Path, *, log=print) -> list[Path]:
     return removed
 
 
+def _create_record_arrays(group, manifest: Manifest, arrays) -> None:
+    """The record arrays of a zarr group: epoch-major, one inner chunk per (epoch, block), one shard file per (epoch, unit)."""
+    layout = manifest.blocks
+    widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
+    for name in arrays:
+        dtype = np.dtype(manifest.dtypes[name])
+        group.create_array(
+            name,
+            shape=(manifest.epochs, layout.num_slots, widths[name]),
+            chunks=(1, layout.block_capacity, widths[name]),
+            shards=(1, layout.block_capacity * layout.blocks_per_unit, widths[name]),
+            dtype=dtype,
+            compressors=_compressors(manifest.compression[name], dtype),
+            fill_value=0,
+        )
+
+
 class CacheWriter:
     """Writes one local cache. Rank 0 creates or extends it; every rank commits its own units."""
+
+    #: The record arrays a unit's shard files hold.
+    ARRAYS = RECORD_ARRAYS
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -88,20 +109,8 @@ class CacheWriter:
         if path.exists():
             shutil.rmtree(path)
         path.mkdir()
-        layout = manifest.blocks
         group = zarr.open_group(LocalStore(path), mode="w")
-        widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
-        for name in RECORD_ARRAYS:
-            dtype = np.dtype(manifest.dtypes[name])
-            group.create_array(
-                name,
-                shape=(manifest.epochs, layout.num_slots, widths[name]),
-                chunks=(1, layout.block_capacity, widths[name]),
-                shards=(1, layout.block_capacity * layout.blocks_per_unit, widths[name]),
-                dtype=dtype,
-                compressors=_compressors(manifest.compression[name], dtype),
-                fill_value=0,
-            )
+        _create_record_arrays(group, manifest, RECORD_ARRAYS)
         hashes = {}
         sample_group = group.require_group("samples")
         for name in SAMPLE_ARRAYS:
@@ -188,7 +197,7 @@ class CacheWriter:
         blocks = self.layout.unit_blocks(unit)
         rows = (blocks.stop - blocks.start) * self.layout.block_capacity
         files = {}
-        for name in RECORD_ARRAYS:
+        for name in self.ARRAYS:
             data = arrays[name]
             if data.shape[0] != rows:
                 raise ValueError(f"unit {unit} of {name}: {data.shape[0]} rows, expected {rows}")
@@ -221,3 +230,58 @@ def write_manifest(path: Path, manifest: Manifest, *, subset: Subset | None = No
         attributes[SUBSET_KEY] = subset.to_dict()
     root = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     atomic_write_bytes(Path(path) / "zarr.json", json.dumps(root, indent=1).encode())
+
+
+class GroupWriter(CacheWriter):
+    """Writes an added teacher's group ``teachers/NAME/`` of the local cache at ``path``, and nothing outside it.
+
+    Its units are committed as a cache's are (shard files, then the ledger entry, in the group's
+    own ``ledger/``); the root's manifest, records and ledger are only read.
+    """
+
+    ARRAYS = TEACHER_ARRAYS
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self.cache_path = Path(path)
+        manifest, self.subset = read_root(Location(self.cache_path))
+        self.group = read_group(Location(self.cache_path), name, manifest)
+        self.path = self.cache_path / group_dir(name)
+        self.manifest = self.group.records_manifest(manifest)
+        self.layout = self.manifest.blocks
+        self._array_meta = {}
+
+    @staticmethod
+    def create(path: str | os.PathLike, group: TeacherGroup, *, log=print) -> "GroupWriter":
+        """Create ``teachers/NAME/`` of the cache at ``path`` atomically: built beside it, renamed into place.
+
+        Raises :class:`CreatedElsewhere` when the group exists already (made by another process, maybe just now).
+        """
+        import zarr
+        from zarr.storage import LocalStore
+
+        cache = Path(path)
+        final = cache / group_dir(group.name)
+        if (final / "zarr.json").exists():
+            raise CreatedElsewhere(f"{final} exists already")
+        final.parent.mkdir(exist_ok=True)
+        remove_stale_creations(final, log=log)
+        building = creation_dir(final)
+        if building.exists():
+            shutil.rmtree(building)
+        building.mkdir()
+        manifest = group.records_manifest(read_root(Location(cache))[0])
+        _create_record_arrays(zarr.open_group(LocalStore(building), mode="w"), manifest, TEACHER_ARRAYS)
+        (building / LEDGER_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(building / "zarr.json", json.dumps(group_root(group), indent=1).encode())
+        try:
+            os.rename(building, final)  # fails when another process renamed its group into place first
+        except OSError:
+            shutil.rmtree(building, ignore_errors=True)
+            if not (final / "zarr.json").exists():
+                raise
+            raise CreatedElsewhere(f"{final} was created by another process meanwhile") from None
+        fsync_dir(final.parent)
+        return GroupWriter(cache, group.name)
+
+    def write_epoch_index(self, epoch: int) -> str:
+        return write_epoch_index(self.path, epoch, units=range(self.layout.num_units))

@@ -1,0 +1,272 @@
+"""``kdcache add-teacher``: score a cache's existing views with another teacher, beside the first one's records.
+
+The plan, the views and their parameters are the cache's: each block's stored parameters are
+replayed (never drawn again), at the teacher's own input size (the same view geometry,
+kdcache.replay "Another size") and normalised with its own mean and std; its top-k records go to its own group
+``teachers/NAME/`` (kdcache.format.group), unit by unit, through the same claims, commit protocol
+and work loop as ``precompute-logits`` (:class:`kdcache.precompute.UnitWork`). Nothing outside
+that group is written, so the root's files stay byte-identical. Units the root has not committed
+are not scored; any number of ranks and jobs share the rest, and a killed run resumes by running
+it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcache import __version__, distributed
+from kdcache.augment import cache_spec, check_view_params
+from kdcache.errors import (
+    ChecksumError,
+    ConfigError,
+    FormatError,
+    IncompleteCacheError,
+    KdcacheError,
+    MismatchError,
+    SourceError,
+    WriteError,
+    describe_os_error,
+)
+from kdcache.format import (
+    COMPRESSION,
+    LEDGER_DIR,
+    TEACHER_ARRAYS,
+    Cache,
+    Claims,
+    CreatedElsewhere,
+    GroupWriter,
+    TeacherGroup,
+    check_teacher_name,
+    format_selection,
+    now_iso,
+    parse_ledger,
+    parse_selection,
+)
+from kdcache.format.claims import DEFAULT_LEASE
+from kdcache.format.group import read_group, group_dir
+from kdcache.location import Location
+from kdcache.plan import check_block, read_block
+from kdcache.precompute import PrecomputeResult, UnitWork, resolve_k
+from kdcache.replay import replay_pending
+from kdcache.sources import decode_sample, open_source
+from kdcache.teacher import TeacherConfig, load_teacher
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddTeacherConfig:
+    cache: str
+    data: str
+    teacher: TeacherConfig
+    name: str
+    topk: int | str | None = None  # None: the cache's k
+    epochs: str | None = None  # a selection such as 0,2-4; None: every epoch
+    batch_size: int | None = None  # None: the cache's
+    workers: int = 0
+    repair: bool = False  # re-hash its committed units first; the damaged ones are scored again
+    max_units: int | None = None
+    lease_seconds: float = DEFAULT_LEASE
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        check_teacher_name(self.name)
+        if self.epochs is not None:
+            parse_selection(self.epochs, "--epochs")
+        if self.max_units is not None and self.max_units < 0:
+            raise ConfigError(f"--max-units {self.max_units}; expected 0 or more")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}; expected 0 or more")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}; expected a positive integer")
+        if not (self.topk is None or self.topk == "full" or (isinstance(self.topk, int) and self.topk >= 1)):
+            raise ConfigError(f"--topk {self.topk!r}; expected a positive integer or 'full'")
+        if not self.lease_seconds > 0:
+            raise ConfigError(f"--lease {self.lease_seconds}; expected a positive number of seconds")
+
+    # What UnitWork reads of its config.
+    @property
+    def output(self) -> str:
+        return str(Path(self.cache) / group_dir(self.name))
+
+    from_epoch = 0
+
+    def finishing_command(self) -> str:
+        """The command that finishes the teacher's records: this one again (it resumes)."""
+        return self.command or f"kdcache add-teacher {self.cache} --data {self.data} --name {self.name} ..."
+
+
+class _StoredViews:
+    """Reads, checks and decodes a block's samples and replays its *stored* parameters: item ``(epoch, unit, block)``.
+
+    Pickles cheaply (the cache it reads is opened again in a DataLoader worker), like precompute's preparer.
+    """
+
+    def __init__(self, config: AddTeacherConfig, source, cache: Cache, size: int):
+        self.data, self.source, self.cache, self.size = config.data, source, cache, size
+        self.layout, self.plan = cache.layout, cache.samples()
+        self.spec = cache_spec(cache.manifest)
+
+    def __getitem__(self, job: tuple[int, int, int]):
+        epoch, _, block = job
+        where = self.layout.block_slots(block)
+        samples = read_block(self.source, self.layout, block, self.plan["source_index"][where])
+        check_block(samples, self.plan, where, what=f"data {self.data} (epoch {epoch} block {block})")
+        try:
+            images = [decode_sample(s) for s in samples]
+        except SourceError as exc:
+            raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}") from None
+        params = self.cache.read_block(epoch, block, arrays=["params"])["params"]
+        check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(samples),
+                          where=f"{self.cache.location}: epoch {epoch} block {block}")
+        return replay_pending(self.spec, params, images, path=self.cache.manifest.replay["path"], size=self.size), params
+
+
+def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) -> TeacherGroup:
+    m = cache.manifest
+    return TeacherGroup(
+        name=config.name, teacher=info, k=resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
+        dtypes={a: m.dtypes[a] for a in TEACHER_ARRAYS}, compression={a: COMPRESSION[a] for a in TEACHER_ARRAYS},
+        replay=m.replay, size=int(info.input_size[-1]), mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
+        batch_size=batch_size, tool_version=__version__, created=now_iso(), command=config.command or " ".join(sys.argv),
+    )
+
+
+def _check_same_teacher(config: AddTeacherConfig, existing: TeacherGroup, wanted: TeacherGroup) -> None:
+    """A group made by another teacher (or with another k or batch size) is refused: its records would change."""
+    for name, old, new in (("teacher.weights_sha256", existing.teacher.weights_sha256, wanted.teacher.weights_sha256),
+                           ("teacher.name", existing.teacher.name, wanted.teacher.name),
+                           ("k", existing.k, wanted.k), ("size", existing.size, wanted.size),
+                           ("mean", existing.mean, wanted.mean), ("std", existing.std, wanted.std),
+                           ("batch_size", existing.batch_size, wanted.batch_size)):
+        if old != new:
+            shown = (lambda v: f"{v[:16]}...") if name.endswith("sha256") else repr
+            raise MismatchError(f"{config.cache}: the teacher records {config.name!r} were made with {name} {shown(old)}, "
+                                f"this teacher has {shown(new)}; choose another --name for this teacher")
+
+
+def _prepare_group(config: AddTeacherConfig, cache: Cache, group: TeacherGroup, log) -> None:
+    """Rank 0: create the group, or check that the existing one was made by this teacher (joining it)."""
+    path = Path(config.cache)
+    if not (path / group_dir(config.name) / "zarr.json").exists():
+        try:
+            GroupWriter.create(path, group, log=log)
+            log(f"created the teacher records {config.name!r} in {config.cache}")
+            return
+        except CreatedElsewhere:
+            pass
+    existing = read_group(Location(path), config.name, cache.manifest)
+    # Without --topk or --batch-size, a run joins the group with what it was made with.
+    _check_same_teacher(config, existing, dataclasses.replace(
+        group, k=existing.k if config.topk is None else group.k,
+        batch_size=existing.batch_size if config.batch_size is None else group.batch_size))
+    log(f"joining the teacher records {config.name!r} of {config.cache}")
+
+
+def _repair_group(config: AddTeacherConfig, log) -> None:
+    """--repair: unreadable ledger entries, and committed units whose files fail their checksums, are uncommitted.
+
+    The group's epoch indexes are dropped first (they only repeat the entries; the run writes them again).
+    """
+    writer = GroupWriter(config.cache, config.name)
+    ledger = writer.path / LEDGER_DIR
+    for index in sorted((ledger / "epochs").glob("e*.json")):
+        index.unlink()
+    location = Location(writer.path)
+    for entry in sorted(ledger.glob("e*-u*.json")):
+        try:
+            parse_ledger(location, entry.name)
+        except FormatError as exc:
+            log(f"repair: {exc}")
+            entry.unlink()
+    records = Cache(config.cache).teacher_records(config.name)
+    damaged = 0
+    for epoch, unit in sorted(records.ledger):
+        try:
+            records.verify_unit(epoch, unit)
+        except (ChecksumError, IncompleteCacheError) as exc:
+            log(f"repair: {exc}")
+            writer.uncommit(epoch, unit)
+            damaged += 1
+    log(f"repair: {damaged} damaged unit(s) of the teacher records {config.name!r} will be scored again")
+
+
+def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
+                stop: threading.Event | None = None) -> PrecomputeResult:
+    """Score the committed views of the cache ``config.cache`` with ``config.teacher`` into ``teachers/NAME/``.
+
+    Returns what this process did, as precompute does; raises :class:`UnfinishedCacheError` when
+    units of the range are left uncommitted with no live writer holding them.
+    """
+    location = Location(config.cache)
+    if not location.local:
+        raise ConfigError(f"{config.cache}: kdcache add-teacher writes into a local cache directory, not a URL or an archive")
+    if not location.path.is_dir():
+        raise FormatError(f"cache {config.cache} does not exist")
+    if (location.path / "kdcache-wds.json").is_file():
+        raise ConfigError(f"{config.cache} is a webdataset export; add the teacher to the cache it was exported from, then export again")
+    cache = Cache(config.cache)  # the stored parameters it replays are checked against the ledger
+    if cache.subset is not None:
+        raise ConfigError(f"{config.cache} is a subset exported from {cache.subset.source}; add the teacher to that cache "
+                          "and export again")
+    m = cache.manifest
+    spec = cache_spec(m)
+    device = distributed.resolve_device("auto", distributed.ranks_from_env())
+    ranks = distributed.init(device)
+    source = open_source(config.data, split=m.dataset.split,
+                         **({"shard_sizes": [n for _, n in m.dataset.shards]} if m.dataset.shards else {}))
+    if len(source) != m.dataset.num_samples:
+        raise MismatchError(f"data {config.data} has {len(source)} samples, the cache {config.cache} was made from "
+                            f"{m.dataset.num_samples}")
+    teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)), class_names=list(m.dataset.class_names))
+    if info.num_classes != m.teacher.num_classes:
+        raise MismatchError(f"teacher {config.teacher.label} has {info.num_classes} classes, the cache {config.cache} "
+                            f"{m.teacher.num_classes}")
+    if info.input_size[-1] != info.input_size[-2]:
+        raise ConfigError(f"teacher {config.teacher.label} takes {info.input_size[-2]}x{info.input_size[-1]} images; the cache's "
+                          "views are square, so a teacher added to it must take square images")
+    group = _group_for(config, cache, info, config.batch_size or m.batch_size)
+    committed = sorted(cache.ledger)
+    epochs = parse_selection(config.epochs, "--epochs") if config.epochs is not None else None
+    if epochs is not None and max(epochs) >= m.epochs:
+        raise ConfigError(f"--epochs {config.epochs}: the cache {config.cache} has epochs 0 to {m.epochs - 1}")
+    planned = [key for key in committed if epochs is None or key[0] in epochs]
+    if not planned:
+        raise ConfigError(f"the cache {config.cache} has no committed unit{'' if epochs is None else f' in epochs {config.epochs}'} "
+                          "to score; finish it with kdcache precompute-logits --resume first")
+    failure: BaseException | None = None
+    if ranks.main:
+        try:
+            try:
+                _prepare_group(config, cache, group, log)
+                if config.repair:
+                    _repair_group(config, log)
+            except OSError as exc:
+                raise WriteError(f"cannot write {config.output}: {describe_os_error(exc)}; no unit was scored") from None
+        except KdcacheError as exc:
+            failure = exc
+    message = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
+    if ranks.main and len(planned) < m.epochs * m.blocks.num_units:
+        log(f"the cache has {len(committed)} committed unit(s); scoring {len(planned)} "
+            f"(epochs {format_selection(sorted({e for e, _ in planned}))})")
+    writer = GroupWriter(config.cache, config.name)
+    group, records = writer.group, cache.teacher_records(config.name)  # as made (a run that joins takes its k)
+    run_config = dataclasses.replace(config, batch_size=group.batch_size)
+    finish_spec = dataclasses.replace(spec, mean=tuple(group.mean), std=tuple(group.std))
+    with Claims(config.output, lease_seconds=config.lease_seconds) as claims:
+        work = UnitWork(run_config, ranks, claims, log, progress, stop, writer=writer, cache=records, planned=planned)
+        interrupted = False
+        try:
+            work.run(source, teacher, device, _StoredViews(config, source, cache, group.size), spec=finish_spec)
+        except KdcacheError as exc:
+            exc.units_computed = work.units_done
+            raise
+        except KeyboardInterrupt:
+            interrupted = True
+    return work.finish(interrupted=interrupted)
