@@ -64,6 +64,7 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
         "command": m.command,
         "teacher": {
             "name": m.teacher.name,
+            "source": m.teacher.source,
             "weights_sha256": m.teacher.weights_sha256,
             "num_classes": m.teacher.num_classes,
             "input_size": m.teacher.input_size,
@@ -133,7 +134,7 @@ def format_info(info: dict) -> str:
     lines = [
         f"cache       {info['location']}: {kind} (format v{info['format_version']}, kdcache {info['tool_version']}, created {info['created']})",
         f"digest      {info['digest']}  (sha256 of the content: publish it with the cache)",
-        f"teacher     {t['name']}  {t['num_classes']} classes  input {'x'.join(map(str, t['input_size']))}  "
+        f"teacher     {t['source']}:{t['name']}  {t['num_classes']} classes  input {'x'.join(map(str, t['input_size']))}  "
         f"{t['interpolation']}  mean {t['mean']} std {t['std']}",
         f"            weights sha256 {t['weights_sha256']}",
         f"dataset     {d['kind']} {d['uri']} ({d['split']}): {d['num_samples']} samples in {info['blocks']} blocks, digest {d['digest'][:16]}",
@@ -147,7 +148,7 @@ def format_info(info: dict) -> str:
     for added in info.get("teachers") or []:
         stored = ("" if added["size_bytes"] is None else f"; {added['size_bytes'] / 1e6:.2f} MB in {added['files']} files, "
                   + (f"{added['bytes_per_view']:.1f} bytes per view" if added["bytes_per_view"] else "no views"))
-        lines.append(f"teacher {added['name']:<3} {added['teacher']}  top-{added['k']} at {added['size']}px  "
+        lines.append(f"teacher {added['name']:<3} {added['source']}:{added['teacher']}  top-{added['k']} at {added['size']}px  "
                      f"mean {added['mean']} std {added['std']}; {added['units_held']}/{added['units_committed_by_root']} "
                      f"units held{stored}\n"
                      f"            weights sha256 {added['weights_sha256']}")

@@ -233,6 +233,7 @@ def test_info_json(small_cache, teacher_ckpt):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["teacher"]["name"] == "test_resnet" and info["teacher"]["num_classes"] == 10
+    assert info["teacher"]["source"] == "timm"
     assert info["dataset"]["kind"] == "digits" and info["dataset"]["num_samples"] == 1437
     assert (info["epochs_complete"], info["epochs_planned"], info["k"]) == ([0, 1], 2, 5)
     assert (info["units_committed"], info["units_total"], info["views_committed"]) == (6, 6, 2874)
@@ -246,7 +247,7 @@ def test_info_text(small_cache):
     result = invoke(["info", small_cache])
     assert result.exit_code == 0, result.output
     text = result.stdout
-    assert "test_resnet  10 classes  input 3x32x32" in text
+    assert "timm:test_resnet  10 classes  input 3x32x32" in text
     assert "digits digits:train (train): 1437 samples in 6 blocks" in text
     assert "2 of 2 complete (0-1); 6/6 units committed" in text
     assert "top-5 fp16 logits" in text and "bytes per view (2874 views)" in text
