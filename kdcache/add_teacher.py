@@ -91,8 +91,6 @@ class AddTeacherConfig:
     def output(self) -> str:
         return str(Path(self.cache) / group_dir(self.name))
 
-    from_epoch = 0
-
     def finishing_command(self) -> str:
         """The command that finishes the teacher's records: this one again (it resumes)."""
         return self.command or f"kdcache add-teacher {self.cache} --data {self.data} --name {self.name} ..."

@@ -341,7 +341,8 @@ class UnitWork:
     ``writer`` and ``cache`` are where units are committed and how the committed ones are read
     (default: the cache ``config.output``; ``kdcache add-teacher`` passes a group's). ``planned``:
     the units to commit (default: every unit of epochs ``config.from_epoch`` on). ``config`` needs
-    ``max_units``, ``batch_size``, ``workers``, ``from_epoch``, ``output`` and ``finishing_command()``.
+    ``max_units``, ``batch_size``, ``workers``, ``output`` and ``finishing_command()`` (and
+    ``from_epoch`` when ``planned`` is not given).
     """
 
     def __init__(self, config, ranks, claims: Claims, log, progress: bool, stop: threading.Event | None, *,
@@ -480,17 +481,18 @@ class UnitWork:
         return result
 
 
-_LEDGER_ENTRY = re.compile(r"^e(\d{6})-u\d{6}\.json$")
+_LEDGER_ENTRY = re.compile(r"^e(\d{6})-u(\d{6})\.json$")
 
 
 class _Progress:
     """Progress of the cache's planned units: a tqdm bar on a terminal, else one line per committed unit.
 
     Units committed by other processes count too (read from the ledger), so the ETA is the cache's.
+    Only the planned units count: an add-teacher of some epochs does not count the others its group holds.
     """
 
     def __init__(self, work: UnitWork, *, bar: bool):
-        self.work = work
+        self.work, self.planned = work, set(work.planned)
         self.bar = None
         if bar:
             from tqdm import tqdm
@@ -500,8 +502,8 @@ class _Progress:
 
     def _units_committed(self) -> int:
         ledger = self.work.writer.path / LEDGER_DIR
-        first = self.work.config.from_epoch
-        return sum(1 for name in os.listdir(ledger) if (entry := _LEDGER_ENTRY.match(name)) and int(entry.group(1)) >= first)
+        return sum(1 for name in os.listdir(ledger)
+                   if (entry := _LEDGER_ENTRY.match(name)) and (int(entry.group(1)), int(entry.group(2))) in self.planned)
 
     def committed(self, epoch: int, unit: int) -> None:
         work = self.work

@@ -131,6 +131,17 @@ def test_one_epoch_asked_scores_that_epoch_only(cache_copy, teacher_b):
     assert sorted(open_cache(path).teacher_records("B").ledger) == [(1, 0), (1, 1), (1, 2)]
 
 
+def test_the_progress_of_some_epochs_counts_only_their_units(cache_copy, teacher_b):
+    path, _ = cache_copy
+    run_add_teacher(path, teacher_b, epochs="0")
+    lines = []
+    with single_thread():
+        add_teacher(AddTeacherConfig(cache=str(path), data="digits", teacher=teacher_config(teacher_b), name="B", epochs="1",
+                                     command="pytest"), log=lines.append)
+    counts = [re.search(r"\((\d+)/(\d+) units", line).groups() for line in lines if line.startswith("committed")]
+    assert counts == [("1", "3"), ("2", "3"), ("3", "3")]  # epoch 0's units, committed before, are not counted
+
+
 @pytest.mark.slow
 def test_killed_at_a_random_moment_then_resumed_equals_an_unbroken_run(tmp_path, small_cache, two_teachers, teacher_b,
                                                                         subprocess_env, helpers):
