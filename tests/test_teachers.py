@@ -258,6 +258,8 @@ def test_the_loss_over_all_teachers_is_the_mean_of_each_teachers_loss(two_teache
         torch.testing.assert_close(compute_loss(config, logits, list(batch.records), batch.target), sum(each) / len(each))
     with pytest.raises(Exception, match="'mkd' learns the temperatures of one teacher"):
         compute_loss(LossConfig(name="mkd"), logits, list(batch.records), batch.target, temperatures=(torch.tensor(4.0),) * 2)
+    with pytest.raises(Exception, match="temperatures were given but loss 'kd' does not take them"):
+        compute_loss(LossConfig(name="kd"), logits, list(batch.records), batch.target, temperatures=(torch.tensor(4.0),) * 2)
 
 
 @pytest.mark.parametrize("record", ["main", "B", "all"])
