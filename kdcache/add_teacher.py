@@ -27,7 +27,6 @@ from kdcache.errors import (
     IncompleteCacheError,
     KdcacheError,
     MismatchError,
-    SourceError,
     WriteError,
     describe_os_error,
 )
@@ -49,10 +48,8 @@ from kdcache.format import (
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
 from kdcache.location import Location
-from kdcache.plan import check_block, read_block
-from kdcache.precompute import PrecomputeResult, UnitWork, resolve_k
-from kdcache.replay import replay_pending
-from kdcache.sources import decode_sample, open_source
+from kdcache.precompute import BlockPreparer, PrecomputeResult, UnitWork, resolve_k
+from kdcache.sources import open_source
 from kdcache.teacher import TeacherConfig, load_teacher
 
 
@@ -96,30 +93,21 @@ class AddTeacherConfig:
         return self.command or f"kdcache add-teacher {self.cache} --data {self.data} --name {self.name} ..."
 
 
-class _StoredViews:
-    """Reads, checks and decodes a block's samples and replays its *stored* parameters: item ``(epoch, unit, block)``.
+class _StoredViews(BlockPreparer):
+    """Precompute's block preparer with the block's *stored* parameters, checked against the spec, for its drawn ones.
 
-    Pickles cheaply (the cache it reads is opened again in a DataLoader worker), like precompute's preparer.
+    Pickles cheaply (the cache it reads is opened again in a DataLoader worker).
     """
 
     def __init__(self, config: AddTeacherConfig, source, cache: Cache, size: int):
-        self.data, self.source, self.cache, self.size = config.data, source, cache, size
-        self.layout, self.plan = cache.layout, cache.samples()
-        self.spec = cache_spec(cache.manifest)
+        super().__init__(config, source, cache.manifest, cache.samples(), size=size)
+        self.cache = cache
 
-    def __getitem__(self, job: tuple[int, int, int]):
-        epoch, _, block = job
-        where = self.layout.block_slots(block)
-        samples = read_block(self.source, self.layout, block, self.plan["source_index"][where])
-        check_block(samples, self.plan, where, what=f"data {self.data} (epoch {epoch} block {block})")
-        try:
-            images = [decode_sample(s) for s in samples]
-        except SourceError as exc:
-            raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}") from None
+    def view_params(self, epoch: int, block: int, members, images: list):
         params = self.cache.read_block(epoch, block, arrays=["params"])["params"]
-        check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(samples),
+        check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(images),
                           where=f"{self.cache.location}: epoch {epoch} block {block}")
-        return replay_pending(self.spec, params, images, path=self.cache.manifest.replay["path"], size=self.size), params
+        return params
 
 
 def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) -> TeacherGroup:

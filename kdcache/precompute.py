@@ -239,17 +239,26 @@ def _repair(cache: Cache, writer: CacheWriter, log) -> None:
     log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
 
 
-class _BlockPreparer:
+class BlockPreparer:
     """Reads, checks, decodes and replays blocks: item ``(epoch, unit, block)`` is that block's views.
 
     It holds no model and pickles cheaply, so DataLoader workers can prepare blocks (in order)
-    while the teacher scores the current one.
+    while the teacher scores the current one. The views' parameters are drawn from the spec and
+    the seed (:meth:`view_params`; ``kdcache add-teacher`` reads the stored ones instead), and
+    replayed at ``size`` (default: the spec's ``output_size``).
     """
 
-    def __init__(self, config, source, manifest: Manifest, plan):
-        self.data, self.source, self.manifest, self.plan = config.data, source, manifest, plan
+    def __init__(self, config, source, manifest: Manifest, plan, *, size: int | None = None):
+        self.data, self.source, self.manifest, self.plan, self.size = config.data, source, manifest, plan, size
         self.layout = manifest.blocks
         self.spec = cache_spec(manifest)
+
+    def view_params(self, epoch: int, block: int, members: np.ndarray, images: list) -> np.ndarray:
+        """The parameters of the block's views, one row per sample in slot order."""
+        return sample_view_params(
+            self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
+            image_sizes=[(img.height, img.width) for img in images],
+        )
 
     def __getitem__(self, job: tuple[int, int, int]):
         epoch, _, block = job
@@ -262,11 +271,8 @@ class _BlockPreparer:
         except SourceError as exc:  # the units committed so far stay; the plan cannot change to leave it out
             raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}; the cache's plan holds this "
                               "sample, so a cache without it must be created anew") from None
-        params = sample_view_params(
-            self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
-            image_sizes=[(img.height, img.width) for img in images],
-        )
-        return replay_pending(self.spec, params, images, path=self.manifest.replay["path"]), params
+        params = self.view_params(epoch, block, members, images)
+        return replay_pending(self.spec, params, images, path=self.manifest.replay["path"], size=self.size), params
 
 
 def _unit_arrays(manifest: Manifest, unit: int, names=RECORD_ARRAYS) -> dict[str, np.ndarray]:
@@ -325,7 +331,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
         work = UnitWork(config, ranks, claims, log, progress, stop)
         interrupted = False
         try:
-            work.run(source, teacher, device, _BlockPreparer(config, source, work.manifest, work.cache.samples()))
+            work.run(source, teacher, device, BlockPreparer(config, source, work.manifest, work.cache.samples()))
         except KdcacheError as exc:
             exc.units_computed = work.units_done
             raise
@@ -529,7 +535,7 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _prepared(preparer: "_BlockPreparer", jobs, workers: int, *, overlap: bool):
+def _prepared(preparer: "BlockPreparer", jobs, workers: int, *, overlap: bool):
     """``(job, pending, params)`` for the jobs (epoch, unit, block) in order: through a DataLoader
     with worker processes, two ahead in a thread (``overlap``: the teacher runs on a GPU), or
     inline (a CPU teacher already uses every core; a preparing thread beside it only makes its
@@ -568,7 +574,7 @@ class _Jobs(torch.utils.data.Sampler):
 class _Keyed(torch.utils.data.Dataset):
     """A worker's item: the job with its prepared block, so the order of results names their units."""
 
-    def __init__(self, preparer: "_BlockPreparer"):
+    def __init__(self, preparer: "BlockPreparer"):
         self.preparer = preparer
 
     def __getitem__(self, job):
