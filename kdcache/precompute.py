@@ -56,6 +56,7 @@ from kdcache.format import (
     now_iso,
     read_manifest,
     record_dtypes,
+    record_width,
     unit_claim,
 )
 from kdcache.format.claims import DEFAULT_LEASE
@@ -278,8 +279,7 @@ class BlockPreparer:
 def _unit_arrays(manifest: Manifest, unit: int, names=RECORD_ARRAYS) -> dict[str, np.ndarray]:
     layout = manifest.blocks
     rows = len(layout.unit_blocks(unit)) * layout.block_capacity
-    widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
-    return {name: np.zeros((rows, widths[name]), dtype=manifest.dtypes[name]) for name in names}
+    return {name: np.zeros((rows, record_width(manifest, name)), dtype=manifest.dtypes[name]) for name in names}
 
 
 def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = False,

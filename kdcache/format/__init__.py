@@ -47,6 +47,7 @@ from kdcache.format.manifest import (
     first_difference,
     library_versions,
     now_iso,
+    record_width,
 )
 from kdcache.format.store import (
     COMPRESSION,
@@ -125,6 +126,7 @@ __all__ = [
     "MANIFEST_KEY",
     "Manifest",
     "RECORD_ARRAYS",
+    "record_width",
     "SAMPLE_ARRAYS",
     "SUBSET_KEY",
     "Subset",
