@@ -86,11 +86,11 @@ class VerifyReport:
         width = max([12] + [len(check) for check, _ in self.checks])  # an added teacher's checks carry its name
         lines = [f"verify {self.cache}"] + ([f"  {'digest':<{width}} {self.digest}"] if self.digest else [])
         lines += [f"  {check:<{width}} {outcome}" for check, outcome in self.checks]
-        lines += [f"  near-tie     {tie}" for tie in self.near_ties[:5]]
-        lines += [f"  FAILED       {failure}" for failure in self.failures[:20]]
+        lines += [f"  {'near-tie':<{width}} {tie}" for tie in self.near_ties[:5]]
+        lines += [f"  {'FAILED':<{width}} {failure}" for failure in self.failures[:20]]
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures")
-        lines.append("  result       " + ("OK" if self.ok else f"FAILED ({len(self.failures)} problem(s))"))
+        lines.append(f"  {'result':<{width}} " + ("OK" if self.ok else f"FAILED ({len(self.failures)} problem(s))"))
         return "\n".join(lines)
 
 

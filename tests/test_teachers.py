@@ -358,6 +358,9 @@ def test_verify_checks_every_teacher_and_replays_the_one_given(two_teachers, tea
     replayed = {check for check in checks if check.startswith("replay")}
     assert replayed == {"replay [B]" if teacher == "B" else "replay"}
     assert checks[replayed.pop()].startswith("16 view(s) on path pil: 16 match")
+    report = [line for line in result.output.splitlines() if line.startswith("  ")]
+    starts = {len(line) - len(re.sub(r"^  \S+(?: \[B\])?\s+", "", line)) for line in report}
+    assert len(starts) == 1, report  # every outcome, the result's too, in one column
 
 
 def test_verify_fails_naming_a_damaged_unit_of_an_added_teacher(two_teachers, tmp_path):
