@@ -270,6 +270,34 @@ def test_train_student_runs_from_each_teacher_and_from_all(two_teachers, tmp_pat
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize("first, then", [("all", "main"), ("main", "B"), ("B", "all")])
+def test_a_run_resumed_with_another_teacher_record_is_refused_in_one_line(two_teachers, tmp_path, first, then, one_thread):
+    def train(record, *extra):
+        return invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", two_teachers, "--run-dir",
+                      tmp_path / "run", "--epochs", "1", "--batch-size", "32", "--amp", "none", "--device", "cpu",
+                      "--teacher-record", record, *extra)
+
+    assert train(first, "--max-steps", "2").exit_code == 0
+    line = one_error_line(train(then, "--resume"), 2)
+    assert f"teacher_record={then!r} but the run in" in line and f"started with teacher_record={first!r}" in line
+    assert train(first, "--resume", "--max-steps", "3").exit_code == 0  # the same record resumes
+
+
+def test_a_run_from_before_several_teachers_resumes_from_main(small_cache, tmp_path, one_thread):
+    def train(*extra):
+        return invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", small_cache, "--run-dir",
+                      tmp_path / "run", "--epochs", "1", "--batch-size", "32", "--amp", "none", "--device", "cpu", *extra)
+
+    assert train("--max-steps", "2").exit_code == 0
+    saved = tmp_path / "run" / "config.json"
+    config = json.loads(saved.read_text())
+    del config["teacher_record"]  # its config.json was written without the field
+    saved.write_text(json.dumps(config))
+    resumed = train("--resume", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+    assert "started with teacher_record" in one_error_line(train("--resume", "--teacher-record", "all"), 2)
+
+
 @pytest.mark.parametrize("args, code, expected", [
     (["--teacher-record", "C"], 2, "has no teacher records named 'C'; it has main, B (or all)"),
     (["--teacher-record", "all", "--loss", "mkd"], 2, "'mkd' learns the temperatures of one teacher"),
