@@ -21,10 +21,8 @@ from pathlib import Path
 from kdcache import __version__, distributed
 from kdcache.augment import cache_spec, check_view_params
 from kdcache.errors import (
-    ChecksumError,
     ConfigError,
     FormatError,
-    IncompleteCacheError,
     KdcacheError,
     MismatchError,
     WriteError,
@@ -42,13 +40,19 @@ from kdcache.format import (
     check_teacher_name,
     format_selection,
     now_iso,
-    parse_ledger,
     parse_selection,
 )
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
 from kdcache.location import Location
-from kdcache.precompute import BlockPreparer, PrecomputeResult, UnitWork, resolve_k
+from kdcache.precompute import (
+    BlockPreparer,
+    PrecomputeResult,
+    UnitWork,
+    drop_malformed_ledger_entries,
+    repair_units,
+    resolve_k,
+)
 from kdcache.sources import open_source
 from kdcache.teacher import TeacherConfig, load_teacher
 
@@ -157,26 +161,11 @@ def _repair_group(config: AddTeacherConfig, log) -> None:
     The group's epoch indexes are dropped first (they only repeat the entries; the run writes them again).
     """
     writer = GroupWriter(config.cache, config.name)
-    ledger = writer.path / LEDGER_DIR
-    for index in sorted((ledger / "epochs").glob("e*.json")):
+    for index in sorted((writer.path / LEDGER_DIR / "epochs").glob("e*.json")):
         index.unlink()
-    location = Location(writer.path)
-    for entry in sorted(ledger.glob("e*-u*.json")):
-        try:
-            parse_ledger(location, entry.name)
-        except FormatError as exc:
-            log(f"repair: {exc}")
-            entry.unlink()
-    records = Cache(config.cache).teacher_records(config.name)
-    damaged = 0
-    for epoch, unit in sorted(records.ledger):
-        try:
-            records.verify_unit(epoch, unit)
-        except (ChecksumError, IncompleteCacheError) as exc:
-            log(f"repair: {exc}")
-            writer.uncommit(epoch, unit)
-            damaged += 1
-    log(f"repair: {damaged} damaged unit(s) of the teacher records {config.name!r} will be scored again")
+    drop_malformed_ledger_entries(writer.path, log, manifest=writer.manifest)
+    repair_units(Cache(config.cache).teacher_records(config.name), writer, log,
+                 outcome=f"of the teacher records {config.name!r} will be scored again")
 
 
 def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,

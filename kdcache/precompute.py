@@ -188,7 +188,7 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> 
     if not config.resume:
         raise ConfigError(f"output {out} is already a kdcache cache; pass --resume to finish or extend it")
     if config.repair:
-        _drop_malformed_ledger_entries(out, log)
+        drop_malformed_ledger_entries(out, log)
     cache = Cache(out, verify_checksums=False)  # refuses array metadata that disagrees with the manifest
     if cache.subset is not None:
         raise ConfigError(f"{out} is a subset exported from {cache.subset.source}; resume or extend that cache "
@@ -208,13 +208,15 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> 
         log(f"extending {out} from {existing.epochs} to {config.epochs} epochs")
         writer.extend_epochs(config.epochs, claims)
     if config.repair:
-        _repair(cache, writer, log)
+        repair_units(cache, writer, log)
 
 
-def _drop_malformed_ledger_entries(out: Path, log) -> None:
-    """--repair: a ledger entry that cannot be read (damaged on disk) makes its unit uncommitted."""
+def drop_malformed_ledger_entries(out: Path, log, *, manifest: Manifest | None = None) -> None:
+    """--repair: a ledger entry that cannot be read (damaged on disk) makes its unit uncommitted.
+
+    ``out``: the folder of the ledger (a cache, or an added teacher's group, which passes the ``manifest`` it lacks)."""
     location = Location(out)
-    manifest = read_manifest(location)
+    manifest = manifest or read_manifest(location)
     for epoch in range(manifest.epochs):
         for unit in range(manifest.blocks.num_units):
             key = ledger_key(epoch, unit)
@@ -227,8 +229,8 @@ def _drop_malformed_ledger_entries(out: Path, log) -> None:
                 (out / key).unlink()
 
 
-def _repair(cache: Cache, writer: CacheWriter, log) -> None:
-    """Re-hash every committed unit; a damaged one is uncommitted (and recomputed by this run)."""
+def repair_units(cache: Cache, writer: CacheWriter, log, *, outcome: str = "will be recomputed") -> None:
+    """Re-hash every committed unit of ``cache``; a damaged one is uncommitted by ``writer`` (and recomputed by this run)."""
     damaged = []
     for epoch, unit in sorted(cache.ledger):
         try:
@@ -237,7 +239,7 @@ def _repair(cache: Cache, writer: CacheWriter, log) -> None:
             damaged.append((epoch, unit))
             log(f"repair: {exc}")
             writer.uncommit(epoch, unit)
-    log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
+    log(f"repair: {len(damaged)} damaged unit(s) {outcome}")
 
 
 class BlockPreparer:
