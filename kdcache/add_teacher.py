@@ -45,6 +45,7 @@ from kdcache.format import (
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
 from kdcache.location import Location
+from kdcache.plan import check_block, read_block
 from kdcache.precompute import (
     BlockPreparer,
     PrecomputeResult,
@@ -195,6 +196,8 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
     if len(source) != m.dataset.num_samples:
         raise MismatchError(f"data {config.data} has {len(source)} samples, the cache {config.cache} was made from "
                             f"{m.dataset.num_samples}")
+    plan, first = cache.samples(), m.blocks.block_slots(0)  # another dataset of as many samples: refused before the group is made
+    check_block(read_block(source, m.blocks, 0, plan["source_index"][first]), plan, first, what=f"data {config.data}")
     teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)), class_names=list(m.dataset.class_names))
     if info.num_classes != m.teacher.num_classes:
         raise MismatchError(f"teacher {config.teacher.label} has {info.num_classes} classes, the cache {config.cache} "

@@ -212,6 +212,31 @@ def test_a_missing_cache_is_refused_in_one_line(tmp_path, teacher_b):
     assert "does not exist" in one_error_line(invoke(*add_teacher_argv(tmp_path / "nothing", teacher_b)), 3)
 
 
+def test_another_dataset_of_as_many_samples_is_refused_before_the_group_is_made(cache_copy, teacher_b, helpers, monkeypatch):
+    import kdcache.add_teacher
+    from kdcache.errors import MismatchError
+
+    class Shifted:  # every sample read is its neighbour's: the same count, other bytes
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getattr__(self, name):
+            return getattr(self.source, name)
+
+        def read(self, indices):
+            return self.source.read([(i + 1) % len(self.source) for i in indices])
+
+    real = kdcache.add_teacher.open_source
+    monkeypatch.setattr(kdcache.add_teacher, "open_source", lambda *args, **kwargs: Shifted(real(*args, **kwargs)))
+    path, before = cache_copy
+    with pytest.raises(MismatchError, match="data digits"):
+        run_add_teacher(path, teacher_b)
+    assert helpers.tree_hashes(path) == before and not (path / "teachers").exists()
+
+
 def test_a_teacher_of_another_class_count_is_refused_in_one_line(cache_copy, make_teacher, helpers):
     path, before = cache_copy
     line = one_error_line(invoke(*add_teacher_argv(path, make_teacher(num_classes=7))), 4)
