@@ -74,7 +74,7 @@ from kdcache.format.digest import (
     content_digest,
     require_digest,
 )
-from kdcache.format.held import HeldUnits
+from kdcache.format.held import AllTeachers, HeldUnits
 from kdcache.format.group import (
     ALL,
     MAIN,
@@ -85,7 +85,6 @@ from kdcache.format.group import (
     group_dir,
 )
 from kdcache.format.reader import (
-    AllTeachers,
     Cache,
     TeacherRecords,
     open_cache,

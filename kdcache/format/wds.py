@@ -51,8 +51,8 @@ import numpy as np
 
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
 from kdcache.format.digest import content_digest
-from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS, TeacherGroup
-from kdcache.format.held import AllTeachers, HeldUnits
+from kdcache.format.group import MAIN, TEACHER_ARRAYS, TeacherGroup
+from kdcache.format.held import HeldUnits, SeveralTeachers
 from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, Manifest, Subset, now_iso, record_width
 from kdcache.format.selection import default_selection, format_selection
 from kdcache.format.store import LedgerEntry, npy_bytes, sample_array_sha256, sha256_bytes
@@ -274,7 +274,7 @@ def _fields(data: Any, where: str, required: dict[str, type]) -> dict:
     return data
 
 
-class WdsCache(HeldUnits):
+class WdsCache(SeveralTeachers, HeldUnits):
     """A webdataset export opened for reading (local path or URL): the Cache interface the commands use."""
 
     def __init__(self, location: str | os.PathLike | Location, *, verify_checksums: bool = True, index: bytes | None = None):
@@ -336,24 +336,8 @@ class WdsCache(HeldUnits):
                 raise FormatError(f"{where}: teachers.{name} names the teacher {group.name!r}")
         self._teacher_views: dict = {}
 
-    @property
-    def teachers(self) -> list[str]:
-        """Every teacher's record name: ``main``, then the added teachers the export holds, in name order."""
-        return [MAIN, *self.groups]
-
-    def teacher_records(self, name: str):
-        """As :meth:`kdcache.format.Cache.teacher_records`: ``main`` is this export, ``all`` every teacher at once."""
-        if name == MAIN:
-            return self
-        if name not in self._teacher_views:
-            if name == ALL:
-                self._teacher_views[name] = AllTeachers(self)
-            elif name in self.groups:
-                self._teacher_views[name] = WdsTeacherRecords(self, self.groups[name])
-            else:
-                raise ConfigError(f"{self.location} has no teacher records named {name!r}; it has {', '.join(self.teachers)}"
-                                  f"{' (or all)' if len(self.teachers) > 1 else ''}")
-        return self._teacher_views[name]
+    def _added_records(self, group: TeacherGroup) -> "WdsTeacherRecords":
+        return WdsTeacherRecords(self, group)
 
     def digest(self) -> str:
         """The content digest over the export's own shard files, then each added teacher's group attributes."""
