@@ -21,13 +21,10 @@ from pathlib import Path
 from kdcache import __version__, distributed
 from kdcache.augment import cache_spec, check_view_params
 from kdcache.errors import (
-    ChecksumError,
     ConfigError,
     FormatError,
-    IncompleteCacheError,
     KdcacheError,
     MismatchError,
-    SourceError,
     WriteError,
     describe_os_error,
 )
@@ -43,16 +40,21 @@ from kdcache.format import (
     check_teacher_name,
     format_selection,
     now_iso,
-    parse_ledger,
     parse_selection,
 )
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
 from kdcache.location import Location
 from kdcache.plan import check_block, read_block
-from kdcache.precompute import PrecomputeResult, UnitWork, resolve_k
-from kdcache.replay import replay_pending
-from kdcache.sources import decode_sample, open_source
+from kdcache.precompute import (
+    BlockPreparer,
+    PrecomputeResult,
+    UnitWork,
+    drop_malformed_ledger_entries,
+    repair_units,
+    resolve_k,
+)
+from kdcache.sources import open_source
 from kdcache.teacher import TeacherConfig, load_teacher
 
 
@@ -91,37 +93,26 @@ class AddTeacherConfig:
     def output(self) -> str:
         return str(Path(self.cache) / group_dir(self.name))
 
-    from_epoch = 0
-
     def finishing_command(self) -> str:
         """The command that finishes the teacher's records: this one again (it resumes)."""
         return self.command or f"kdcache add-teacher {self.cache} --data {self.data} --name {self.name} ..."
 
 
-class _StoredViews:
-    """Reads, checks and decodes a block's samples and replays its *stored* parameters: item ``(epoch, unit, block)``.
+class _StoredViews(BlockPreparer):
+    """Precompute's block preparer with the block's *stored* parameters, checked against the spec, for its drawn ones.
 
-    Pickles cheaply (the cache it reads is opened again in a DataLoader worker), like precompute's preparer.
+    Pickles cheaply (the cache it reads is opened again in a DataLoader worker).
     """
 
     def __init__(self, config: AddTeacherConfig, source, cache: Cache, size: int):
-        self.data, self.source, self.cache, self.size = config.data, source, cache, size
-        self.layout, self.plan = cache.layout, cache.samples()
-        self.spec = cache_spec(cache.manifest)
+        super().__init__(config, source, cache.manifest, cache.samples(), size=size)
+        self.cache = cache
 
-    def __getitem__(self, job: tuple[int, int, int]):
-        epoch, _, block = job
-        where = self.layout.block_slots(block)
-        samples = read_block(self.source, self.layout, block, self.plan["source_index"][where])
-        check_block(samples, self.plan, where, what=f"data {self.data} (epoch {epoch} block {block})")
-        try:
-            images = [decode_sample(s) for s in samples]
-        except SourceError as exc:
-            raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}") from None
+    def view_params(self, epoch: int, block: int, members, images: list):
         params = self.cache.read_block(epoch, block, arrays=["params"])["params"]
-        check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(samples),
+        check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(images),
                           where=f"{self.cache.location}: epoch {epoch} block {block}")
-        return replay_pending(self.spec, params, images, path=self.cache.manifest.replay["path"], size=self.size), params
+        return params
 
 
 def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) -> TeacherGroup:
@@ -171,26 +162,11 @@ def _repair_group(config: AddTeacherConfig, log) -> None:
     The group's epoch indexes are dropped first (they only repeat the entries; the run writes them again).
     """
     writer = GroupWriter(config.cache, config.name)
-    ledger = writer.path / LEDGER_DIR
-    for index in sorted((ledger / "epochs").glob("e*.json")):
+    for index in sorted((writer.path / LEDGER_DIR / "epochs").glob("e*.json")):
         index.unlink()
-    location = Location(writer.path)
-    for entry in sorted(ledger.glob("e*-u*.json")):
-        try:
-            parse_ledger(location, entry.name)
-        except FormatError as exc:
-            log(f"repair: {exc}")
-            entry.unlink()
-    records = Cache(config.cache).teacher_records(config.name)
-    damaged = 0
-    for epoch, unit in sorted(records.ledger):
-        try:
-            records.verify_unit(epoch, unit)
-        except (ChecksumError, IncompleteCacheError) as exc:
-            log(f"repair: {exc}")
-            writer.uncommit(epoch, unit)
-            damaged += 1
-    log(f"repair: {damaged} damaged unit(s) of the teacher records {config.name!r} will be scored again")
+    drop_malformed_ledger_entries(writer.path, log, manifest=writer.manifest)
+    repair_units(Cache(config.cache).teacher_records(config.name), writer, log,
+                 outcome=f"of the teacher records {config.name!r} will be scored again")
 
 
 def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
@@ -220,6 +196,8 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
     if len(source) != m.dataset.num_samples:
         raise MismatchError(f"data {config.data} has {len(source)} samples, the cache {config.cache} was made from "
                             f"{m.dataset.num_samples}")
+    plan, first = cache.samples(), m.blocks.block_slots(0)  # another dataset of as many samples: refused before the group is made
+    check_block(read_block(source, m.blocks, 0, plan["source_index"][first]), plan, first, what=f"data {config.data}")
     teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)), class_names=list(m.dataset.class_names))
     if info.num_classes != m.teacher.num_classes:
         raise MismatchError(f"teacher {config.teacher.label} has {info.num_classes} classes, the cache {config.cache} "

@@ -336,7 +336,7 @@ def compute_loss(
             raise ConfigError("records of several teachers were asked for, but none were given")
         if name == "ce" or len(record) == 1:
             return compute_loss(config, student_logits, record[0], target, temperatures=temperatures)
-        return torch.stack([compute_loss(config, student_logits, r, target) for r in record]).mean()
+        return torch.stack([compute_loss(config, student_logits, r, target, temperatures=temperatures) for r in record]).mean()
     if temperatures is not None and name != "mkd":
         raise ConfigError(f"temperatures were given but loss {name!r} does not take them; only 'mkd' does")
     if name == "ce":

@@ -56,6 +56,7 @@ from kdcache.format import (
     now_iso,
     read_manifest,
     record_dtypes,
+    record_width,
     unit_claim,
 )
 from kdcache.format.claims import DEFAULT_LEASE
@@ -187,7 +188,7 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> 
     if not config.resume:
         raise ConfigError(f"output {out} is already a kdcache cache; pass --resume to finish or extend it")
     if config.repair:
-        _drop_malformed_ledger_entries(out, log)
+        drop_malformed_ledger_entries(out, log)
     cache = Cache(out, verify_checksums=False)  # refuses array metadata that disagrees with the manifest
     if cache.subset is not None:
         raise ConfigError(f"{out} is a subset exported from {cache.subset.source}; resume or extend that cache "
@@ -207,13 +208,15 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> 
         log(f"extending {out} from {existing.epochs} to {config.epochs} epochs")
         writer.extend_epochs(config.epochs, claims)
     if config.repair:
-        _repair(cache, writer, log)
+        repair_units(cache, writer, log)
 
 
-def _drop_malformed_ledger_entries(out: Path, log) -> None:
-    """--repair: a ledger entry that cannot be read (damaged on disk) makes its unit uncommitted."""
+def drop_malformed_ledger_entries(out: Path, log, *, manifest: Manifest | None = None) -> None:
+    """--repair: a ledger entry that cannot be read (damaged on disk) makes its unit uncommitted.
+
+    ``out``: the folder of the ledger (a cache, or an added teacher's group, which passes the ``manifest`` it lacks)."""
     location = Location(out)
-    manifest = read_manifest(location)
+    manifest = manifest or read_manifest(location)
     for epoch in range(manifest.epochs):
         for unit in range(manifest.blocks.num_units):
             key = ledger_key(epoch, unit)
@@ -226,8 +229,8 @@ def _drop_malformed_ledger_entries(out: Path, log) -> None:
                 (out / key).unlink()
 
 
-def _repair(cache: Cache, writer: CacheWriter, log) -> None:
-    """Re-hash every committed unit; a damaged one is uncommitted (and recomputed by this run)."""
+def repair_units(cache: Cache, writer: CacheWriter, log, *, outcome: str = "will be recomputed") -> None:
+    """Re-hash every committed unit of ``cache``; a damaged one is uncommitted by ``writer`` (and recomputed by this run)."""
     damaged = []
     for epoch, unit in sorted(cache.ledger):
         try:
@@ -236,20 +239,29 @@ def _repair(cache: Cache, writer: CacheWriter, log) -> None:
             damaged.append((epoch, unit))
             log(f"repair: {exc}")
             writer.uncommit(epoch, unit)
-    log(f"repair: {len(damaged)} damaged unit(s) will be recomputed")
+    log(f"repair: {len(damaged)} damaged unit(s) {outcome}")
 
 
-class _BlockPreparer:
+class BlockPreparer:
     """Reads, checks, decodes and replays blocks: item ``(epoch, unit, block)`` is that block's views.
 
     It holds no model and pickles cheaply, so DataLoader workers can prepare blocks (in order)
-    while the teacher scores the current one.
+    while the teacher scores the current one. The views' parameters are drawn from the spec and
+    the seed (:meth:`view_params`; ``kdcache add-teacher`` reads the stored ones instead), and
+    replayed at ``size`` (default: the spec's ``output_size``).
     """
 
-    def __init__(self, config, source, manifest: Manifest, plan):
-        self.data, self.source, self.manifest, self.plan = config.data, source, manifest, plan
+    def __init__(self, config, source, manifest: Manifest, plan, *, size: int | None = None):
+        self.data, self.source, self.manifest, self.plan, self.size = config.data, source, manifest, plan, size
         self.layout = manifest.blocks
         self.spec = cache_spec(manifest)
+
+    def view_params(self, epoch: int, block: int, members: np.ndarray, images: list) -> np.ndarray:
+        """The parameters of the block's views, one row per sample in slot order."""
+        return sample_view_params(
+            self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
+            image_sizes=[(img.height, img.width) for img in images],
+        )
 
     def __getitem__(self, job: tuple[int, int, int]):
         epoch, _, block = job
@@ -262,18 +274,14 @@ class _BlockPreparer:
         except SourceError as exc:  # the units committed so far stay; the plan cannot change to leave it out
             raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}; the cache's plan holds this "
                               "sample, so a cache without it must be created anew") from None
-        params = sample_view_params(
-            self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
-            image_sizes=[(img.height, img.width) for img in images],
-        )
-        return replay_pending(self.spec, params, images, path=self.manifest.replay["path"]), params
+        params = self.view_params(epoch, block, members, images)
+        return replay_pending(self.spec, params, images, path=self.manifest.replay["path"], size=self.size), params
 
 
 def _unit_arrays(manifest: Manifest, unit: int, names=RECORD_ARRAYS) -> dict[str, np.ndarray]:
     layout = manifest.blocks
     rows = len(layout.unit_blocks(unit)) * layout.block_capacity
-    widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
-    return {name: np.zeros((rows, widths[name]), dtype=manifest.dtypes[name]) for name in names}
+    return {name: np.zeros((rows, record_width(manifest, name)), dtype=manifest.dtypes[name]) for name in names}
 
 
 def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = False,
@@ -325,7 +333,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
         work = UnitWork(config, ranks, claims, log, progress, stop)
         interrupted = False
         try:
-            work.run(source, teacher, device, _BlockPreparer(config, source, work.manifest, work.cache.samples()))
+            work.run(source, teacher, device, BlockPreparer(config, source, work.manifest, work.cache.samples()))
         except KdcacheError as exc:
             exc.units_computed = work.units_done
             raise
@@ -341,7 +349,8 @@ class UnitWork:
     ``writer`` and ``cache`` are where units are committed and how the committed ones are read
     (default: the cache ``config.output``; ``kdcache add-teacher`` passes a group's). ``planned``:
     the units to commit (default: every unit of epochs ``config.from_epoch`` on). ``config`` needs
-    ``max_units``, ``batch_size``, ``workers``, ``from_epoch``, ``output`` and ``finishing_command()``.
+    ``max_units``, ``batch_size``, ``workers``, ``output`` and ``finishing_command()`` (and
+    ``from_epoch`` when ``planned`` is not given).
     """
 
     def __init__(self, config, ranks, claims: Claims, log, progress: bool, stop: threading.Event | None, *,
@@ -480,17 +489,18 @@ class UnitWork:
         return result
 
 
-_LEDGER_ENTRY = re.compile(r"^e(\d{6})-u\d{6}\.json$")
+_LEDGER_ENTRY = re.compile(r"^e(\d{6})-u(\d{6})\.json$")
 
 
 class _Progress:
     """Progress of the cache's planned units: a tqdm bar on a terminal, else one line per committed unit.
 
     Units committed by other processes count too (read from the ledger), so the ETA is the cache's.
+    Only the planned units count: an add-teacher of some epochs does not count the others its group holds.
     """
 
     def __init__(self, work: UnitWork, *, bar: bool):
-        self.work = work
+        self.work, self.planned = work, set(work.planned)
         self.bar = None
         if bar:
             from tqdm import tqdm
@@ -500,8 +510,8 @@ class _Progress:
 
     def _units_committed(self) -> int:
         ledger = self.work.writer.path / LEDGER_DIR
-        first = self.work.config.from_epoch
-        return sum(1 for name in os.listdir(ledger) if (entry := _LEDGER_ENTRY.match(name)) and int(entry.group(1)) >= first)
+        return sum(1 for name in os.listdir(ledger)
+                   if (entry := _LEDGER_ENTRY.match(name)) and (int(entry.group(1)), int(entry.group(2))) in self.planned)
 
     def committed(self, epoch: int, unit: int) -> None:
         work = self.work
@@ -527,7 +537,7 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _prepared(preparer: "_BlockPreparer", jobs, workers: int, *, overlap: bool):
+def _prepared(preparer: "BlockPreparer", jobs, workers: int, *, overlap: bool):
     """``(job, pending, params)`` for the jobs (epoch, unit, block) in order: through a DataLoader
     with worker processes, two ahead in a thread (``overlap``: the teacher runs on a GPU), or
     inline (a CPU teacher already uses every core; a preparing thread beside it only makes its
@@ -566,7 +576,7 @@ class _Jobs(torch.utils.data.Sampler):
 class _Keyed(torch.utils.data.Dataset):
     """A worker's item: the job with its prepared block, so the order of results names their units."""
 
-    def __init__(self, preparer: "_BlockPreparer"):
+    def __init__(self, preparer: "BlockPreparer"):
         self.preparer = preparer
 
     def __getitem__(self, job):

@@ -218,7 +218,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         channels_last=config.channels_last, compile=config.compile, loss=config.loss, seed=config.seed,
         resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every, eval_every=config.eval_every,
         max_steps=config.max_steps, mkd_meta_every=config.mkd_meta_every, mkd_per_class=config.mkd_per_class,
-        mkd_head_only=config.mkd_head_only, device=config.device,
+        mkd_head_only=config.mkd_head_only, device=config.device, teacher_record=config.teacher_record,
     )
     result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
                    meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)

@@ -18,6 +18,8 @@ AMP_MODES = ("bf16", "none")
 DEVICES = ("auto", "cpu", "cuda")
 #: Fields that may differ between a run and its resumption (they do not change the weights).
 RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device")
+#: Fields a run's config.json lacks when it was written before they existed, and the value that run had.
+RESUME_DEFAULTS = {"teacher_record": "main"}
 
 
 def default_warmup_epochs(epochs: int) -> int:
@@ -59,6 +61,7 @@ class TrainConfig:
     mkd_head_only: bool = True
     mkd_inner_lr: float | None = None  # look-ahead step size; None = the current learning rate
     device: str = "auto"
+    teacher_record: str = "main"  # whose cached records the loss reads (kdcache.student); a resume must keep it
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
@@ -112,6 +115,8 @@ class TrainConfig:
             raise bad("amp", f"one of {', '.join(AMP_MODES)}")
         if self.device not in DEVICES:
             raise bad("device", f"one of {', '.join(DEVICES)}")
+        if not isinstance(self.teacher_record, str) or not self.teacher_record:
+            raise bad("teacher_record", "a teacher's record name: main, an added teacher's, or all")
         for name in ("ema", "channels_last", "compile", "resume", "mkd_per_class", "mkd_head_only"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")

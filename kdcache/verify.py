@@ -24,7 +24,7 @@ import torch
 from kdcache import distributed
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError, KdcacheError, MismatchError, VerifyError
 from kdcache.format import format_selection
-from kdcache.format import ALL, MAIN, RECORD_ARRAYS, Cache, TeacherRecords, open_cache
+from kdcache.format import ALL, MAIN, RECORD_ARRAYS, Cache, TeacherRecords, open_cache, record_width
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
 from kdcache.record import make_records
@@ -86,11 +86,11 @@ class VerifyReport:
         width = max([12] + [len(check) for check, _ in self.checks])  # an added teacher's checks carry its name
         lines = [f"verify {self.cache}"] + ([f"  {'digest':<{width}} {self.digest}"] if self.digest else [])
         lines += [f"  {check:<{width}} {outcome}" for check, outcome in self.checks]
-        lines += [f"  near-tie     {tie}" for tie in self.near_ties[:5]]
-        lines += [f"  FAILED       {failure}" for failure in self.failures[:20]]
+        lines += [f"  {'near-tie':<{width}} {tie}" for tie in self.near_ties[:5]]
+        lines += [f"  {'FAILED':<{width}} {failure}" for failure in self.failures[:20]]
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures")
-        lines.append("  result       " + ("OK" if self.ok else f"FAILED ({len(self.failures)} problem(s))"))
+        lines.append(f"  {'result':<{width}} " + ("OK" if self.ok else f"FAILED ({len(self.failures)} problem(s))"))
         return "\n".join(lines)
 
 
@@ -143,7 +143,6 @@ def _label(check: str, cache) -> str:
 
 def _check_structure(cache: Cache, report: VerifyReport) -> None:
     m = cache.manifest
-    widths = {"values": m.k, "indices": m.k, "tail": 2, "params": len(m.param_fields)}
     failed = len(report.failures)
     added = isinstance(cache, TeacherRecords)  # its arrays' epoch axis grows as it scores epochs the root added
     for name in getattr(cache, "ARRAYS", RECORD_ARRAYS):
@@ -152,7 +151,7 @@ def _check_structure(cache: Cache, report: VerifyReport) -> None:
         except KdcacheError as exc:
             report.fail(str(exc))
             continue
-        expected = (m.epochs, m.blocks.num_slots, widths[name])
+        expected = (m.epochs, m.blocks.num_slots, record_width(m, name))
         shape = (m.epochs if added and array.shape[0] <= m.epochs else array.shape[0], *array.shape[1:])
         if tuple(shape) != expected or np.dtype(array.dtype) != np.dtype(m.dtypes[name]):
             report.fail(f"array {cache.location}/{name}: shape {tuple(array.shape)} dtype {array.dtype}; "

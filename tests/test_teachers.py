@@ -131,6 +131,17 @@ def test_one_epoch_asked_scores_that_epoch_only(cache_copy, teacher_b):
     assert sorted(open_cache(path).teacher_records("B").ledger) == [(1, 0), (1, 1), (1, 2)]
 
 
+def test_the_progress_of_some_epochs_counts_only_their_units(cache_copy, teacher_b):
+    path, _ = cache_copy
+    run_add_teacher(path, teacher_b, epochs="0")
+    lines = []
+    with single_thread():
+        add_teacher(AddTeacherConfig(cache=str(path), data="digits", teacher=teacher_config(teacher_b), name="B", epochs="1",
+                                     command="pytest"), log=lines.append)
+    counts = [re.search(r"\((\d+)/(\d+) units", line).groups() for line in lines if line.startswith("committed")]
+    assert counts == [("1", "3"), ("2", "3"), ("3", "3")]  # epoch 0's units, committed before, are not counted
+
+
 @pytest.mark.slow
 def test_killed_at_a_random_moment_then_resumed_equals_an_unbroken_run(tmp_path, small_cache, two_teachers, teacher_b,
                                                                         subprocess_env, helpers):
@@ -201,6 +212,31 @@ def test_a_missing_cache_is_refused_in_one_line(tmp_path, teacher_b):
     assert "does not exist" in one_error_line(invoke(*add_teacher_argv(tmp_path / "nothing", teacher_b)), 3)
 
 
+def test_another_dataset_of_as_many_samples_is_refused_before_the_group_is_made(cache_copy, teacher_b, helpers, monkeypatch):
+    import kdcache.add_teacher
+    from kdcache.errors import MismatchError
+
+    class Shifted:  # every sample read is its neighbour's: the same count, other bytes
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getattr__(self, name):
+            return getattr(self.source, name)
+
+        def read(self, indices):
+            return self.source.read([(i + 1) % len(self.source) for i in indices])
+
+    real = kdcache.add_teacher.open_source
+    monkeypatch.setattr(kdcache.add_teacher, "open_source", lambda *args, **kwargs: Shifted(real(*args, **kwargs)))
+    path, before = cache_copy
+    with pytest.raises(MismatchError, match="data digits"):
+        run_add_teacher(path, teacher_b)
+    assert helpers.tree_hashes(path) == before and not (path / "teachers").exists()
+
+
 def test_a_teacher_of_another_class_count_is_refused_in_one_line(cache_copy, make_teacher, helpers):
     path, before = cache_copy
     line = one_error_line(invoke(*add_teacher_argv(path, make_teacher(num_classes=7))), 4)
@@ -247,6 +283,8 @@ def test_the_loss_over_all_teachers_is_the_mean_of_each_teachers_loss(two_teache
         torch.testing.assert_close(compute_loss(config, logits, list(batch.records), batch.target), sum(each) / len(each))
     with pytest.raises(Exception, match="'mkd' learns the temperatures of one teacher"):
         compute_loss(LossConfig(name="mkd"), logits, list(batch.records), batch.target, temperatures=(torch.tensor(4.0),) * 2)
+    with pytest.raises(Exception, match="temperatures were given but loss 'kd' does not take them"):
+        compute_loss(LossConfig(name="kd"), logits, list(batch.records), batch.target, temperatures=(torch.tensor(4.0),) * 2)
 
 
 @pytest.mark.parametrize("record", ["main", "B", "all"])
@@ -255,6 +293,34 @@ def test_train_student_runs_from_each_teacher_and_from_all(two_teachers, tmp_pat
                     tmp_path / "run", "--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--amp", "none", "--device", "cpu",
                     "--teacher-record", record)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("first, then", [("all", "main"), ("main", "B"), ("B", "all")])
+def test_a_run_resumed_with_another_teacher_record_is_refused_in_one_line(two_teachers, tmp_path, first, then, one_thread):
+    def train(record, *extra):
+        return invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", two_teachers, "--run-dir",
+                      tmp_path / "run", "--epochs", "1", "--batch-size", "32", "--amp", "none", "--device", "cpu",
+                      "--teacher-record", record, *extra)
+
+    assert train(first, "--max-steps", "2").exit_code == 0
+    line = one_error_line(train(then, "--resume"), 2)
+    assert f"teacher_record={then!r} but the run in" in line and f"started with teacher_record={first!r}" in line
+    assert train(first, "--resume", "--max-steps", "3").exit_code == 0  # the same record resumes
+
+
+def test_a_run_from_before_several_teachers_resumes_from_main(small_cache, tmp_path, one_thread):
+    def train(*extra):
+        return invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", small_cache, "--run-dir",
+                      tmp_path / "run", "--epochs", "1", "--batch-size", "32", "--amp", "none", "--device", "cpu", *extra)
+
+    assert train("--max-steps", "2").exit_code == 0
+    saved = tmp_path / "run" / "config.json"
+    config = json.loads(saved.read_text())
+    del config["teacher_record"]  # its config.json was written without the field
+    saved.write_text(json.dumps(config))
+    resumed = train("--resume", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+    assert "started with teacher_record" in one_error_line(train("--resume", "--teacher-record", "all"), 2)
 
 
 @pytest.mark.parametrize("args, code, expected", [
@@ -345,6 +411,9 @@ def test_verify_checks_every_teacher_and_replays_the_one_given(two_teachers, tea
     replayed = {check for check in checks if check.startswith("replay")}
     assert replayed == {"replay [B]" if teacher == "B" else "replay"}
     assert checks[replayed.pop()].startswith("16 view(s) on path pil: 16 match")
+    report = [line for line in result.output.splitlines() if line.startswith("  ")]
+    starts = {len(line) - len(re.sub(r"^  \S+(?: \[B\])?\s+", "", line)) for line in report}
+    assert len(starts) == 1, report  # every outcome, the result's too, in one column
 
 
 def test_verify_fails_naming_a_damaged_unit_of_an_added_teacher(two_teachers, tmp_path):

@@ -47,6 +47,7 @@ from kdcache.format.manifest import (
     first_difference,
     library_versions,
     now_iso,
+    record_width,
 )
 from kdcache.format.store import (
     COMPRESSION,
@@ -73,7 +74,7 @@ from kdcache.format.digest import (
     content_digest,
     require_digest,
 )
-from kdcache.format.held import HeldUnits
+from kdcache.format.held import AllTeachers, HeldUnits
 from kdcache.format.group import (
     ALL,
     MAIN,
@@ -84,7 +85,6 @@ from kdcache.format.group import (
     group_dir,
 )
 from kdcache.format.reader import (
-    AllTeachers,
     Cache,
     TeacherRecords,
     open_cache,
@@ -125,6 +125,7 @@ __all__ = [
     "MANIFEST_KEY",
     "Manifest",
     "RECORD_ARRAYS",
+    "record_width",
     "SAMPLE_ARRAYS",
     "SUBSET_KEY",
     "Subset",

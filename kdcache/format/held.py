@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from kdcache.errors import ConfigError
 from kdcache.format.digest import content_digest
-from kdcache.format.group import TEACHER_ARRAYS
+from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS
 from kdcache.format.manifest import BlockLayout, Manifest, Subset
 
 
@@ -81,6 +82,34 @@ class HeldUnits:
     def digest(self) -> str:
         """The content digest (kdcache.format.digest): the manifest, what a subset declares, every ledger entry."""
         return content_digest(self.manifest, self.subset, self.ledger.values())
+
+
+class SeveralTeachers:
+    """What both readers of a cache of several teachers share: its record names and how one teacher's records are read.
+
+    A reader has ``groups`` (the added teachers' :class:`~kdcache.format.TeacherGroup` by name),
+    ``_teacher_views`` (a dict) and ``_added_records(group)``, its reader of one added teacher.
+    """
+
+    @property
+    def teachers(self) -> list[str]:
+        """Every teacher's record name: ``main`` (the root's teacher), then the added ones in name order."""
+        return [MAIN, *self.groups]
+
+    def teacher_records(self, name: str):
+        """The cache as teacher ``name``'s records see it: ``main`` is this cache; ``all`` every teacher at once
+        (:class:`AllTeachers`); an added teacher's records with the root's plan and parameters."""
+        if name == MAIN:
+            return self
+        if name not in self._teacher_views:
+            if name == ALL:
+                self._teacher_views[name] = AllTeachers(self)
+            elif name in self.groups:
+                self._teacher_views[name] = self._added_records(self.groups[name])
+            else:
+                raise ConfigError(f"{self.location} has no teacher records named {name!r}; it has {', '.join(self.teachers)}"
+                                  f"{' (or all)' if len(self.teachers) > 1 else ''}")
+        return self._teacher_views[name]
 
 
 class AllTeachers(HeldUnits):

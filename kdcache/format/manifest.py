@@ -25,6 +25,11 @@ LEDGER_DIR = "ledger"
 CLAIMS_DIR = "claims"  # claim files of the writers computing units now (kdcache.format.claims)
 
 
+def record_width(manifest: "Manifest", array: str) -> int:
+    """The last axis of record array ``array``: k for values and indices, 2 for the tail, one per parameter field."""
+    return {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}[array]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TeacherInfo:
     name: str

@@ -9,17 +9,17 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
+from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
 from kdcache.location import Location
 from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, _short
-from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS, TeacherGroup, group_dir, list_groups
+from kdcache.format.group import TEACHER_ARRAYS, TeacherGroup, group_dir, list_groups
 from kdcache.format.digest import content_digest
-from kdcache.format.held import AllTeachers, HeldUnits
+from kdcache.format.held import HeldUnits, SeveralTeachers
 from kdcache.format.ledger import Ledger, check_agreement, load_ledger
 from kdcache.format.store import LedgerEntry, ledger_key, metadata_keys, read_root, sample_array_sha256, sha256_bytes, shard_key
 
 
-class Cache(HeldUnits):
+class Cache(SeveralTeachers, HeldUnits):
     """A kdcache cache opened for reading (local path or URL).
 
     Its records are the first teacher's (record name ``main``); :attr:`teachers` names every
@@ -57,25 +57,8 @@ class Cache(HeldUnits):
             self._groups = list_groups(self.location, self.manifest)
         return self._groups
 
-    @property
-    def teachers(self) -> list[str]:
-        """Every teacher's record name: ``main`` (the root's teacher), then the added ones in name order."""
-        return [MAIN, *self.groups]
-
-    def teacher_records(self, name: str) -> "Cache":
-        """The cache as teacher ``name``'s records see it: ``main`` is this cache; ``all`` every teacher at once
-        (:class:`AllTeachers`); an added teacher's records with the root's plan and parameters (:class:`TeacherRecords`)."""
-        if name == MAIN:
-            return self
-        if name not in self._teacher_views:
-            if name == ALL:
-                self._teacher_views[name] = AllTeachers(self)
-            elif name in self.groups:
-                self._teacher_views[name] = TeacherRecords(self, self.groups[name])
-            else:
-                raise ConfigError(f"{self.location} has no teacher records named {name!r}; it has {', '.join(self.teachers)}"
-                                  f"{' (or all)' if len(self.teachers) > 1 else ''}")
-        return self._teacher_views[name]
+    def _added_records(self, group: TeacherGroup) -> "TeacherRecords":
+        return TeacherRecords(self, group)
 
     def stale_indexes(self) -> list[str]:
         """Why each ignored epoch index was ignored (it lists a unit whose own ledger entry is gone)."""

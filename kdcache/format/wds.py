@@ -51,9 +51,9 @@ import numpy as np
 
 from kdcache.errors import ChecksumError, ConfigError, FormatError, IncompleteCacheError
 from kdcache.format.digest import content_digest
-from kdcache.format.group import ALL, MAIN, TEACHER_ARRAYS, TeacherGroup
-from kdcache.format.held import AllTeachers, HeldUnits
-from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, Manifest, Subset, now_iso
+from kdcache.format.group import MAIN, TEACHER_ARRAYS, TeacherGroup
+from kdcache.format.held import HeldUnits, SeveralTeachers
+from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, Manifest, Subset, now_iso, record_width
 from kdcache.format.selection import default_selection, format_selection
 from kdcache.format.store import LedgerEntry, npy_bytes, sample_array_sha256, sha256_bytes
 from kdcache.location import Location, fsync_dir, atomic_write_bytes, is_url
@@ -241,7 +241,7 @@ def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, i
             "images": images is not None,
             "manifest": m.to_dict(),
             **({"subset": subset.to_dict()} if subset is not None else {}),
-            "arrays": {name: {"dtype": m.dtypes[name], "width": _width(m, name)} for name in RECORD_ARRAYS},
+            "arrays": {name: {"dtype": m.dtypes[name], "width": record_width(m, name)} for name in RECORD_ARRAYS},
             "samples": samples_file,
             "shards": shards,
             **({"teachers": {teacher: view.group.to_dict() for teacher, view in added.items()}} if added else {}),
@@ -259,10 +259,6 @@ def write_wds(cache, output_dir: str | os.PathLike, units: Sequence[tuple[int, i
     return WdsExport(output=str(out), shards=len(shards), views=views, epochs=exported, images=images is not None, bytes=total)
 
 
-def _width(manifest: Manifest, array: str) -> int:
-    return {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}[array]
-
-
 # ---- the reader -------------------------------------------------------------------------------
 
 
@@ -278,7 +274,7 @@ def _fields(data: Any, where: str, required: dict[str, type]) -> dict:
     return data
 
 
-class WdsCache(HeldUnits):
+class WdsCache(SeveralTeachers, HeldUnits):
     """A webdataset export opened for reading (local path or URL): the Cache interface the commands use."""
 
     def __init__(self, location: str | os.PathLike | Location, *, verify_checksums: bool = True, index: bytes | None = None):
@@ -340,24 +336,8 @@ class WdsCache(HeldUnits):
                 raise FormatError(f"{where}: teachers.{name} names the teacher {group.name!r}")
         self._teacher_views: dict = {}
 
-    @property
-    def teachers(self) -> list[str]:
-        """Every teacher's record name: ``main``, then the added teachers the export holds, in name order."""
-        return [MAIN, *self.groups]
-
-    def teacher_records(self, name: str):
-        """As :meth:`kdcache.format.Cache.teacher_records`: ``main`` is this export, ``all`` every teacher at once."""
-        if name == MAIN:
-            return self
-        if name not in self._teacher_views:
-            if name == ALL:
-                self._teacher_views[name] = AllTeachers(self)
-            elif name in self.groups:
-                self._teacher_views[name] = WdsTeacherRecords(self, self.groups[name])
-            else:
-                raise ConfigError(f"{self.location} has no teacher records named {name!r}; it has {', '.join(self.teachers)}"
-                                  f"{' (or all)' if len(self.teachers) > 1 else ''}")
-        return self._teacher_views[name]
+    def _added_records(self, group: TeacherGroup) -> "WdsTeacherRecords":
+        return WdsTeacherRecords(self, group)
 
     def digest(self) -> str:
         """The content digest over the export's own shard files, then each added teacher's group attributes."""
@@ -456,13 +436,14 @@ class WdsCache(HeldUnits):
             except ValueError as exc:
                 raise ChecksumError(f"{where}: member {member} cannot be decoded ({exc})") from None
         m = self.manifest
+        seen_by = {teacher: group.records_manifest(m) for teacher, group in self.groups.items()}
         for block, arrays in found.items():
             for array in RECORD_ARRAYS:
                 member = f"{block_key(epoch, block)}.{array}.npy"
                 if array not in arrays:
                     raise FormatError(f"{where}: block {block} has no member {member}")
                 value = arrays[array]
-                expected = (self.layout.sizes[block], _width(m, array))
+                expected = (self.layout.sizes[block], record_width(m, array))
                 if value.shape != expected or value.dtype != np.dtype(m.dtypes[array]):
                     raise FormatError(f"{where}: member {member} holds {value.dtype} {value.shape}; "
                                       f"the manifest says {m.dtypes[array]} {expected}")
@@ -470,7 +451,7 @@ class WdsCache(HeldUnits):
                 for array in TEACHER_ARRAYS:
                     member = f"{block_key(epoch, block)}.teacher.{teacher}.{array}.npy"
                     value = arrays.get(f"teacher.{teacher}.{array}")
-                    expected = (self.layout.sizes[block], 2 if array == "tail" else group.k)
+                    expected = (self.layout.sizes[block], record_width(seen_by[teacher], array))
                     if value is None:
                         raise FormatError(f"{where}: block {block} has no member {member}")
                     if value.shape != expected or value.dtype != np.dtype(group.dtypes[array]):
@@ -490,7 +471,7 @@ class WdsCache(HeldUnits):
         span = self.layout.unit_blocks(unit)
         out = {}
         for array in RECORD_ARRAYS:
-            full = np.zeros((len(span) * capacity, _width(m, array)), dtype=m.dtypes[array])
+            full = np.zeros((len(span) * capacity, record_width(m, array)), dtype=m.dtypes[array])
             for i, block in enumerate(span):
                 full[i * capacity : i * capacity + self.layout.sizes[block]] = blocks[block][array]
             out[array] = full
@@ -526,7 +507,7 @@ class WdsTeacherRecords(HeldUnits):
         self.root.verify_unit(epoch, unit)
 
     def _array(self, name: str) -> SimpleNamespace:
-        width = 2 if name == "tail" else self.group.k
+        width = record_width(self.manifest, name)
         return SimpleNamespace(shape=(self.manifest.epochs, self.layout.num_slots, width), dtype=np.dtype(self.group.dtypes[name]))
 
     def stored_size(self) -> tuple[int, int]:

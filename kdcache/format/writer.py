@@ -15,7 +15,7 @@ import numpy as np
 
 from kdcache.errors import ConfigError
 from kdcache.location import Location, fsync_dir, atomic_write_bytes
-from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, SUBSET_KEY, Subset, now_iso
+from kdcache.format.manifest import LEDGER_DIR, MANIFEST_KEY, Manifest, RECORD_ARRAYS, SAMPLE_ARRAYS, SUBSET_KEY, Subset, now_iso, record_width
 from kdcache.format.store import LedgerEntry, _compressors, ledger_key, read_root, sample_array_sha256, sha256_bytes, shard_key
 from kdcache.format.reader import Cache
 from kdcache.format.group import TEACHER_ARRAYS, TeacherGroup, group_dir, group_root, read_group
@@ -61,14 +61,14 @@ def remove_stale_creations(final: Path, *, log=print) -> list[Path]:
 def _create_record_arrays(group, manifest: Manifest, arrays) -> None:
     """The record arrays of a zarr group: epoch-major, one inner chunk per (epoch, block), one shard file per (epoch, unit)."""
     layout = manifest.blocks
-    widths = {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}
     for name in arrays:
+        width = record_width(manifest, name)
         dtype = np.dtype(manifest.dtypes[name])
         group.create_array(
             name,
-            shape=(manifest.epochs, layout.num_slots, widths[name]),
-            chunks=(1, layout.block_capacity, widths[name]),
-            shards=(1, layout.block_capacity * layout.blocks_per_unit, widths[name]),
+            shape=(manifest.epochs, layout.num_slots, width),
+            chunks=(1, layout.block_capacity, width),
+            shards=(1, layout.block_capacity * layout.blocks_per_unit, width),
             dtype=dtype,
             compressors=_compressors(manifest.compression[name], dtype),
             fill_value=0,
