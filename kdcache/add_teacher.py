@@ -89,6 +89,8 @@ class AddTeacherConfig:
             raise ConfigError(f"--lease {self.lease_seconds}; expected a positive number of seconds")
 
     # What UnitWork reads of its config.
+    command_name = "add-teacher"  # the progress bar's title (precompute's otherwise)
+
     @property
     def output(self) -> str:
         return str(Path(self.cache) / group_dir(self.name))

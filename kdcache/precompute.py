@@ -506,7 +506,7 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=len(work.planned), initial=work.already, unit="unit", dynamic_ncols=True,
-                            desc="precompute", smoothing=0.1)
+                            desc=getattr(work.config, "command_name", "precompute"), smoothing=0.1)
 
     def _units_committed(self) -> int:
         ledger = self.work.writer.path / LEDGER_DIR
