@@ -461,6 +461,12 @@ class UnitWork:
         self.cache.refresh()
         missing = [key for key in self.planned if key not in self.cache.ledger]
         held = {key: self.claims.live_holder(unit_claim(*key)) for key in missing}
+        if any(holder is None for holder in held.values()):
+            # A writer commits a unit before it releases the claim, so a unit uncommitted at the first look whose claim
+            # was gone at the second may have been committed in between: the ledger read after the claims is exact.
+            self.cache.refresh()
+            missing = [key for key in missing if key not in self.cache.ledger]
+            held = {key: held[key] for key in missing}
         self.claims.forget(unit_claim(*key) for key in self.cache.ledger)  # what killed writers left on committed units
         for epoch in sorted(set(self.cache.complete_epochs()) - set(self.cache.indexed_epochs())):
             self.writer.write_epoch_index(epoch)  # its last unit's writer was killed before indexing it

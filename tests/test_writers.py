@@ -276,3 +276,30 @@ def test_epochs_added_while_another_job_writes(tmp_path, teacher_ckpt, subproces
     assert not set(logged[0]) & set(logged[1]) and len(logged[0]) + len(logged[1]) == 3 * UNITS_PER_EPOCH
     got, want = _content(cache), _content(one)
     assert sorted(got) == sorted(want) and all(got[name] == want[name] for name in want)
+
+
+def test_a_unit_committed_while_the_last_look_runs_is_not_reported_unfinished(tmp_path, make_config, monkeypatch):
+    """The race of a job's last look: it reads the ledger (a unit is not committed), another writer commits that unit
+    and releases its claim, then the job asks who holds the unit (no one). The unit is committed, not orphaned, and the
+    job must finish without error. Here the other writer runs exactly in that gap, as a real second precompute."""
+    from kdcache.errors import UnfinishedCacheError
+    from kdcache.format import Claims, open_cache
+    from kdcache.precompute import precompute_logits
+    from threads import single_thread
+
+    path = tmp_path / "cache"
+    original = Claims.live_holder
+    others = []
+
+    def live_holder(self, key):
+        if not others:  # the first look at an uncommitted unit: the other writer commits every unit left, and releases
+            others.append(precompute_logits(make_config(path, resume=True), log=lambda message: None))
+        return original(self, key)
+
+    with single_thread():
+        with pytest.raises(UnfinishedCacheError):
+            precompute_logits(make_config(path, max_units=0), log=lambda message: None)  # the cache, no unit yet
+        monkeypatch.setattr(Claims, "live_holder", live_holder)
+        mine = precompute_logits(make_config(path, resume=True, max_units=2), log=lambda message: None)
+    assert mine.units_done == 2 and others[0].units_done == 4 and not mine.unheld
+    assert mine.epochs_complete == [0, 1] and len(open_cache(path).ledger) == 6
