@@ -51,6 +51,7 @@ from kdcache.precompute import (
     PrecomputeResult,
     UnitWork,
     drop_malformed_ledger_entries,
+    prepare_on_rank0,
     repair_units,
     resolve_k,
 )
@@ -216,22 +217,16 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
     if not planned:
         raise ConfigError(f"the cache {config.cache} has no committed unit{'' if epochs is None else f' in epochs {config.epochs}'} "
                           "to score; finish it with kdcache precompute-logits --resume first")
-    failure: BaseException | None = None
-    if ranks.main:
+
+    def prepare() -> None:
         try:
-            try:
-                _prepare_group(config, cache, group, log)
-                if config.repair:
-                    _repair_group(config, log)
-            except OSError as exc:
-                raise WriteError(f"cannot write {config.output}: {describe_os_error(exc)}; no unit was scored") from None
-        except KdcacheError as exc:
-            failure = exc
-    message = distributed.broadcast_object(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
+            _prepare_group(config, cache, group, log)
+            if config.repair:
+                _repair_group(config, log)
+        except OSError as exc:
+            raise WriteError(f"cannot write {config.output}: {describe_os_error(exc)}; no unit was scored") from None
+
+    prepare_on_rank0(ranks, prepare, where=config.output)
     if ranks.main and len(planned) < m.epochs * m.blocks.num_units:
         log(f"the cache has {len(committed)} committed unit(s); scoring {len(planned)} "
             f"(epochs {format_selection(sorted({e for e, _ in planned}))})")

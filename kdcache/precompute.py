@@ -131,6 +131,25 @@ class PrecomputeResult:
         return self.views / self.seconds if self.seconds else 0.0
 
 
+def prepare_on_rank0(ranks, prepare, *, where: str) -> None:
+    """Run ``prepare()`` on rank 0 only, then on every rank raise what it raised (other ranks: one ConfigError line).
+
+    Rank 0 creates or checks the output before any rank claims a unit; the other ranks wait at
+    the broadcast, so none of them starts on an output that rank 0 refused.
+    """
+    failure: KdcacheError | None = None
+    if ranks.main:
+        try:
+            prepare()
+        except KdcacheError as exc:
+            failure = exc
+    message = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ConfigError(f"rank 0 could not prepare {where}: {message}")
+
+
 def resolve_k(topk: int | str, num_classes: int) -> int:
     """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes (``full``: all of them)."""
     if topk == "full":
@@ -315,21 +334,14 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     if len(source) == 0:
         raise ConfigError(f"data {config.data} contains no samples")
     with Claims(config.output, lease_seconds=config.lease_seconds) as claims:
-        failure: BaseException | None = None
-        if ranks.main:
+        def prepare() -> None:
             try:
-                try:
-                    _prepare_output(config, source, teacher_info, spec, claims, log)
-                except OSError as exc:
-                    raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
-                                     "computed: free space, then run the same command (with --resume if the cache exists)") from None
-            except KdcacheError as exc:
-                failure = exc
-        message = distributed.broadcast_object(None if failure is None else str(failure))
-        if failure is not None:
-            raise failure
-        if message is not None:
-            raise ConfigError(f"rank 0 could not prepare {config.output}: {message}")
+                _prepare_output(config, source, teacher_info, spec, claims, log)
+            except OSError as exc:
+                raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
+                                 "computed: free space, then run the same command (with --resume if the cache exists)") from None
+
+        prepare_on_rank0(ranks, prepare, where=config.output)
         work = UnitWork(config, ranks, claims, log, progress, stop)
         interrupted = False
         try:
