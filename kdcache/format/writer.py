@@ -75,6 +75,32 @@ def _create_record_arrays(group, manifest: Manifest, arrays) -> None:
         )
 
 
+def _create_in_place(final: Path, build, *, log, what: str) -> None:
+    """Build a new directory with ``build(path)`` beside ``final``, then rename it into place in one step.
+
+    A kill during creation leaves no half-made directory at ``final`` (only one beside it, which
+    the next creation removes: :func:`remove_stale_creations`). ``final`` may exist empty. Raises
+    :class:`CreatedElsewhere` when another process put its own in place first.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_creations(final, log=log)
+    path = creation_dir(final)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+    build(path)
+    try:
+        if final.exists():
+            final.rmdir()  # empty (the callers check), unless another process created it meanwhile
+        os.replace(path, final)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        if not (final / "zarr.json").exists():
+            raise
+        raise CreatedElsewhere(f"{what}{final} was created by another process meanwhile") from None
+    fsync_dir(final.parent)
+
+
 class CacheWriter:
     """Writes one local cache. Rank 0 creates or extends it; every rank commits its own units."""
 
@@ -102,35 +128,22 @@ class CacheWriter:
             raise CreatedElsewhere(f"output {final} was created by another process meanwhile")
         if final.exists() and any(final.iterdir()):
             raise ConfigError(f"output {final} exists and is not empty; choose a new directory or pass --resume for a kdcache cache")
-        # Built beside its final place and renamed in one step: a kill during creation leaves no half cache.
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_creations(final, log=log)
-        path = creation_dir(final)
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir()
-        group = zarr.open_group(LocalStore(path), mode="w")
-        _create_record_arrays(group, manifest, RECORD_ARRAYS)
-        hashes = {}
-        sample_group = group.require_group("samples")
-        for name in SAMPLE_ARRAYS:
-            data = samples[name]
-            array = sample_group.create_array(name, shape=data.shape, dtype=str if name == "key" else data.dtype, chunks=data.shape)
-            array[...] = data
-            hashes[name] = sample_array_sha256(name, data)
-        (path / LEDGER_DIR).mkdir(exist_ok=True)
-        manifest = dataclasses.replace(manifest, samples_sha256=hashes)
-        write_manifest(path, manifest, subset=subset)
-        try:
-            if final.exists():
-                final.rmdir()  # empty (checked above), unless another process created the cache meanwhile
-            os.replace(path, final)
-        except OSError:
-            if not (final / "zarr.json").exists():
-                raise
-            shutil.rmtree(path, ignore_errors=True)
-            raise CreatedElsewhere(f"output {final} was created by another process meanwhile") from None
-        fsync_dir(final.parent)
+
+        def build(path: Path) -> None:
+            group = zarr.open_group(LocalStore(path), mode="w")
+            _create_record_arrays(group, manifest, RECORD_ARRAYS)
+            hashes = {}
+            sample_group = group.require_group("samples")
+            for name in SAMPLE_ARRAYS:
+                data = samples[name]
+                array = sample_group.create_array(name, shape=data.shape, dtype=str if name == "key" else data.dtype,
+                                                  chunks=data.shape)
+                array[...] = data
+                hashes[name] = sample_array_sha256(name, data)
+            (path / LEDGER_DIR).mkdir(exist_ok=True)
+            write_manifest(path, dataclasses.replace(manifest, samples_sha256=hashes), subset=subset)
+
+        _create_in_place(final, build, log=log, what="output ")
         return CacheWriter(final)
 
     def extend_epochs(self, epochs: int, claims: Claims, *, wait: float = 60.0) -> None:
@@ -263,24 +276,14 @@ class GroupWriter(CacheWriter):
         final = cache / group_dir(group.name)
         if (final / "zarr.json").exists():
             raise CreatedElsewhere(f"{final} exists already")
-        final.parent.mkdir(exist_ok=True)
-        remove_stale_creations(final, log=log)
-        building = creation_dir(final)
-        if building.exists():
-            shutil.rmtree(building)
-        building.mkdir()
         manifest = group.records_manifest(read_root(Location(cache))[0])
-        _create_record_arrays(zarr.open_group(LocalStore(building), mode="w"), manifest, TEACHER_ARRAYS)
-        (building / LEDGER_DIR).mkdir(exist_ok=True)
-        atomic_write_bytes(building / "zarr.json", json.dumps(group_root(group), indent=1).encode())
-        try:
-            os.rename(building, final)  # fails when another process renamed its group into place first
-        except OSError:
-            shutil.rmtree(building, ignore_errors=True)
-            if not (final / "zarr.json").exists():
-                raise
-            raise CreatedElsewhere(f"{final} was created by another process meanwhile") from None
-        fsync_dir(final.parent)
+
+        def build(path: Path) -> None:
+            _create_record_arrays(zarr.open_group(LocalStore(path), mode="w"), manifest, TEACHER_ARRAYS)
+            (path / LEDGER_DIR).mkdir(exist_ok=True)
+            atomic_write_bytes(path / "zarr.json", json.dumps(group_root(group), indent=1).encode())
+
+        _create_in_place(final, build, log=log, what="")
         return GroupWriter(cache, group.name)
 
     def write_epoch_index(self, epoch: int) -> str:
