@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -36,3 +37,11 @@ def ledger_entries(path: Path) -> dict[tuple[int, int], dict]:
         data = json.loads(file.read_text())
         entries[data["epoch"], data["unit"]] = data
     return entries
+
+
+def units_by_rank(output: str, ranks: int = 2) -> dict[int, list[tuple[int, int]]]:
+    """The (epoch, unit)s each rank of a torchrun job logged as committed (``--tee 3`` prefixes lines with the rank)."""
+    by_rank: dict[int, list[tuple[int, int]]] = {rank: [] for rank in range(ranks)}
+    for rank, epoch, unit in re.findall(r"^\[\D*(\d+)\]:committed epoch (\d+) unit (\d+)", output, flags=re.M):
+        by_rank[int(rank)].append((int(epoch), int(unit)))
+    return by_rank

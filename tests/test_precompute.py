@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import kill_when, ledger_entries
+from processes import kill_when, ledger_entries, units_by_rank
 from typer.testing import CliRunner
 
 from kdcache.errors import IncompleteCacheError
@@ -140,9 +140,7 @@ def test_two_ranks_write_the_same_cache_as_one(tmp_path, small_cache, precompute
     run = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
-    by_rank: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
-    for rank, epoch, unit in re.findall(r"^\[\D*(\d+)\]:committed epoch (\d+) unit (\d+)", output, flags=re.M):
-        by_rank[int(rank)].append((int(epoch), int(unit)))
+    by_rank = units_by_rank(output)
     # each unit written by exactly one rank, and the work is split between both
     assert sorted(by_rank[0] + by_rank[1]) == UNITS, output
     assert by_rank[0] and by_rank[1]

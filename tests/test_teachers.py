@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cli_checks import invoke, one_error_line, quiet
-from processes import kill_when
+from processes import kill_when, units_by_rank
 from threads import single_thread
 
 from kdcache.add_teacher import AddTeacherConfig, add_teacher
@@ -629,9 +629,7 @@ def test_two_torchrun_ranks_add_the_same_records_as_one_process(tmp_path, small_
     run = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
-    by_rank: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
-    for rank, epoch, unit in re.findall(r"^\[\D*(\d+)\]:committed epoch (\d+) unit (\d+)", output, flags=re.M):
-        by_rank[int(rank)].append((int(epoch), int(unit)))
+    by_rank = units_by_rank(output)
     assert sorted(by_rank[0] + by_rank[1]) == UNITS and by_rank[0] and by_rank[1], output
     assert output.count("created the teacher records 'B'") == 1  # rank 0 alone makes the group
     assert group_records(path) == group_records(two_teachers) and group_ledger(path) == group_ledger(two_teachers)
