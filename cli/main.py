@@ -79,7 +79,7 @@ def precompute_logits(
     block_size: int = typer.Option(1024, "--block-size", help="Samples per block (indexable sources)."),
     blocks_per_unit: int = typer.Option(64, "--blocks-per-unit", help="Blocks per shard file and unit of work."),
     batch_size: int = typer.Option(256, "--batch-size"),
-    replay_path: str = typer.Option("pil", "--replay-path", help="pil (reference) or tensor."),
+    replay_path: str = typer.Option("pil", "--replay-path", help="pil (reference), tensor, or device (decode and replay on the teacher's device, batched)."),
     workers: int = typer.Option(0, "--workers", help="Processes preparing blocks (0: in the main process, a background thread with a GPU teacher)."),
     resume: bool = typer.Option(False, "--resume", help="Finish or extend an existing cache."),
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
@@ -196,6 +196,7 @@ def train_student(
     no_data_check: bool = typer.Option(False, "--no-data-check", hidden=True, help="No pass over the data before the first step: the default now."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
     teacher_record: str = typer.Option("main", "--teacher-record", help="Whose records to distil: main (the cache's first teacher), an added teacher's name, or all (the mean over teachers)."),
+    replay_path: Optional[str] = typer.Option(None, "--replay-path", help="pil, tensor or device (default: the cache's; without --cache, pil)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -212,7 +213,7 @@ def train_student(
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every,
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
-        teacher_record=teacher_record,
+        teacher_record=teacher_record, replay_path=replay_path,
     )
     result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
@@ -259,7 +260,7 @@ def verify(
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
     views: int = typer.Option(64, "--views", help="Random views to re-run through the teacher."),
     seed: int = typer.Option(0, "--seed", help="Seed of the view sample."),
-    replay_path: Optional[str] = typer.Option(None, "--replay-path", help="Replay with another path (default: the cache's)."),
+    replay_path: Optional[str] = typer.Option(None, "--replay-path", help="Replay with another path: pil, tensor or device (default: the cache's); the report gives the agreement."),
     quick: bool = typer.Option(False, "--quick", help="Structure and checksums only, no data or teacher."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),

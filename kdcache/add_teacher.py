@@ -111,9 +111,9 @@ class _StoredViews(BlockPreparer):
         super().__init__(config, source, cache.manifest, cache.samples(), size=size)
         self.cache = cache
 
-    def view_params(self, epoch: int, block: int, members, images: list):
+    def view_params(self, epoch: int, block: int, members, sizes: list):
         params = self.cache.read_block(epoch, block, arrays=["params"])["params"]
-        check_view_params(self.spec, params, image_sizes=[(img.height, img.width) for img in images], block_size=len(images),
+        check_view_params(self.spec, params, image_sizes=sizes, block_size=len(sizes),
                           where=f"{self.cache.location}: epoch {epoch} block {block}")
         return params
 

@@ -225,6 +225,33 @@ def param_fields(spec: AugSpec) -> tuple[str, ...]:
     return tuple(names)
 
 
+def param_columns(spec: AugSpec) -> dict[str, int]:
+    """The column of each stored parameter field (:func:`param_fields`) in a parameter row."""
+    return {name: i for i, name in enumerate(param_fields(spec))}
+
+
+def randaug_call(spec: AugSpec, row: np.ndarray, cols: dict[str, int], slot: int, hparams: dict, size: int):
+    """(op name, argument) of a RandAugment slot, or None when the op was not applied.
+
+    The argument comes from timm's level function at the stored magnitude and sign, with the
+    spec's hparams (its ``output_size`` sets ``translate_const``). Posterize keeps at least 1 bit
+    (timm's level function gives 0 bits below magnitude 2.5, which Pillow refuses). At another
+    ``size``, the absolute translations (``TranslateX``, ``TranslateY``: pixels of ``output_size``)
+    are scaled to move the image by the same fraction; every other op's argument is free of the
+    size (angles, shear factors, fractions of the width, colour factors).
+    """
+    op_id = int(row[cols[f"ra{slot}_op"]])
+    if op_id < 0:
+        return None
+    name = spec.randaug_ops[op_id]
+    arg = op_argument(name, float(row[cols[f"ra{slot}_mag"]]), hparams, negate=bool(row[cols[f"ra{slot}_neg"]] > 0.5))
+    if name.startswith("Posterize") and arg is not None:
+        arg = max(1, arg)
+    if name in ("TranslateX", "TranslateY") and size != spec.output_size:
+        arg = arg * size / spec.output_size
+    return name, arg
+
+
 def view_generator(seed: int, epoch: int, sample_id: int, stream: int = _STREAM_VIEW) -> np.random.Generator:
     """The counter-based generator of one view: Philox keyed by (seed, epoch, sample, stream)."""
     return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, sample_id, stream])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,11 @@ class Batch:
     these views, in the cache's teacher order (``record`` is then the first, ``main``); else None.
     ``views``: int64 ``[B, 2]``: (cache epoch, sample position) of each view.
     ``pending``: instead of ``images``, the views' uint8 stage and their spec; :meth:`to`
-    finishes them on the target device (a quarter of the bytes to move, the same values).
+    finishes them on the target device (a quarter of the bytes to move, the same values). On
+    the device path it holds the encoded images, decoded and replayed there: no image makes a
+    round trip through the host.
+    ``decoded``: where the batch's images were decoded (``device``, or ``host <format> <mode>``
+    for the device path's fallbacks), once :meth:`materialize` has run; None on the other paths.
     """
 
     images: torch.Tensor | None
@@ -32,6 +37,7 @@ class Batch:
     views: torch.Tensor
     pending: tuple[PendingViews, object] | None = None
     records: tuple[TeacherRecord, ...] | None = None
+    decoded: Counter | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -39,8 +45,19 @@ class Batch:
     def materialize(self, device=None) -> torch.Tensor:
         if self.images is None:
             views, spec = self.pending
-            self.images, self.pending = views.materialize(spec, device), None
+            counts = Counter() if views.base is None else None
+            self.images, self.pending = views.materialize(spec, device, counts), None
+            if counts is not None:
+                self.decoded = counts
         return self.images
+
+    def pin_memory(self) -> "Batch":
+        """For a DataLoader with ``pin_memory``: the batch's host tensors in page-locked memory."""
+        pin = lambda t: t if t is None or t.is_cuda else t.pin_memory()  # noqa: E731
+        if self.pending is not None:
+            self.pending[0].pin_memory()
+        return Batch(images=pin(self.images), target=pin(self.target), labels=pin(self.labels), record=self.record,
+                     views=self.views, pending=self.pending, records=self.records, decoded=self.decoded)
 
     def to(self, device, *, channels_last: bool = False) -> "Batch":
         images = self.materialize(device).to(device, non_blocking=True)
@@ -53,4 +70,5 @@ class Batch:
             record=None if self.record is None else self.record.to(device),
             views=self.views,
             records=None if self.records is None else tuple(r.to(device) for r in self.records),
+            decoded=self.decoded,
         )

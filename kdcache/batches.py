@@ -21,6 +21,7 @@ of its block is yielded. docs/python.md has worked examples.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ from kdcache.format import MAIN, AllTeachers, Cache, format_selection, open_cach
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
+from kdcache.replay import PATHS
 from kdcache.sources import Source, open_source
 
 
@@ -145,12 +147,15 @@ class CacheLoader:
     batch is a :class:`~kdcache.batch.Batch` whose ``images``, ``target``, ``labels`` and
     ``record`` are on ``device``. ``teacher_record``: whose records (``main``, the cache's first
     teacher; an added teacher's name; or ``all``, every teacher's in ``batch.records``).
+    ``replay_path``: default the cache's (what the teacher saw); ``device`` decodes and replays
+    on ``device`` itself (:mod:`kdcache.device_replay`), counting in :attr:`decoded` where each
+    image was decoded. Another path than the cache's gives slightly different pixels.
     """
 
     def __init__(self, cache: str | Cache, data: str | Source, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", seed: int = 0, num_workers: int = 0,
                  blocks: Sequence[int] | None = None, channels_last: bool = False, verify_checksums: bool = True,
-                 image_size: int | None = None, teacher_record: str = MAIN):
+                 image_size: int | None = None, teacher_record: str = MAIN, replay_path: str | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: expected a positive number of views per rank")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -177,8 +182,13 @@ class CacheLoader:
         self._size = image_size or self.spec.output_size
         self.num_classes = m.teacher.num_classes
         self.class_names = list(m.dataset.class_names)
-        config = LoaderConfig(batch_size=batch_size * world_size, seed=seed, num_workers=num_workers,
-                              defer_finish=self.device.type == "cuda", replay_path=m.replay["path"], view_size=self._size)
+        if replay_path is not None and replay_path not in PATHS:
+            raise ConfigError(f"replay_path={replay_path!r}: expected one of {', '.join(PATHS)} (default: the cache's)")
+        self.replay_path = replay_path or m.replay["path"]
+        on_gpu = self.device.type == "cuda"
+        config = LoaderConfig(batch_size=batch_size * world_size, seed=seed, num_workers=num_workers, defer_finish=on_gpu,
+                              pin_memory=on_gpu and num_workers > 0, replay_path=self.replay_path, view_size=self._size)
+        self.decoded: Counter = Counter()  # the device path: where this loader's images were decoded
         self._loader = ViewLoader(source=self.source, layout=m.blocks, plan=self.cache.samples(), spec=self.spec,
                                   num_classes=self.num_classes, config=config, ranks=Ranks(rank=rank, world=world_size),
                                   cache=self.records, cache_epochs=self.cache_epochs, blocks=self.blocks, view_seed=seed)
@@ -210,7 +220,10 @@ class CacheLoader:
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         for batch in self._loader.epoch_batches(epoch, start_batch):
-            yield batch.to(self.device, channels_last=self.channels_last)
+            batch = batch.to(self.device, channels_last=self.channels_last)
+            if batch.decoded:
+                self.decoded.update(batch.decoded)
+            yield batch
 
     def eval_batches(self, data: str | Source, *, batch_size: int = 256) -> Iterator[Batch]:
         """Validation batches of ``data`` on the device: centre crop at the views' size and normalisation, no records.

@@ -39,7 +39,7 @@ from kdcache.errors import ConfigError, KdcacheError, MismatchError
 from kdcache.format import BlockLayout, Cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
-from kdcache.replay import PendingViews, replay_block, replay_pending, view_targets
+from kdcache.replay import EncodedImages, PendingViews, replay_block, replay_pending, view_targets
 from kdcache.sources import Source, decode_sample
 
 
@@ -52,7 +52,8 @@ class LoaderConfig:
     replay_path: str = "pil"
     view_size: int | None = None  # the views' side; None: the spec's output_size (the teacher's views)
     drop_last: bool = True
-    defer_finish: bool = False  # yield uint8 views, finished by Batch.to() on the training device
+    defer_finish: bool = False  # yield uint8 views (or, on the device path, encoded images), finished by Batch.to()
+    pin_memory: bool = False  # DataLoader workers' batches in page-locked memory (for a CUDA device)
 
     def __post_init__(self) -> None:
         if self.view_size is not None and (isinstance(self.view_size, bool) or not isinstance(self.view_size, int)
@@ -240,7 +241,7 @@ class _WindowReader:
                     check_block(samples, v.plan, where, what=f"data {v.source.uri} block {block} of the cache {v.cache.location}")
                 except MismatchError as exc:
                     raise MismatchError(f"{exc}; training stopped before any step on this block") from None
-            images = _LazyImages(samples)
+            images = EncodedImages(samples) if self.config.replay_path == "device" else _LazyImages(samples)
             if v.cache is not None:
                 params = records[block]["params"]
                 # Stored parameters are checked before replay: valid checksums do not make them drawable.
@@ -351,7 +352,8 @@ class ViewLoader:
         if self.config.num_workers == 0:
             return iter(stream)
         return _unwrap_worker_errors(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                                                persistent_workers=False, prefetch_factor=2))
+                                                persistent_workers=False, prefetch_factor=2,
+                                                pin_memory=self.config.pin_memory))
 
 
 def eval_batches(source: Source, spec: AugSpec, *, batch_size: int, num_classes: int, size: int | None = None):

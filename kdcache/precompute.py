@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +64,9 @@ from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
 from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
-from kdcache.replay import replay_fingerprint, replay_pending
+from kdcache.replay import EncodedImages, PendingViews, replay_fingerprint, replay_pending
 from kdcache.sources import Source, decode_sample, open_source
-from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
+from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits, to_channels_last
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +126,7 @@ class PrecomputeResult:
     unheld: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # uncommitted, no live writer holds them
     held_elsewhere: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # uncommitted, held by live writers
     taken_over: int = 0  # units this process computed again because their writer died holding them
+    decoded: dict = dataclasses.field(default_factory=dict)  # the device path: images decoded per place ("device", "host png RGB")
 
     @property
     def views_per_second(self) -> float:
@@ -159,7 +161,15 @@ def resolve_k(topk: int | str, num_classes: int) -> int:
     return int(topk)
 
 
-def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan, layout, spec) -> Manifest:
+def run_fingerprint(path: str, device) -> dict:
+    """The manifest's ``replay``: the replay fingerprint, and on CUDA that the teacher ran channels-last."""
+    fingerprint = replay_fingerprint(path, device)
+    if torch.device(device).type == "cuda":
+        fingerprint["teacher_channels_last"] = True  # verify runs it the same way, so its values agree
+    return fingerprint
+
+
+def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan, layout, spec, device="cpu") -> Manifest:
     k = resolve_k(config.topk, teacher_info.num_classes)
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -175,7 +185,7 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
         dtypes=record_dtypes(teacher_info.num_classes),
         tail={"betas": list(TAIL_BETAS), "temperature_range": list(TEMPERATURE_RANGE)},
         param_fields=list(param_fields(spec)),
-        replay=replay_fingerprint(config.replay_path),
+        replay=run_fingerprint(config.replay_path, device),
         blocks=layout,
         libraries=library_versions(),
         compression=COMPRESSION,
@@ -183,7 +193,7 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
     )
 
 
-def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> None:
+def _prepare_output(config, source, teacher_info, spec, claims: Claims, log, device="cpu") -> None:
     """Rank 0: create the cache, or check and extend an existing one. Nothing is overwritten on error."""
     out = Path(config.output)
     if out.exists() and not out.is_dir():
@@ -198,7 +208,7 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> 
         log(f"planning {len(source)} samples in {layout.num_blocks} blocks ({layout.num_units} units per epoch)")
         plan = scan_plan(source, layout, members)
         try:
-            CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec), plan, log=log)
+            CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec, device), plan, log=log)
             return
         except CreatedElsewhere as exc:
             if not config.resume:
@@ -215,7 +225,7 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log) -> 
     existing = cache.manifest
     plan = cache.samples()
     wanted = dataclasses.replace(
-        build_manifest(config, source, teacher_info, plan, layout, spec),
+        build_manifest(config, source, teacher_info, plan, layout, spec, device),
         dataset=existing.dataset if existing.dataset.num_samples == len(source) else dataset_info(source, plan),
     )
     check_compatible(existing, wanted)
@@ -268,19 +278,32 @@ class BlockPreparer:
     while the teacher scores the current one. The views' parameters are drawn from the spec and
     the seed (:meth:`view_params`; ``kdcache add-teacher`` reads the stored ones instead), and
     replayed at ``size`` (default: the spec's ``output_size``).
+
+    On the ``device`` path a block's images stay encoded (their headers give the sizes the
+    parameters need) and are decoded and replayed where the teacher runs: by :meth:`__getitem__`
+    itself when ``device`` is set (in the preparing thread, on a CUDA stream of its own, so the
+    next block is decoded and replayed while the teacher scores this one), else when the views
+    are materialised. ``counts`` counts where each image was decoded.
     """
 
     def __init__(self, config, source, manifest: Manifest, plan, *, size: int | None = None):
         self.data, self.source, self.manifest, self.plan, self.size = config.data, source, manifest, plan, size
         self.layout = manifest.blocks
         self.spec = cache_spec(manifest)
+        self.path = manifest.replay["path"]
+        self.device = None
+        self.counts: Counter = Counter()
+        self._stream = None
 
-    def view_params(self, epoch: int, block: int, members: np.ndarray, images: list) -> np.ndarray:
-        """The parameters of the block's views, one row per sample in slot order."""
-        return sample_view_params(
-            self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
-            image_sizes=[(img.height, img.width) for img in images],
-        )
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_stream"] = None  # a CUDA stream does not pickle (workers prepare on the host anyway)
+        return state
+
+    def view_params(self, epoch: int, block: int, members: np.ndarray, sizes: list[tuple[int, int]]) -> np.ndarray:
+        """The parameters of the block's views, one row per sample in slot order; ``sizes``: the images' (height, width)."""
+        return sample_view_params(self.spec, seed=self.manifest.seed, epoch=epoch, block_id=block, sample_ids=members,
+                                  image_sizes=sizes)
 
     def __getitem__(self, job: tuple[int, int, int]):
         epoch, _, block = job
@@ -289,12 +312,32 @@ class BlockPreparer:
         samples = read_block(self.source, self.layout, block, members)
         check_block(samples, self.plan, where, what=f"data {self.data} (epoch {epoch} block {block})")
         try:
-            images = [decode_sample(s) for s in samples]
+            images = EncodedImages(samples) if self.path == "device" else [decode_sample(s) for s in samples]
         except SourceError as exc:  # the units committed so far stay; the plan cannot change to leave it out
             raise SourceError(f"data {self.data} (epoch {epoch} block {block}): {exc}; the cache's plan holds this "
                               "sample, so a cache without it must be created anew") from None
-        params = self.view_params(epoch, block, members, images)
-        return replay_pending(self.spec, params, images, path=self.manifest.replay["path"], size=self.size), params
+        sizes = images.sizes() if self.path == "device" else [(img.height, img.width) for img in images]
+        params = self.view_params(epoch, block, members, sizes)
+        pending = replay_pending(self.spec, params, images, path=self.path, size=self.size)
+        if self.path == "device" and self.device is not None:
+            pending = self._realize(pending, f"data {self.data} (epoch {epoch} block {block})")
+        return pending, params
+
+    def _realize(self, pending: PendingViews, where: str) -> PendingViews:
+        device = torch.device(self.device)
+        try:
+            if device.type != "cuda":
+                return pending.realize(self.spec, device, self.counts)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(self._stream):
+                pending = pending.realize(self.spec, device, self.counts)
+                pending.ready = torch.cuda.Event()
+                pending.ready.record(self._stream)
+            return pending
+        except SourceError as exc:
+            raise SourceError(f"{where}: {exc}; the cache's plan holds this sample, so a cache without it must be "
+                              "created anew") from None
 
 
 def _unit_arrays(manifest: Manifest, unit: int, names=RECORD_ARRAYS) -> dict[str, np.ndarray]:
@@ -336,7 +379,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     with Claims(config.output, lease_seconds=config.lease_seconds) as claims:
         def prepare() -> None:
             try:
-                _prepare_output(config, source, teacher_info, spec, claims, log)
+                _prepare_output(config, source, teacher_info, spec, claims, log, device)
             except OSError as exc:
                 raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
                                  "computed: free space, then run the same command (with --resume if the cache exists)") from None
@@ -427,16 +470,24 @@ class UnitWork:
         jobs = ((e, u, b) for e, u in self.claimed_units() for b in layout.unit_blocks(u))
         spec = spec if spec is not None else cache_spec(manifest)
         overlap = torch.device(device).type == "cuda"
+        if overlap:
+            to_channels_last(teacher)
+        if config.workers == 0:  # the device path decodes and replays in this process, a block ahead on a GPU
+            preparer.device = device
+        self.decoded = preparer.counts
         arrays, current = None, None
         try:
             for (epoch, unit, block), pending, params in _prepared(preparer, jobs, config.workers, overlap=overlap):
                 if self.stop is not None and self.stop.is_set():  # between blocks: no claim is half made or half released
                     raise KeyboardInterrupt
-                views = pending.materialize(spec, device)  # normalise, erase and mix where the teacher runs
+                if getattr(pending, "ready", None) is not None:  # replayed on the preparing thread's stream
+                    torch.cuda.current_stream().wait_event(pending.ready)
+                    pending.base.record_stream(torch.cuda.current_stream())
+                views = pending.materialize(spec, device, counts=self.decoded)  # normalise, erase and mix where the teacher runs
                 if current != (epoch, unit):
                     arrays, current = _unit_arrays(manifest, unit, self.writer.ARRAYS), (epoch, unit)
-                logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device)
-                                    for i in range(0, len(views), config.batch_size)]).cpu()
+                logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device, channels_last=overlap)
+                                    for i in range(0, len(views), config.batch_size)]).cpu()  # one sync per block
                 values, indices, tail = make_records(logits, manifest.k)
                 offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
                 rows = slice(offset, offset + len(views))
@@ -490,6 +541,12 @@ class UnitWork:
         )
         if self.units_taken_over:
             self.log(f"took over {self.units_taken_over} unit(s) from writers that died computing them")
+        decoded = getattr(self, "decoded", None)
+        if decoded:  # the device path: where this process decoded its images
+            host = {where[5:]: n for where, n in sorted(decoded.items()) if where != "device"}
+            self.log(f"decoded {decoded['device']} image(s) on the device, {sum(host.values())} on the host"
+                     + (f" ({', '.join(f'{n} {kind}' for kind, n in host.items())})" if host else ""))
+        result.decoded = dict(decoded or {})
         if result.held_elsewhere:
             holders = sorted({held[key].describe() for key in result.held_elsewhere})
             self.log(f"{len(result.held_elsewhere)} unit(s) of this cache are still being computed by "

@@ -13,8 +13,13 @@ tensor the teacher scored. Two paths:
   bicubic spec is replayed bilinear (:data:`TENSOR_AFFINE_INTERPOLATION`, recorded in the
   fingerprint).
 
+- ``device`` (batched, on the device that runs the model): the images are decoded there
+  (``torchvision.io.decode_jpeg``: nvJPEG on CUDA; other formats on the host, counted) and every
+  view of a batch is replayed in batched tensor ops (:mod:`kdcache.device_replay`), so no image
+  makes a round trip through the host. Its views do not depend on the batch they are replayed in.
+
 The path and the versions of the libraries that shape the pixels are recorded in the cache
-(:func:`replay_fingerprint`).
+(:func:`replay_fingerprint`; for ``device`` also the device type it ran on).
 
 **Another size.** Every function takes ``size`` (default: the spec's ``output_size``), the side
 of the views to make. A view replayed at another size is the same view: the same crop region of
@@ -34,18 +39,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.augment import AugSpec, op_argument, param_fields, randaug_hparams
+from kdcache.augment import AugSpec, param_columns, randaug_call, randaug_hparams
 from kdcache.errors import ConfigError
+from kdcache.format import REPLAY_PATHS
 
-PATHS = ("pil", "tensor")
+PATHS = REPLAY_PATHS  # the format lists them; this module replays each
 
 #: The interpolation the tensor path's affine ops (Rotate, ShearX/Y, Translate*) use for each
 #: interpolation a spec may declare: torchvision's tensor affine has nearest and bilinear only.
 TENSOR_AFFINE_INTERPOLATION = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bilinear"}
 
 
-def replay_fingerprint(path: str) -> dict:
-    """What determines the replayed pixels besides the parameters: the path, its substitutions, library versions."""
+def replay_fingerprint(path: str, device=None) -> dict:
+    """What determines the replayed pixels besides the parameters: the path, its substitutions, library versions.
+
+    ``device``: where the ``device`` path runs (its pixels differ a little between CUDA and the CPU).
+    """
     import PIL
     import timm
     import torchvision
@@ -59,8 +68,12 @@ def replay_fingerprint(path: str) -> dict:
         "timm": timm.__version__,
         "pillow": PIL.__version__,
     }
-    if path == "tensor":
+    if path in ("tensor", "device"):
         fingerprint["affine_interpolation"] = dict(TENSOR_AFFINE_INTERPOLATION)
+    if path == "device":
+        kind = torch.device(device if device is not None else "cpu").type
+        fingerprint["device"] = kind
+        fingerprint["decoder"] = "nvjpeg" if kind == "cuda" else "libjpeg-turbo"
     return fingerprint
 
 
@@ -76,10 +89,6 @@ def scale_edge(edge: int, size: int, output_size: int) -> int:
 def _scaled_box(spec: AugSpec, size: int, top: int, left: int, bottom: int, right: int) -> tuple[int, int, int, int]:
     s = spec.output_size
     return scale_edge(top, size, s), scale_edge(left, size, s), scale_edge(bottom, size, s), scale_edge(right, size, s)
-
-
-def _columns(spec: AugSpec) -> dict[str, int]:
-    return {name: i for i, name in enumerate(param_fields(spec))}
 
 
 def _interpolation(spec: AugSpec):
@@ -110,7 +119,7 @@ def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.I
         hparams = randaug_hparams(spec)
         kwargs = {"fillcolor": hparams["img_mean"], "resample": _pil_resample(spec)}
         for slot in range(spec.randaug_n):
-            op = _randaug_op(spec, row, cols, slot, hparams, size)
+            op = randaug_call(spec, row, cols, slot, hparams, size)
             if op is not None:
                 name, arg = op
                 img = NAME_TO_OP[name](img, **kwargs) if arg is None else NAME_TO_OP[name](img, arg, **kwargs)
@@ -119,28 +128,6 @@ def _pil_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: Image.I
 
 def _pil_resample(spec: AugSpec) -> int:
     return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[spec.interpolation]
-
-
-def _randaug_op(spec: AugSpec, row: np.ndarray, cols: dict[str, int], slot: int, hparams: dict, size: int):
-    """(op name, argument) of a RandAugment slot, or None when the op was not applied.
-
-    The argument comes from timm's level function at the stored magnitude and sign, with the
-    spec's hparams (its ``output_size`` sets ``translate_const``). Posterize keeps at least 1 bit
-    (timm's level function gives 0 bits below magnitude 2.5, which Pillow refuses). At another
-    ``size``, the absolute translations (``TranslateX``, ``TranslateY``: pixels of ``output_size``)
-    are scaled to move the image by the same fraction; every other op's argument is free of the
-    size (angles, shear factors, fractions of the width, colour factors).
-    """
-    op_id = int(row[cols[f"ra{slot}_op"]])
-    if op_id < 0:
-        return None
-    name = spec.randaug_ops[op_id]
-    arg = op_argument(name, float(row[cols[f"ra{slot}_mag"]]), hparams, negate=bool(row[cols[f"ra{slot}_neg"]] > 0.5))
-    if name.startswith("Posterize") and arg is not None:
-        arg = max(1, arg)
-    if name in ("TranslateX", "TranslateY") and size != spec.output_size:
-        arg = arg * size / spec.output_size
-    return name, arg
 
 
 # ---- tensor path -------------------------------------------------------------------------
@@ -200,7 +187,7 @@ def _tensor_base(spec: AugSpec, row: np.ndarray, cols: dict[str, int], img: torc
         fill = [float(v) for v in hparams["img_mean"]]
         affine = _tensor_affine_interpolation(spec)
         for slot in range(spec.randaug_n):
-            op = _randaug_op(spec, row, cols, slot, hparams, size)
+            op = randaug_call(spec, row, cols, slot, hparams, size)
             if op is not None:
                 img = _tensor_op(op[0], img, op[1], fill, affine)
     return img
@@ -225,14 +212,41 @@ def _size(spec: AugSpec, size: int | None) -> int:
 
 def replay_uint8(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil", size: int | None = None) -> torch.Tensor:
     """One sample's view up to its pixels: uint8 ``[3, size, size]`` (crop, flip, jitter, RandAugment)."""
-    cols, size = _columns(spec), _size(spec, size)
+    cols, size = param_columns(spec), _size(spec, size)
     if path == "pil":
         return _pil_base(spec, row, cols, img, size)
     if path == "tensor":
         if isinstance(img, Image.Image):
             img = to_uint8_tensor(img)
         return _tensor_base(spec, row, cols, img, size)
+    if path == "device":
+        pending = replay_pending(spec, np.asarray(row)[None], [img], path="device", size=size)
+        return pending.realize(spec, img.device if isinstance(img, torch.Tensor) else None).base[0]
     raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
+
+
+class EncodedImages:
+    """A block's images as their stored bytes, with headers: the device path decodes them where it replays.
+
+    Indexable like a list of decoded images (item ``p`` is sample ``p``), and
+    :meth:`sizes` reads the sizes from the headers, decoding nothing.
+    """
+
+    def __init__(self, samples):
+        from kdcache.sources import image_header
+
+        self.samples = list(samples)
+        self.headers = [image_header(s) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, position: int):
+        return self.samples[position]
+
+    def sizes(self, positions=None) -> list[tuple[int, int] | None]:
+        wanted = range(len(self)) if positions is None else {int(p) for p in positions}
+        return [(h.height, h.width) if p in wanted else None for p, h in enumerate(self.headers)]
 
 
 @dataclass
@@ -244,16 +258,29 @@ class PendingViews:
     GPU moves a quarter of the bytes and changes no value. ``base`` holds each distinct sample
     view once; output view ``r`` is ``base[own[r]]``, mixed with ``base[partner[r]]`` if
     ``partner[r] >= 0`` as ``view_params[r]`` says.
+
+    On the device path ``base`` is None until :meth:`realize`: ``sources`` then holds each base
+    view's image, as a :class:`~kdcache.sources.Sample` still to decode (``headers`` its header)
+    or a decoded uint8 tensor, and ``size`` the views' side.
     """
 
-    base: torch.Tensor
+    base: torch.Tensor | None
     base_params: np.ndarray
     own: np.ndarray
     partner: np.ndarray
     view_params: np.ndarray
+    sources: list | None = None
+    headers: list | None = None
+    size: int | None = None
 
     def __len__(self) -> int:
         return len(self.own)
+
+    def pin_memory(self) -> "PendingViews":
+        """For a DataLoader with ``pin_memory``: the uint8 views in page-locked memory."""
+        if self.base is not None and not self.base.is_cuda:
+            self.base = self.base.pin_memory()
+        return self
 
     def select(self, rows) -> "PendingViews":
         """Only the output views ``rows``, with only the base views they use."""
@@ -263,31 +290,68 @@ class PendingViews:
         remap = np.full(len(self.base_params), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
         return PendingViews(
-            base=self.base[torch.from_numpy(used)], base_params=self.base_params[used], own=remap[own],
+            base=None if self.base is None else self.base[torch.from_numpy(used).to(self.base.device)],
+            base_params=self.base_params[used], own=remap[own],
             partner=np.where(partner >= 0, remap[np.maximum(partner, 0)], -1), view_params=self.view_params[rows],
+            sources=None if self.sources is None else [self.sources[i] for i in used],
+            headers=None if self.headers is None else [self.headers[i] for i in used], size=self.size,
         )
 
     @staticmethod
     def cat(parts: list["PendingViews"]) -> "PendingViews":
         offsets = np.cumsum([0] + [len(p.base_params) for p in parts[:-1]])
+        encoded = parts[0].base is None
         return PendingViews(
-            base=torch.cat([p.base for p in parts]),
+            base=None if encoded else torch.cat([p.base for p in parts]),
             base_params=np.concatenate([p.base_params for p in parts]),
             own=np.concatenate([p.own + o for p, o in zip(parts, offsets)]),
             partner=np.concatenate([np.where(p.partner >= 0, p.partner + o, -1) for p, o in zip(parts, offsets)]),
             view_params=np.concatenate([p.view_params for p in parts]),
+            sources=[s for p in parts for s in p.sources] if encoded else None,
+            headers=[h for p in parts for h in p.headers] if encoded else None, size=parts[0].size,
         )
 
-    def materialize(self, spec: AugSpec, device=None) -> torch.Tensor:
+    def realize(self, spec: AugSpec, device=None, counts=None) -> "PendingViews":
+        """The device path's uint8 stage, on ``device``: decode what is still encoded, then replay in batched ops.
+
+        ``counts``: a Counter given one per decoded image, by where it was decoded
+        (:func:`kdcache.sources.decode_on_device`).
+        """
+        if self.base is not None:
+            return self
+        from kdcache.device_replay import replay_on_device
+        from kdcache.sources import Sample, decode_on_device
+
+        device = torch.device(device if device is not None else "cpu")
+        images = list(self.sources)
+        encoded = [i for i, item in enumerate(images) if isinstance(item, Sample)]
+        if encoded:
+            decoded = decode_on_device([images[i] for i in encoded], [self.headers[i] for i in encoded], device, counts)
+            for i, image in zip(encoded, decoded):
+                images[i] = image
+        images = [image.to(device) for image in images]
+        base = replay_on_device(spec, self.base_params, images, size=self.size,
+                                affine_interpolation=TENSOR_AFFINE_INTERPOLATION[spec.interpolation])
+        return PendingViews(base=base, base_params=self.base_params, own=self.own, partner=self.partner,
+                            view_params=self.view_params)
+
+    def materialize(self, spec: AugSpec, device=None, counts=None) -> torch.Tensor:
         """float32 ``[m, 3, S, S]`` views: to [0, 1], normalise, erase (per sample), then mix.
+
+        On the device path, :meth:`realize` first (``counts`` goes to it).
 
         ``S`` is the base views' size: erase and cutmix boxes, stored in pixels of the spec's
         ``output_size``, are scaled to it (:func:`scale_edge`). The spec's ``mean`` and ``std``
         normalise; a spec with only those replaced normalises as another model expects.
         """
-        cols = _columns(spec)
+        if self.base is None:
+            return self.realize(spec, device, counts).materialize(spec, device)
+        cols = param_columns(spec)
         size = int(self.base.shape[-1])
-        x = self.base.to(device, non_blocking=True).float()
+        base = self.base
+        if device is not None and torch.device(device).type == "cuda" and not base.is_cuda and not base.is_pinned():
+            base = base.pin_memory()  # page-locked, so the copy below does not wait for the host
+        x = base.to(device, non_blocking=True).float()
         mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         x.div_(255).sub_(mean).div_(std)
@@ -324,21 +388,27 @@ def replay_pending(spec: AugSpec, params: np.ndarray, images, *, positions=None,
     """The uint8 stage of the views of a block at ``positions`` (default: all) and of their mix partners.
 
     ``params`` are the block's stored parameters ``[n, P]`` for one epoch; ``images`` the block's
-    decoded images in block order (PIL images for ``pil``; PIL or uint8 tensors for ``tensor``).
+    decoded images in block order (PIL images for ``pil``; PIL or uint8 tensors for ``tensor``; for
+    ``device``, an :class:`EncodedImages` of the block's samples, or decoded images).
     Only the images of the requested views and their partners are touched. ``size``: the views'
     side (default the spec's ``output_size``; see "Another size" above).
     """
     n = params.shape[0]
     positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
-    cols = _columns(spec)
+    cols = param_columns(spec)
     partners = params[positions, cols["mix_partner"]].astype(np.int64) if spec.mixes else np.full(len(positions), -1)
     needed = np.unique(np.concatenate([positions, partners[partners >= 0]]))
     index = {int(p): i for i, p in enumerate(needed)}
+    own = np.array([index[int(p)] for p in positions], dtype=np.int64)
+    partner = np.array([index[int(p)] if p >= 0 else -1 for p in partners], dtype=np.int64)
+    if path == "device":  # decoded and replayed later, where the views are used (PendingViews.realize)
+        sources = [images[int(p)] for p in needed]
+        sources = [to_uint8_tensor(item) if isinstance(item, Image.Image) else item for item in sources]
+        headers = [images.headers[int(p)] for p in needed] if isinstance(images, EncodedImages) else None
+        return PendingViews(base=None, base_params=params[needed], own=own, partner=partner, view_params=params[positions],
+                            sources=sources, headers=headers, size=_size(spec, size))
     base = torch.stack([replay_uint8(spec, params[p], images[int(p)], path=path, size=size) for p in needed])
-    return PendingViews(
-        base=base, base_params=params[needed], own=np.array([index[int(p)] for p in positions], dtype=np.int64),
-        partner=np.array([index[int(p)] if p >= 0 else -1 for p in partners], dtype=np.int64), view_params=params[positions],
-    )
+    return PendingViews(base=base, base_params=params[needed], own=own, partner=partner, view_params=params[positions])
 
 
 def replay_block(spec: AugSpec, params: np.ndarray, images, *, positions=None, path: str = "pil", device=None,
@@ -356,7 +426,7 @@ def replay_base(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil", size:
 
 def mix_pair(spec: AugSpec, row: np.ndarray, own: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     """Mix a finished view with its partner's finished view as the stored parameters say (at the views' size)."""
-    cols = _columns(spec)
+    cols = param_columns(spec)
     if not spec.mixes or int(row[cols["mix_partner"]]) < 0:
         return own
     lam = float(row[cols["mix_lam"]])
@@ -376,7 +446,7 @@ def view_targets(spec: AugSpec, params: np.ndarray, labels: np.ndarray, num_clas
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     target = torch.nn.functional.one_hot(labels[positions], num_classes).float()
     if spec.mixes:
-        cols = _columns(spec)
+        cols = param_columns(spec)
         partners = params[positions, cols["mix_partner"]].astype(np.int64)
         lam = torch.as_tensor(params[positions, cols["mix_lam"]], dtype=torch.float32)
         has = torch.as_tensor(partners >= 0)

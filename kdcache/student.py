@@ -32,6 +32,7 @@ from kdcache.errors import ConfigError, MismatchError, WriteError, describe_os_e
 from kdcache.format import format_selection, open_cache
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
+from kdcache.replay import PATHS
 from kdcache.location import atomic_write_bytes
 from kdcache.losses import LossConfig
 from kdcache.plan import plan_layout
@@ -85,8 +86,11 @@ class StudentConfig:
     check_data: bool = False  # every sample's digest before the first step (one pass over the data); else as blocks stream
     expect_digest: str | None = None  # refuse a cache whose content digest is another
     teacher_record: str = "main"  # whose records: main (the first teacher), an added teacher's name, or all
+    replay_path: str | None = None  # None: the cache's (what the teacher saw); without a cache, pil
 
     def __post_init__(self) -> None:
+        if self.replay_path is not None and self.replay_path not in PATHS:
+            raise ConfigError(f"--replay-path {self.replay_path!r}; expected one of {', '.join(PATHS)}")
         object.__setattr__(self, "expect_digest", check_digest_option(self.expect_digest))
         if self.expect_digest is not None and self.cache is None:
             raise ConfigError("--expect-digest names the cache to train from: give --cache too")
@@ -181,10 +185,16 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     meta_loader = None
     on_gpu = distributed.resolve_device(config.device, ranks).type == "cuda"
     size = spec.output_size if config.img_size is None else config.img_size
+    path = config.replay_path or (m.replay["path"] if cache is not None else "pil")  # default: the path the teacher saw
+    if cache is not None and path != m.replay["path"]:
+        log(f"replaying on path {path}; the cache's teacher saw path {m.replay['path']}: the views differ slightly from "
+            f"the ones it scored (kdcache verify --replay-path {path} measures by how much)")
+    if cache is not None and path == "device" == m.replay["path"] and m.replay.get("device") != ("cuda" if on_gpu else "cpu"):
+        log(f"the cache's device path ran on {m.replay.get('device')}, this run decodes and replays on "
+            f"{'cuda' if on_gpu else 'cpu'}: their pixels differ slightly (kdcache verify measures by how much)")
     loader_config = LoaderConfig(batch_size=config.batch_size, seed=config.seed, window_blocks=config.window_blocks,
-                                 num_workers=config.num_workers, defer_finish=on_gpu,
-                                 replay_path=m.replay["path"] if cache is not None else "pil",  # the path the teacher saw
-                                 view_size=size)
+                                 num_workers=config.num_workers, defer_finish=on_gpu, pin_memory=on_gpu and config.num_workers > 0,
+                                 replay_path=path, view_size=size)
     common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
                   cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
     if config.loss.name == "mkd":

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,6 +388,7 @@ class _Run:
         self.say = self.progress.say  # beside the bar on a terminal, never over it
         self.meta_stream = _cycle_from(self.meta_batches, position.meta_batches) if self.is_mkd else None
         self.meter = StepMeter(self.device)
+        self.decoded, self.decoded_said = Counter(), False  # the device path's decoder counts (Batch.decoded)
         self.step = position.step
         self.stopped = self.step >= self.stop_step
         self.train_model.train()
@@ -414,6 +416,8 @@ class _Run:
     def _batch_on_device(self, batch: Batch, teacher) -> Batch:
         config = self.config
         batch = batch.to(self.device, channels_last=config.channels_last)
+        if batch.decoded:
+            self.decoded.update(batch.decoded)
         if tuple(batch.images.shape[-2:]) != (config.img_size, config.img_size):
             raise ConfigError(f"the loader's images are {tuple(batch.images.shape[-2:])}; "
                               f"expected TrainConfig.img_size={config.img_size} square")
@@ -498,6 +502,13 @@ class _Run:
             if self.stopped or end_of_epoch:
                 break
         self.train_time += time.perf_counter() - tick
+        if self.decoded and not self.decoded_said:  # the device path: where this rank's images were decoded, once
+            host = sum(n for where, n in self.decoded.items() if where != "device")
+            kinds = ", ".join(f"{n} {where[5:]}" for where, n in sorted(self.decoded.items()) if where != "device")
+            self.say(f"epoch {epoch + 1}: {self.decoded['device']} image(s) decoded on {self.device.type}, {host} on the host"
+                     + (f" ({kinds})" if kinds else ""))
+            self.runlog.write("decoded", epoch=epoch + 1, **dict(self.decoded))
+            self.decoded_said = True
 
     def end_epoch(self, epoch: int, val_batches) -> int:
         """Evaluate (every ``eval_every`` epochs and after the last), then checkpoint at the start of the next epoch."""

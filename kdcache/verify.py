@@ -28,9 +28,9 @@ from kdcache.format import ALL, MAIN, RECORD_ARRAYS, Cache, TeacherRecords, open
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
 from kdcache.record import make_records
-from kdcache.replay import PATHS, replay_block
+from kdcache.replay import PATHS, EncodedImages, replay_block
 from kdcache.sources import decode_sample, open_source
-from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits
+from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits, to_channels_last
 from kdcache.augment import cache_spec, check_view_params, sample_view_params
 
 
@@ -68,6 +68,7 @@ class VerifyReport:
     failures: list[str] = field(default_factory=list)
     near_ties: list[str] = field(default_factory=list)  # reported, not failures (see compare_records)
     views_checked: int = 0
+    top1_agree: int = 0  # views whose recomputed top-1 class is the stored one
     max_abs_diff: float = 0.0
     replay_path: str = ""
     digest: str = ""  # the cache's content digest, shown first
@@ -243,7 +244,11 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
         spec = dataclasses.replace(spec, mean=tuple(cache.group.mean), std=tuple(cache.group.std))
         size = cache.group.size
     path = config.replay_path or m.replay["path"]
+    here = torch.device(device).type
+    same = path == m.replay["path"] and (path != "device" or m.replay.get("device") == here)
     report.replay_path = path if path == m.replay["path"] else f"{path} (cache made with {m.replay['path']})"
+    if path == "device" and path == m.replay["path"] and not same:  # the device path's pixels differ between devices
+        report.replay_path = f"device on {here} (cache made on {m.replay.get('device')})"
     layout = cache.layout
     bad = 0
     for (epoch, block), positions in sorted(_pick_views(cache, config.views, config.seed).items()):
@@ -251,8 +256,8 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
         where = layout.block_slots(block)
         members = plan["source_index"][where]
         samples = read_block(source, layout, block, members)
-        images = [decode_sample(s) for s in samples]
-        sizes = [(img.height, img.width) for img in images]
+        images = EncodedImages(samples) if path == "device" else [decode_sample(s) for s in samples]
+        sizes = images.sizes() if path == "device" else [(img.height, img.width) for img in images]
         if config.check_params:
             drawn = sample_view_params(spec, seed=m.seed, epoch=epoch, block_id=block, sample_ids=members, image_sizes=sizes)
             differs = np.flatnonzero(np.any(drawn != stored["params"], axis=1))  # the whole block: all of it is replayed
@@ -272,7 +277,11 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             continue
         views = replay_block(spec, stored["params"], images, path=path, device=device, size=size)
         batch = config.batch_size or m.batch_size
-        logits = torch.cat([teacher_logits(teacher, views[i : i + batch], device) for i in range(0, len(views), batch)]).cpu()
+        channels_last = bool(m.replay.get("teacher_channels_last")) and torch.device(device).type == "cuda"
+        if channels_last:
+            to_channels_last(teacher)
+        logits = torch.cat([teacher_logits(teacher, views[i : i + batch], device, channels_last=channels_last)
+                            for i in range(0, len(views), batch)]).cpu()
         values, indices, _ = make_records(logits, m.k)
         for position in positions:
             record = {name: stored[name][position] for name in ("values", "indices")}
@@ -280,6 +289,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             problem, near_tie = compare_records(record, recomputed, indices[position].numpy(), logits[position].numpy())
             report.max_abs_diff = max(report.max_abs_diff, float(np.abs(record["values"].astype(np.float32) - recomputed).max()))
             report.views_checked += 1
+            report.top1_agree += int(indices[position][0]) == int(record["indices"][0])
             where_view = f"view (epoch {epoch}, sample {plan['key'][where][position]}, block {block})"
             if near_tie:
                 report.near_ties.append(f"{where_view}: {problem}")
@@ -287,8 +297,12 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                 bad += 1
                 report.fail(f"{where_view}: {problem}")
     ties = f", {len(report.near_ties)} near-tie(s) (classes within fp16 rounding, not a failure)" if report.near_ties else ""
+    agreement = ""
+    if not same and report.views_checked:  # how far another path reproduces the teacher, as figures
+        agreement = (f" ({100 * (report.views_checked - bad) / report.views_checked:.1f}%), top-1 agreement "
+                     f"{100 * report.top1_agree / report.views_checked:.1f}%")
     report.add(_label("replay", cache), f"{report.views_checked} view(s) on path {report.replay_path}: "
-                                        f"{report.views_checked - bad} match{ties}, max |diff| {report.max_abs_diff:.3g}")
+                                        f"{report.views_checked - bad} match{agreement}{ties}, max |diff| {report.max_abs_diff:.3g}")
 
 
 def _name(view) -> str:

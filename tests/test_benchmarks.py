@@ -120,3 +120,13 @@ def test_teachers_benchmark_prints_throughput_and_bytes_per_teacher():
     assert float(rows["add-teacher (read params, decode, replay, teacher, store)"][1]) > 0
     assert float(rows["teacher B (teachers/B/)"][0]) > 0 and float(rows["teacher main (root)"][0]) > 0
     assert float(rows["parameters (root, shared by every teacher)"][0]) > 0
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_prints_every_path_student_and_worker_count():
+    out = run("gpu.py", "--quick")
+    for name in ("bare teacher inference", "replay path pil", "replay path tensor", "replay path device",
+                 "student step on synthetic data", "plain ce", "from the cache", "online kd", "ideal", "workers -> views/s"):
+        assert name in out, out
+    rates = [float(line.split()[-2]) for line in out.splitlines() if "replay path" in line and "target" not in line]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)

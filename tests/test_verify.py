@@ -263,7 +263,7 @@ def test_tensor_replay_of_a_pil_strong_cache_fails_naming_a_view(preset_cache, t
 
 def test_unknown_replay_path_is_a_config_error(small_cache, teacher_ckpt):
     line = one_error_line(invoke(*verify_argv(small_cache, teacher_ckpt, "--replay-path", "gpu")), 2)
-    assert line == "error: --replay-path 'gpu'; expected one of pil, tensor"
+    assert line == "error: --replay-path 'gpu'; expected one of pil, tensor, device"
 
 
 # ---- --quick: structure and checksums only ----------------------------------------------------------

@@ -39,6 +39,7 @@ from kdcache.format.manifest import (
     MANIFEST_KEY,
     Manifest,
     RECORD_ARRAYS,
+    REPLAY_PATHS,
     SAMPLE_ARRAYS,
     SUBSET_KEY,
     Subset,

@@ -22,6 +22,8 @@ SUBSET_KEY = "kdcache_subset"  # optional root attribute: what `kdcache export` 
 RECORD_ARRAYS = ("values", "indices", "tail", "params")
 SAMPLE_ARRAYS = ("source_index", "label", "digest", "key")
 LEDGER_DIR = "ledger"
+#: The replay paths a manifest's ``replay.path`` may name (kdcache.replay implements them).
+REPLAY_PATHS = ("pil", "tensor", "device")
 CLAIMS_DIR = "claims"  # claim files of the writers computing units now (kdcache.format.claims)
 
 
@@ -148,8 +150,10 @@ class Manifest:
         size = self.teacher.input_size
         if not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
             bad("teacher.input_size", size, "[channels, height, width] as positive integers")
-        if not isinstance(self.replay, dict) or self.replay.get("path") not in ("pil", "tensor"):
-            bad("replay", self.replay, "an object with path 'pil' or 'tensor'")
+        if not isinstance(self.replay, dict) or self.replay.get("path") not in REPLAY_PATHS:
+            bad("replay", self.replay, "an object with path " + ", ".join(f"'{p}'" for p in REPLAY_PATHS))
+        if self.replay.get("path") == "device" and self.replay.get("device") not in ("cpu", "cuda"):
+            bad("replay.device", self.replay.get("device"), "'cpu' or 'cuda', where the device path ran")
         tail = self.tail
         if not isinstance(tail, dict) or not isinstance(tail.get("betas"), list) or len(tail["betas"]) != 2:
             bad("tail", tail, "an object with two 'betas'")
@@ -286,6 +290,7 @@ def check_compatible(existing: Manifest, wanted: Manifest) -> None:
         ("augmentation", existing.augmentation, wanted.augmentation),
         ("blocks", dataclasses.asdict(existing.blocks), dataclasses.asdict(wanted.blocks)),
         ("replay.path", existing.replay.get("path"), wanted.replay.get("path")),
+        ("replay.device", existing.replay.get("device"), wanted.replay.get("device")),  # the device path's pixels
     ]
     for name, old, new in pairs:
         where = first_difference(name, old, new)

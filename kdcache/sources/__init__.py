@@ -55,14 +55,18 @@ from collections.abc import Sequence
 from kdcache.errors import ConfigError
 from kdcache.format.store import npy_bytes
 from kdcache.sources.base import (
+    DEVICE_DECODABLE,
     SPLITS,
+    ImageHeader,
     Sample,
     Source,
     check_image_header,
     check_num_classes,
     decode_image,
     decode_native,
+    decode_on_device,
     decode_sample,
+    image_header,
     stored_format,
 )
 from kdcache.sources.builtin import (
@@ -76,10 +80,10 @@ from kdcache.sources.builtin import (
 from kdcache.sources.webdataset import WebDatasetSource
 
 __all__ = [
-    "ACCEPTED_SPECS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_FILE_EXTENSIONS", "SPLITS",
-    "DigitsSource", "FashionMnistSource", "ImageFolderSource", "Sample", "Source", "WebDatasetSource",
-    "check_image_header", "check_num_classes", "decode_image", "decode_native", "decode_sample", "npy_bytes",
-    "open_source", "stored_format",
+    "ACCEPTED_SPECS", "DEVICE_DECODABLE", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_FILE_EXTENSIONS", "SPLITS",
+    "DigitsSource", "FashionMnistSource", "ImageFolderSource", "ImageHeader", "Sample", "Source", "WebDatasetSource",
+    "check_image_header", "check_num_classes", "decode_image", "decode_native", "decode_on_device", "decode_sample",
+    "image_header", "npy_bytes", "open_source", "stored_format",
 ]
 
 ACCEPTED_SPECS = (

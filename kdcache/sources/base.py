@@ -130,6 +130,89 @@ def decode_sample(sample: Sample) -> Image.Image:
         raise SourceError(f"sample '{sample.key}': cannot decode image: {exn}") from None
 
 
+# --- decoding on a device (the ``device`` replay path) -------------------------------------
+
+#: What the device decoder takes: baseline or progressive 8-bit JPEG in YCbCr or grayscale.
+DEVICE_DECODABLE = {("jpeg", "RGB"), ("jpeg", "L")}
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels: format, PIL mode, height, width."""
+
+    format: str
+    mode: str
+    height: int
+    width: int
+
+    @property
+    def device_decodable(self) -> bool:
+        return (self.format, self.mode) in DEVICE_DECODABLE
+
+
+def image_header(sample: Sample) -> ImageHeader:
+    """The format, mode and size of a sample's image from its header; SourceError naming the sample if it has none."""
+    data = sample.data
+    try:
+        if not data:
+            raise _Undecodable("empty data")
+        if data.startswith(_NPY_MAGIC):
+            image = _image_from_npy(data)  # .npy images are small arrays: reading them whole costs nothing
+            return ImageHeader("npy", image.mode, image.height, image.width)
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                return ImageHeader(str(opened.format).lower(), opened.mode, opened.height, opened.width)
+        except Image.UnidentifiedImageError:
+            raise _Undecodable(f"not a recognised image format (first bytes {data[:8]!r})") from None
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exn:
+            raise _Undecodable(f"{type(exn).__name__}: {exn}") from None
+    except _Undecodable as exn:
+        raise SourceError(f"sample '{sample.key}': cannot decode image: {exn}") from None
+
+
+def decode_on_device(samples: Sequence[Sample], headers: Sequence[ImageHeader], device, counts=None) -> list:
+    """Decode samples to uint8 ``[3, H, W]`` RGB tensors on ``device``, in one batched call where it can.
+
+    JPEGs the device decoder takes (:data:`DEVICE_DECODABLE`) are decoded by
+    ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA, libjpeg-turbo on the CPU); every
+    other image (PNG, WebP, ``.npy``, CMYK or 16-bit files...) is decoded on the host by
+    :func:`decode_sample` and moved, and so is a JPEG the device decoder refuses. The choice is a
+    function of the bytes alone, so every stage decodes an image the same way. ``counts``: a
+    ``collections.Counter`` to add one to per image, under ``device`` or ``host <format> <mode>``.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list = [None] * len(samples)
+    on_device = [i for i, h in enumerate(headers) if h.device_decodable]
+    if on_device:
+        data = [torch.frombuffer(bytearray(samples[i].data), dtype=torch.uint8) for i in on_device]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one image the decoder refuses fails the batch: decode one by one
+            decoded = []
+            for tensor in data:
+                try:
+                    decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+        for i, image in zip(on_device, decoded):
+            if image is not None and tuple(image.shape) != (3, headers[i].height, headers[i].width):
+                raise SourceError(f"sample '{samples[i].key}': the device decoder gave an image of shape "
+                                  f"{tuple(image.shape)}; its header says 3x{headers[i].height}x{headers[i].width}")
+            out[i] = image
+            if counts is not None and image is not None:
+                counts["device"] += 1
+    for i, image in enumerate(out):
+        if image is None:
+            array = np.asarray(decode_sample(samples[i]), dtype=np.uint8)
+            out[i] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(device)
+            if counts is not None:
+                header = headers[i]
+                counts[f"host {header.format} {header.mode}" + (" (device decoder refused)" if header.device_decodable else "")] += 1
+    return out
+
+
 # --- the source interface -------------------------------------------------------------------
 
 
