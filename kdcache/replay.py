@@ -220,8 +220,11 @@ def replay_uint8(spec: AugSpec, row: np.ndarray, img, *, path: str = "pil", size
             img = to_uint8_tensor(img)
         return _tensor_base(spec, row, cols, img, size)
     if path == "device":
-        pending = replay_pending(spec, np.asarray(row)[None], [img], path="device", size=size)
-        return pending.realize(spec, img.device if isinstance(img, torch.Tensor) else None).base[0]
+        from kdcache.device_replay import replay_on_device
+
+        image = to_uint8_tensor(img) if isinstance(img, Image.Image) else img
+        return replay_on_device(spec, np.asarray(row)[None], [image], size=size,
+                                affine_interpolation=TENSOR_AFFINE_INTERPOLATION[spec.interpolation])[0]
     raise ConfigError(f"replay path {path!r}; expected one of {', '.join(PATHS)}")
 
 

@@ -34,7 +34,7 @@ from kdcache.format import format_selection
 from kdcache.format import Cache, Manifest, open_cache
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
-from kdcache.replay import replay_base, replay_block
+from kdcache.replay import EncodedImages, replay_base, replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig
 
@@ -265,7 +265,8 @@ def _load_views(config: ShowConfig, cache: Cache, plan: dict[str, np.ndarray], s
         check_view_params(spec, params, image_sizes=[None if img is None else (img.height, img.width) for img in images],
                           block_size=len(samples), where=f"{cache.location}: epoch {config.epoch} block {block}")
         partners = {p: _partner(m, spec, params[p]) for p in positions}
-        views = replay_block(spec, params, images, positions=positions, path=path)
+        replayed = EncodedImages(samples) if path == "device" else images  # as scored: decoded where the device path decodes
+        views = replay_block(spec, params, replayed, positions=positions, path=path)
         record = TeacherRecord(
             values=torch.from_numpy(stored["values"][positions].astype(np.float16)),
             indices=torch.from_numpy(stored["indices"][positions].astype(np.int64)),

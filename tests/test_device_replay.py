@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from kdcache import CacheLoader, open_cache
 from kdcache.augment import DEFAULT_RANDAUG_OPS, PRESETS, AugSpec, cache_spec, preset, sample_view_params
-from kdcache.errors import ConfigError, FormatError, VerifyError
+from kdcache.errors import ConfigError, FormatError, SourceError, VerifyError
 from kdcache.replay import EncodedImages, replay_block, replay_fingerprint, replay_pending
 from kdcache.sources import Sample, decode_on_device, decode_sample, image_header, open_source
 from kdcache.teacher import TeacherConfig
@@ -129,12 +129,16 @@ def test_headers_give_the_sizes_without_decoding_and_name_a_sample_that_is_no_im
         image_header(Sample(key="b", label=0, data=b"<html>not found</html>"))
 
 
-def test_a_truncated_jpeg_is_refused_naming_its_sample():
+@pytest.mark.parametrize("kept", [0.5, 0.9])
+def test_a_truncated_jpeg_goes_to_the_host_decoder_which_refuses_it_naming_its_sample(kept):
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-    sample = Sample(key="cut", label=0, data=buffer.getvalue()[:300])
-    with pytest.raises(Exception, match="sample 'cut'"):
-        decode_on_device([sample], [image_header(sample)], "cpu")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    sample = Sample(key="cut", label=0, data=data[: int(len(data) * kept)])
+    header = image_header(sample)
+    assert (header.format, header.ended, header.device_decodable) == ("jpeg", False, False)
+    with pytest.raises(SourceError, match="sample 'cut': cannot decode image"):
+        decode_on_device([sample], [header], "cpu")
 
 
 # ---- a cache on the device path, end to end ------------------------------------------------------
@@ -286,3 +290,49 @@ def test_resuming_a_device_path_cache_on_another_device_is_refused(device_cache,
                                       "--blocks-per-unit", "2", "--batch-size", "16", "--replay-path", "device", "--resume"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "cannot resume: replay.device differs: the cache has 'cuda', this run has 'cpu'" in result.output
+
+
+def test_a_truncated_jpeg_stops_a_device_path_precompute_naming_it(photos, tmp_path, make_teacher):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(photos, images)
+    source = open_source(f"imagefolder:{images}")
+    out = tmp_path / "cache"
+    argv = ["precompute-logits", "--data", f"imagefolder:{images}", "--output", str(out), "--teacher", "test_resnet",
+            "--teacher-checkpoint", str(make_teacher(num_classes=2)), "--epochs", "1", "--topk", "2", "--block-size", "8",
+            "--blocks-per-unit", "1", "--batch-size", "16", "--replay-path", "device"]
+    assert CliRunner().invoke(app, argv + ["--max-units", "0"]).exit_code == 7  # the plan only: which block is last
+    cache = open_cache(out)
+    m = cache.manifest
+    last = m.blocks.num_blocks - 1
+    key = next(str(k) for k in cache.samples()["key"][m.blocks.block_slots(last)] if not str(k).split("/")[1].startswith("odd"))
+    path = next(images.glob(f"{key}.jpg"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    shutil.rmtree(out)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    error = next(line for line in result.output.splitlines() if line.startswith("error: "))
+    assert f"sample '{key}': cannot decode image" in error and f"block {last}" in error, error
+    assert len(open_cache(out).ledger) == last  # the units before it are committed and kept
+
+
+def test_show_renders_a_device_path_cache_as_scored(device_cache, photos, tmp_path):
+    out, _, _ = device_cache
+    result = CliRunner().invoke(app, ["show", str(out), "--data", f"imagefolder:{photos}", "--epoch", "1", "--count", "4",
+                                      "--out", str(tmp_path / "views.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "views.png").stat().st_size > 0
+
+
+def test_one_view_alone_is_its_view_in_the_block(decoded):
+    from kdcache.replay import replay_uint8
+
+    spec = SPECS["strong"]
+    _, images = decoded
+    params = params_of(spec, images)
+    block = uint8_views(spec, params, images, "device")
+    for position in (0, 7, 19):
+        torch.testing.assert_close(replay_uint8(spec, params[position], images[position], path="device"), block[position],
+                                   rtol=0, atol=0)

@@ -144,10 +144,16 @@ class ImageHeader:
     mode: str
     height: int
     width: int
+    ended: bool = True  # for a JPEG: its bytes end with the end-of-image marker (a truncated file does not)
 
     @property
     def device_decodable(self) -> bool:
-        return (self.format, self.mode) in DEVICE_DECODABLE
+        """Whether the device decoder takes it: a JPEG of a kind it decodes, ending where a JPEG ends.
+
+        A JPEG without its end marker goes to the host decoder, which refuses it naming the
+        sample, as the other paths do, rather than to a decoder that might fill in what is missing.
+        """
+        return (self.format, self.mode) in DEVICE_DECODABLE and self.ended
 
 
 def image_header(sample: Sample) -> ImageHeader:
@@ -161,7 +167,9 @@ def image_header(sample: Sample) -> ImageHeader:
             return ImageHeader("npy", image.mode, image.height, image.width)
         try:
             with Image.open(io.BytesIO(data)) as opened:
-                return ImageHeader(str(opened.format).lower(), opened.mode, opened.height, opened.width)
+                kind = str(opened.format).lower()
+                ended = kind != "jpeg" or data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
+                return ImageHeader(kind, opened.mode, opened.height, opened.width, ended)
         except Image.UnidentifiedImageError:
             raise _Undecodable(f"not a recognised image format (first bytes {data[:8]!r})") from None
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exn:
@@ -209,7 +217,8 @@ def decode_on_device(samples: Sequence[Sample], headers: Sequence[ImageHeader], 
             out[i] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(device)
             if counts is not None:
                 header = headers[i]
-                counts[f"host {header.format} {header.mode}" + (" (device decoder refused)" if header.device_decodable else "")] += 1
+                why = " (device decoder refused)" if header.device_decodable else "" if header.ended else " (no end marker)"
+                counts[f"host {header.format} {header.mode}{why}"] += 1
     return out
 
 
