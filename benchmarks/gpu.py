@@ -179,31 +179,36 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
+def rate(value: float) -> str:
+    """views/s, with a decimal where the rate is small (a CPU)."""
+    return f"{value:>10.0f}" if value >= 100 else f"{value:>10.1f}"
+
+
 def report(args, results: dict) -> None:
     pre, met = results["precompute"], lambda ratio, key: "met" if ratio >= TARGETS[key] else "not met"
     print(f"{results['device']}; teacher {args.teacher}, {args.size} px, batch {args.batch}, {results['photos']} JPEG photos, "
           f"augmentation {args.augmentation}; pil and tensor paths with {args.workers} workers")
     print(f"{'measure':<52}{'views/s':>10}{'ratio':>8}")
-    print(f"{'bare teacher inference (views in device memory)':<52}{pre['bare']:>10.0f}{1:>8.2f}")
+    print(f"{'bare teacher inference (views in device memory)':<52}{rate(pre['bare'])}{1:>8.2f}")
     for path in PATHS:
         ratio = pre[path] / pre["bare"]
-        print(f"{'precompute-logits, replay path ' + path:<52}{pre[path]:>10.0f}{ratio:>8.2f}"
+        print(f"{'precompute-logits, replay path ' + path:<52}{rate(pre[path])}{ratio:>8.2f}"
               + (f"   target {TARGETS['precompute']}x: {met(ratio, 'precompute')}" if path == "device" else ""))
     for student, s in results["students"].items():
         print(f"student {student} (device path)")
-        print(f"{'  student step on synthetic data (ceiling)':<52}{s['ceiling']:>10.0f}{1:>8.2f}")
-        print(f"{'  train: plain ce':<52}{s['plain_ce']:>10.0f}{s['plain_ce'] / s['ceiling']:>8.2f}")
+        print(f"{'  student step on synthetic data (ceiling)':<52}{rate(s['ceiling'])}{1:>8.2f}")
+        print(f"{'  train: plain ce':<52}{rate(s['plain_ce'])}{s['plain_ce'] / s['ceiling']:>8.2f}")
         ratio = s["cache_kd"] / s["ceiling"]
-        print(f"{'  train: from the cache (kd)':<52}{s['cache_kd']:>10.0f}{ratio:>8.2f}"
+        print(f"{'  train: from the cache (kd)':<52}{rate(s['cache_kd'])}{ratio:>8.2f}"
               f"   target {TARGETS['cache_training']}x: {met(ratio, 'cache_training')}")
-        print(f"{'  train: online kd (live teacher)':<52}{s['online_kd']:>10.0f}{s['online_kd'] / s['ceiling']:>8.2f}")
+        print(f"{'  train: online kd (live teacher)':<52}{rate(s['online_kd'])}{s['online_kd'] / s['ceiling']:>8.2f}")
         speedup = s["cache_kd"] / s["online_kd"]
         print(f"  cache over online speed-up {speedup:.2f}x; ideal {s['ideal_speedup']:.2f}x; "
               f"{speedup / s['ideal_speedup']:.2f} of the ideal (target {TARGETS['speedup']}: "
               f"{met(speedup / s['ideal_speedup'], 'speedup')})")
     print("the pil path's loader alone (decode + replay, no model): DataLoader workers -> views/s")
-    for workers, rate in results["workers"].items():
-        print(f"  {workers:>3} workers {rate:>10.0f}")
+    for workers, views in results["workers"].items():
+        print(f"  {workers:>3} workers {rate(views)}")
 
 
 if __name__ == "__main__":

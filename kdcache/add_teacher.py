@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kdcache import __version__, distributed
 from kdcache.augment import cache_spec, check_view_params
 from kdcache.errors import (
@@ -118,12 +120,15 @@ class _StoredViews(BlockPreparer):
         return params
 
 
-def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int) -> TeacherGroup:
+def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int, device="cpu") -> TeacherGroup:
     m = cache.manifest
+    replay = {key: value for key, value in m.replay.items() if key != "teacher_channels_last"}
+    if torch.device(device).type == "cuda":
+        replay["teacher_channels_last"] = True  # this teacher runs channels-last here, whatever the root's did
     return TeacherGroup(
         name=config.name, teacher=info, k=resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
         dtypes={a: m.dtypes[a] for a in TEACHER_ARRAYS}, compression={a: COMPRESSION[a] for a in TEACHER_ARRAYS},
-        replay=m.replay, size=int(info.input_size[-1]), mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
+        replay=replay, size=int(info.input_size[-1]), mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
         batch_size=batch_size, tool_version=__version__, created=now_iso(), command=config.command or " ".join(sys.argv),
     )
 
@@ -208,7 +213,7 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
     if info.input_size[-1] != info.input_size[-2]:
         raise ConfigError(f"teacher {config.teacher.label} takes {info.input_size[-2]}x{info.input_size[-1]} images; the cache's "
                           "views are square, so a teacher added to it must take square images")
-    group = _group_for(config, cache, info, config.batch_size or m.batch_size)
+    group = _group_for(config, cache, info, config.batch_size or m.batch_size, device)
     committed = sorted(cache.ledger)
     epochs = parse_selection(config.epochs, "--epochs") if config.epochs is not None else None
     if epochs is not None and max(epochs) >= m.epochs:

@@ -130,8 +130,15 @@ def autocast(device: str | torch.device):
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's 4-d weights in channels-last memory (a no-op for a model without convolutions)."""
-    return model.to(memory_format=torch.channels_last)
+    """The model's 4-d weights in channels-last memory (a no-op for a model without convolutions).
+
+    A compiled teacher (TorchScript, torch.export) that cannot be converted is left as it is: its
+    inputs are still channels-last, and every stage that runs it does the same.
+    """
+    try:
+        return model.to(memory_format=torch.channels_last)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return model
 
 
 @torch.no_grad()

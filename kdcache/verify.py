@@ -277,7 +277,8 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             continue
         views = replay_block(spec, stored["params"], images, path=path, device=device, size=size)
         batch = config.batch_size or m.batch_size
-        channels_last = bool(m.replay.get("teacher_channels_last")) and torch.device(device).type == "cuda"
+        scored = cache.group.replay if _added(cache) else m.replay  # how this teacher ran when it scored them
+        channels_last = bool(scored.get("teacher_channels_last")) and torch.device(device).type == "cuda"
         if channels_last:
             to_channels_last(teacher)
         logits = torch.cat([teacher_logits(teacher, views[i : i + batch], device, channels_last=channels_last)
