@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from kdcache.ahead import run_ahead
 from kdcache.record import TeacherRecord
 from kdcache.replay import PendingViews
 
@@ -72,3 +74,45 @@ class Batch:
             records=None if self.records is None else tuple(r.to(device) for r in self.records),
             decoded=self.decoded,
         )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the batch holds (images, targets, labels and records)."""
+        records = [self.record] if self.records is None else list(self.records)
+        found = [self.images, self.target, self.labels]
+        found += [t for r in records if r is not None for t in (r.values, r.indices, r.tail)]
+        return [t for t in found if t is not None]
+
+
+def batches_on_device(batches: Iterable[Batch], device, *, channels_last: bool = False,
+                      ahead: bool | None = None) -> Iterator[Batch]:
+    """The batches moved to ``device`` (:meth:`Batch.to`): on the device path decoded and replayed there.
+
+    ``ahead`` (default: on CUDA) moves the next batch while the caller works on this one: in a
+    thread of its own, on a CUDA stream of its own, so the next batch's copies, decoding and replay
+    overlap the student's step on the GPU; the caller's stream waits for a batch's event before
+    it is used. Elsewhere a batch is moved when it is asked for (on the CPU the replay would
+    only take cores from the student).
+    """
+    device = torch.device(device)
+    if ahead is None:
+        ahead = device.type == "cuda"
+    if not ahead:
+        for batch in batches:
+            yield batch.to(device, channels_last=channels_last)
+        return
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def move(batch: Batch):
+        if stream is None:
+            return batch.to(device, channels_last=channels_last), None
+        with torch.cuda.device(stream.device), torch.cuda.stream(stream):  # this thread's device and stream
+            moved = batch.to(device, channels_last=channels_last)
+            return moved, stream.record_event()
+
+    for moved, ready in run_ahead(batches, move, depth=1):
+        if ready is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            for tensor in moved.tensors():  # made on the side stream, used on this one: not reused before it is done
+                tensor.record_stream(current)
+        yield moved

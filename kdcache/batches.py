@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kdcache.augment import cache_spec
-from kdcache.batch import Batch
+from kdcache.batch import Batch, batches_on_device
 from kdcache.distributed import Ranks
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import MAIN, AllTeachers, Cache, format_selection, open_cache
@@ -149,7 +149,9 @@ class CacheLoader:
     teacher; an added teacher's name; or ``all``, every teacher's in ``batch.records``).
     ``replay_path``: default the cache's (what the teacher saw); ``device`` decodes and replays
     on ``device`` itself (:mod:`kdcache.device_replay`), counting in :attr:`decoded` where each
-    image was decoded. Another path than the cache's gives slightly different pixels.
+    image was decoded. Another path than the cache's gives slightly different pixels. On CUDA the
+    next batch is moved (on the device path decoded and replayed) on a stream of its own while
+    the current one is used (:func:`~kdcache.batch.batches_on_device`); the batches are the same.
     """
 
     def __init__(self, cache: str | Cache, data: str | Source, *, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -219,8 +221,9 @@ class CacheLoader:
         return self._batches(epoch, start_batch)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        for batch in self._loader.epoch_batches(epoch, start_batch):
-            batch = batch.to(self.device, channels_last=self.channels_last)
+        moved = batches_on_device(self._loader.epoch_batches(epoch, start_batch), self.device,
+                                  channels_last=self.channels_last)  # on CUDA the next batch moves while this one is used
+        for batch in moved:
             if batch.decoded:
                 self.decoded.update(batch.decoded)
             yield batch

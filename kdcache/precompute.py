@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__, distributed
+from kdcache.ahead import run_ahead
 from kdcache.augment import cache_spec, param_fields, resolve_spec, sample_view_params
 from kdcache.errors import (
     ChecksumError,
@@ -280,10 +280,11 @@ class BlockPreparer:
     replayed at ``size`` (default: the spec's ``output_size``).
 
     On the ``device`` path a block's images stay encoded (their headers give the sizes the
-    parameters need) and are decoded and replayed where the teacher runs: by :meth:`__getitem__`
-    itself when ``device`` is set (in the preparing thread, on a CUDA stream of its own, so the
-    next block is decoded and replayed while the teacher scores this one), else when the views
-    are materialised. ``counts`` counts where each image was decoded.
+    parameters need) and are decoded and replayed where the teacher runs, by :meth:`realize`: in
+    :meth:`__getitem__` itself when ``device`` is set (in the preparing thread, on a CUDA stream of
+    its own, so the next block is decoded and replayed while the teacher scores this one). Worker
+    processes get no ``device``: they read the blocks, and the parent process realizes them (in a
+    thread, on a GPU) or materialises them. ``counts`` counts where each image was decoded.
     """
 
     def __init__(self, config, source, manifest: Manifest, plan, *, size: int | None = None):
@@ -297,7 +298,7 @@ class BlockPreparer:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_stream"] = None  # a CUDA stream does not pickle (workers prepare on the host anyway)
+        state["_stream"] = None  # a CUDA stream does not pickle
         return state
 
     def view_params(self, epoch: int, block: int, members: np.ndarray, sizes: list[tuple[int, int]]) -> np.ndarray:
@@ -320,17 +321,22 @@ class BlockPreparer:
         params = self.view_params(epoch, block, members, sizes)
         pending = replay_pending(self.spec, params, images, path=self.path, size=self.size)
         if self.path == "device" and self.device is not None:
-            pending = self._realize(pending, f"data {self.data} (epoch {epoch} block {block})")
+            pending = self.realize(job, pending, self.device)
         return pending, params
 
-    def _realize(self, pending: PendingViews, where: str) -> PendingViews:
-        device = torch.device(self.device)
+    def realize(self, job: tuple[int, int, int], pending: PendingViews, device) -> PendingViews:
+        """The device path: job ``(epoch, unit, block)``'s views decoded and replayed on ``device``
+        (on CUDA on a stream of this preparer's, with ``pending.ready`` its event)."""
+        if pending.base is not None:
+            return pending
+        where = f"data {self.data} (epoch {job[0]} block {job[2]})"
+        device = torch.device(device)
         try:
             if device.type != "cuda":
                 return pending.realize(self.spec, device, self.counts)
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.device(device), torch.cuda.stream(self._stream):  # the preparing thread's device and stream
                 pending = pending.realize(self.spec, device, self.counts)
                 pending.ready = torch.cuda.Event()
                 pending.ready.record(self._stream)
@@ -477,7 +483,7 @@ class UnitWork:
         self.decoded = preparer.counts
         arrays, current = None, None
         try:
-            for (epoch, unit, block), pending, params in _prepared(preparer, jobs, config.workers, overlap=overlap):
+            for (epoch, unit, block), pending, params in _prepared(preparer, jobs, config.workers, device, overlap=overlap):
                 if self.stop is not None and self.stop.is_set():  # between blocks: no claim is half made or half released
                     raise KeyboardInterrupt
                 if getattr(pending, "ready", None) is not None:  # replayed on the preparing thread's stream
@@ -612,30 +618,30 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _prepared(preparer: "BlockPreparer", jobs, workers: int, *, overlap: bool):
+def _prepared(preparer: "BlockPreparer", jobs, workers: int, device, *, overlap: bool):
     """``(job, pending, params)`` for the jobs (epoch, unit, block) in order: through a DataLoader
     with worker processes, two ahead in a thread (``overlap``: the teacher runs on a GPU), or
     inline (a CPU teacher already uses every core; a preparing thread beside it only makes its
-    threads wait). Jobs are drawn from ``jobs`` only as they are prepared (claims are taken then)."""
+    threads wait). Jobs are drawn from ``jobs`` only as they are prepared (claims are taken then).
+
+    With workers on the device path, the workers read the blocks and keep the views encoded (the
+    preparer's ``device`` is unset: a worker never touches the GPU); with ``overlap`` a thread here
+    decodes and replays them on ``device``, two blocks ahead, as it does without workers.
+    """
     if workers == 0 and not overlap:
         for job in jobs:
             yield (job, *preparer[job])
         return
-    if workers > 0:
-        loader = torch.utils.data.DataLoader(_Keyed(preparer), batch_size=None, sampler=_Jobs(jobs), num_workers=workers,
-                                             prefetch_factor=2, pin_memory=torch.cuda.is_available())
-        for job, pending, params in loader:
-            yield tuple(int(x) for x in job), pending, params
+    if workers == 0:
+        yield from run_ahead(jobs, lambda job: (job, *preparer[job]), depth=2)
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead: list = []
-        for job in jobs:
-            ahead.append((job, pool.submit(preparer.__getitem__, job)))
-            if len(ahead) > 2:
-                done, future = ahead.pop(0)
-                yield (done, *future.result())
-        for done, future in ahead:
-            yield (done, *future.result())
+    loader = torch.utils.data.DataLoader(_Keyed(preparer), batch_size=None, sampler=_Jobs(jobs), num_workers=workers,
+                                         prefetch_factor=2, pin_memory=torch.cuda.is_available())
+    read = ((tuple(int(x) for x in job), pending, params) for job, pending, params in loader)
+    if not (overlap and preparer.path == "device"):
+        yield from read
+        return
+    yield from run_ahead(read, lambda item: (item[0], preparer.realize(item[0], item[1], device), item[2]), depth=2)
 
 
 class _Jobs(torch.utils.data.Sampler):

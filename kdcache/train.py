@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kdcache.batch import Batch
+from kdcache.batch import Batch, batches_on_device
 from kdcache.checkpoint import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -413,9 +413,9 @@ class _Run:
             dist.all_reduce(value, op=dist.ReduceOp.AVG)
         return value
 
-    def _batch_on_device(self, batch: Batch, teacher) -> Batch:
+    def _checked_batch(self, batch: Batch, teacher) -> Batch:
+        """A batch on the device: counted, checked, and with a live teacher's records."""
         config = self.config
-        batch = batch.to(self.device, channels_last=config.channels_last)
         if batch.decoded:
             self.decoded.update(batch.decoded)
         if tuple(batch.images.shape[-2:]) != (config.img_size, config.img_size):
@@ -484,23 +484,28 @@ class _Run:
         start_batch = self.position.batch if epoch == self.position.epoch else 0
         self.progress.epoch(epoch, config.epochs)
         tick = time.perf_counter()
-        for index, batch in enumerate(self.loader.epoch_batches(epoch, start_batch=start_batch), start=start_batch):
-            batch = self._batch_on_device(batch, teacher)
-            loss, lr = self._optimizer_step(batch)
-            self.meter.add(loss, len(batch) * world)
-            self.process_images += len(batch) * world
-            self.position = TrainPosition(epoch=epoch, batch=index + 1, step=self.step, meta_batches=self.position.meta_batches)
-            end_of_epoch = index + 1 >= self.batches_per_epoch
-            self.stopped = self.step >= self.stop_step and not end_of_epoch
-            self.progress.step(**self._log_step(epoch, index + 1, lr, end_of_epoch))
-            if self.stopped or (config.checkpoint_every and self.step % config.checkpoint_every == 0 and not end_of_epoch):
-                self.train_time += time.perf_counter() - tick
-                self.save(self.position)
-                tick = time.perf_counter()
-            if on_step is not None:
-                on_step(self.step)
-            if self.stopped or end_of_epoch:
-                break
+        batches = batches_on_device(self.loader.epoch_batches(epoch, start_batch=start_batch), self.device,
+                                    channels_last=config.channels_last)  # on CUDA the next batch moves during this step
+        with contextlib.closing(batches):  # a stop mid-epoch ends the moving thread here
+            for index, batch in enumerate(batches, start=start_batch):
+                batch = self._checked_batch(batch, teacher)
+                loss, lr = self._optimizer_step(batch)
+                self.meter.add(loss, len(batch) * world)
+                self.process_images += len(batch) * world
+                self.position = TrainPosition(epoch=epoch, batch=index + 1, step=self.step,
+                                              meta_batches=self.position.meta_batches)
+                end_of_epoch = index + 1 >= self.batches_per_epoch
+                self.stopped = self.step >= self.stop_step and not end_of_epoch
+                self.progress.step(**self._log_step(epoch, index + 1, lr, end_of_epoch))
+                if self.stopped or (config.checkpoint_every and self.step % config.checkpoint_every == 0
+                                    and not end_of_epoch):
+                    self.train_time += time.perf_counter() - tick
+                    self.save(self.position)
+                    tick = time.perf_counter()
+                if on_step is not None:
+                    on_step(self.step)
+                if self.stopped or end_of_epoch:
+                    break
         self.train_time += time.perf_counter() - tick
         if self.decoded and not self.decoded_said:  # the device path: where this rank's images were decoded, once
             host = sum(n for where, n in self.decoded.items() if where != "device")

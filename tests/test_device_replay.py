@@ -277,6 +277,49 @@ def test_a_device_path_manifest_must_say_where_it_ran(device_cache, tmp_path):
         open_cache(copy)
 
 
+def test_batches_moved_ahead_in_a_thread_are_the_batches_moved_inline(device_cache, photos):
+    """What CUDA does (the next batch decoded and replayed in a thread while this one is used), run on the CPU."""
+    from kdcache.batch import batches_on_device
+
+    out, _, _ = device_cache
+    loader = CacheLoader(str(out), f"imagefolder:{photos}", batch_size=6, seed=2)
+    inline = list(batches_on_device(loader._loader.epoch_batches(1, 0), "cpu", ahead=False))
+    ahead = list(batches_on_device(loader._loader.epoch_batches(1, 0), "cpu", ahead=True))
+    assert len(inline) == len(ahead) == 34 // 6
+    for want, got in zip(inline, ahead):
+        assert got.pending is None and got.decoded == want.decoded and sum(got.decoded.values()) > 0
+        for a, b in zip(want.tensors(), got.tensors(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert torch.equal(got.views, want.views)
+
+
+def test_workers_read_device_path_blocks_and_a_thread_decodes_them_ahead(device_cache, photos):
+    """precompute with --workers on a GPU: workers keep the views encoded, the parent's thread realizes them."""
+    from types import SimpleNamespace
+
+    from kdcache.precompute import BlockPreparer, _prepared
+
+    out, _, _ = device_cache
+    cache = open_cache(out)
+    m = cache.manifest
+    source = open_source(f"imagefolder:{photos}")
+    preparer = BlockPreparer(SimpleNamespace(data=f"imagefolder:{photos}"), source, m, cache.samples())
+    jobs = [(1, unit, block) for unit in range(m.blocks.num_units) for block in m.blocks.unit_blocks(unit)]
+    preparer.device = torch.device("cpu")  # as precompute sets it without workers
+    inline = list(_prepared(preparer, iter(jobs), 0, "cpu", overlap=False))
+    assert sum(preparer.counts.values()) == 34
+    preparer.device = None  # as with workers: they read the blocks, this process realizes them on "cpu"
+    ahead = list(_prepared(preparer, iter(jobs), 1, "cpu", overlap=True))
+    assert sum(preparer.counts.values()) == 2 * 34  # decoded here, not in the worker (whose counts stay there)
+    assert [job for job, _, _ in ahead] == jobs
+    for (_, want, want_params), ((_, _, block), got, got_params) in zip(inline, ahead, strict=True):
+        assert got.base is not None and len(got) == len(want)
+        torch.testing.assert_close(got.base, want.base, rtol=0, atol=0)
+        stored = cache.read_block(1, block)["params"]
+        assert np.array_equal(np.asarray(got_params), np.asarray(want_params))
+        assert np.array_equal(np.asarray(got_params), stored[: len(got_params)])  # the views the teacher scored
+
+
 def test_resuming_a_device_path_cache_on_another_device_is_refused(device_cache, photos, tmp_path):
     import shutil
 
