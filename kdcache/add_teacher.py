@@ -57,6 +57,7 @@ from kdcache.precompute import (
     repair_units,
     resolve_k,
 )
+from kdcache.replay import replay_fingerprint
 from kdcache.sources import open_source
 from kdcache.teacher import TeacherConfig, load_teacher
 
@@ -123,6 +124,9 @@ class _StoredViews(BlockPreparer):
 def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int, device="cpu") -> TeacherGroup:
     m = cache.manifest
     replay = {key: value for key, value in m.replay.items() if key != "teacher_channels_last"}
+    if replay["path"] == "device":  # this teacher's views are decoded and replayed here: this device's pixels
+        fingerprint = replay_fingerprint("device", device)
+        replay.update(device=fingerprint["device"], decoder=fingerprint["decoder"])
     if torch.device(device).type == "cuda":
         replay["teacher_channels_last"] = True  # this teacher runs channels-last here, whatever the root's did
     return TeacherGroup(
@@ -134,7 +138,13 @@ def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int, de
 
 
 def _check_same_teacher(config: AddTeacherConfig, existing: TeacherGroup, wanted: TeacherGroup) -> None:
-    """A group made by another teacher (or with another k or batch size) is refused: its records would change."""
+    """A group made by another teacher (or with another k or batch size, or on another device on the device path)
+    is refused: its records would change."""
+    made, here = existing.replay.get("device"), wanted.replay.get("device")
+    if made != here:
+        raise MismatchError(f"{config.cache}: the teacher records {config.name!r} were replayed on the device path on "
+                            f"{made}, this run would replay on {here} (pixels differ between devices); join it on "
+                            f"{made}, or choose another --name for this teacher")
     for name, old, new in (("teacher.weights_sha256", existing.teacher.weights_sha256, wanted.teacher.weights_sha256),
                            ("teacher.name", existing.teacher.name, wanted.teacher.name),
                            ("k", existing.k, wanted.k), ("size", existing.size, wanted.size),

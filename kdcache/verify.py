@@ -243,12 +243,13 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
     if _added(cache):  # an added teacher scored the views at its own size, normalised as it expects
         spec = dataclasses.replace(spec, mean=tuple(cache.group.mean), std=tuple(cache.group.std))
         size = cache.group.size
-    path = config.replay_path or m.replay["path"]
+    scored = cache.group.replay if _added(cache) else m.replay  # how this teacher's views were replayed and scored
+    path = config.replay_path or scored["path"]
     here = torch.device(device).type
-    same = path == m.replay["path"] and (path != "device" or m.replay.get("device") == here)
-    report.replay_path = path if path == m.replay["path"] else f"{path} (cache made with {m.replay['path']})"
-    if path == "device" and path == m.replay["path"] and not same:  # the device path's pixels differ between devices
-        report.replay_path = f"device on {here} (cache made on {m.replay.get('device')})"
+    same = path == scored["path"] and (path != "device" or scored.get("device") == here)
+    report.replay_path = path if path == scored["path"] else f"{path} (cache made with {scored['path']})"
+    if path == "device" and path == scored["path"] and not same:  # the device path's pixels differ between devices
+        report.replay_path = f"device on {here} (cache made on {scored.get('device')})"
     layout = cache.layout
     bad = 0
     for (epoch, block), positions in sorted(_pick_views(cache, config.views, config.seed).items()):
@@ -277,7 +278,6 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             continue
         views = replay_block(spec, stored["params"], images, path=path, device=device, size=size)
         batch = config.batch_size or m.batch_size
-        scored = cache.group.replay if _added(cache) else m.replay  # how this teacher ran when it scored them
         channels_last = bool(scored.get("teacher_channels_last")) and torch.device(device).type == "cuda"
         if channels_last:
             to_channels_last(teacher)

@@ -335,6 +335,44 @@ def test_resuming_a_device_path_cache_on_another_device_is_refused(device_cache,
     assert "cannot resume: replay.device differs: the cache has 'cuda', this run has 'cpu'" in result.output
 
 
+def test_an_added_teacher_records_the_device_its_views_were_replayed_on(device_cache, photos, tmp_path):
+    """A cache made on a GPU, a teacher added on the CPU: the group says cpu, verifies on the CPU, and is
+    refused to a run on another device than its own."""
+    import shutil
+
+    out, teacher, _ = device_cache
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    _edit_replay(copy, device="cuda", decoder="nvjpeg")  # as a cache made on a GPU says
+    add = ["add-teacher", str(copy), "--data", f"imagefolder:{photos}", "--teacher", "test_resnet",
+           "--teacher-checkpoint", teacher.checkpoint, "--name", "second"]
+    result = CliRunner().invoke(app, add)
+    assert result.exit_code == 0, result.output
+    group = json.loads((copy / "teachers" / "second" / "zarr.json").read_text())["attributes"]["kdcache_teacher"]
+    assert (group["replay"]["path"], group["replay"]["device"], group["replay"]["decoder"]) == ("device", "cpu", "libjpeg-turbo")
+    cache = open_cache(copy)
+    report = verify_cache(VerifyConfig(cache=str(copy), data=f"imagefolder:{photos}", teacher=teacher, views=20,
+                                       teacher_record="second"), log=lambda line: None)
+    assert report.ok and report.views_checked == 20 and report.max_abs_diff == 0.0 and report.replay_path == "device"
+    assert cache.manifest.replay["device"] == "cuda"  # the root's own record is untouched
+
+    group_dir = copy / "teachers" / "second"
+    doc = json.loads((group_dir / "zarr.json").read_text())
+    doc["attributes"]["kdcache_teacher"]["replay"].update(device="cuda", decoder="nvjpeg")  # as if added on a GPU
+    (group_dir / "zarr.json").write_text(json.dumps(doc))
+    lines = []  # what an older kdcache wrote for a teacher added on the CPU: the root's device; it still opens and verifies
+    report = verify_cache(VerifyConfig(cache=str(copy), data=f"imagefolder:{photos}", teacher=teacher, views=20,
+                                       teacher_record="second"), log=lines.append)
+    assert report.ok and report.replay_path == "device on cpu (cache made on cuda)"
+    assert "20 view(s) on path device on cpu (cache made on cuda): 20 match (100.0%), top-1 agreement 100.0%" in lines[-1]
+    before = {p: p.read_bytes() for p in sorted(group_dir.rglob("*")) if p.is_file()}
+    result = CliRunner().invoke(app, add)  # run again, it joins the group
+    assert result.exit_code != 0 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert ("the teacher records 'second' were replayed on the device path on cuda, this run would replay on cpu"
+            in result.output)
+    assert {p: p.read_bytes() for p in sorted(group_dir.rglob("*")) if p.is_file()} == before
+
+
 def test_a_truncated_jpeg_stops_a_device_path_precompute_naming_it(photos, tmp_path, make_teacher):
     import shutil
 

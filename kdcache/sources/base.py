@@ -195,6 +195,11 @@ def decode_on_device(samples: Sequence[Sample], headers: Sequence[ImageHeader], 
     on_device = [i for i, h in enumerate(headers) if h.device_decodable]
     if on_device:
         data = [torch.frombuffer(bytearray(samples[i].data), dtype=torch.uint8) for i in on_device]
+        if torch.device(device).type == "cuda":
+            # torchvision's nvJPEG decoder allocates its outputs on the current stream, then writes them from a
+            # stream of its own that does not wait for this one: a block freed here while kernels queued on this
+            # stream still read it could be overwritten under them. With this stream drained first, none is.
+            torch.cuda.current_stream(device).synchronize()
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one image the decoder refuses fails the batch: decode one by one
