@@ -130,13 +130,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume: bool, free_fields: tuple[str, ...] = (),
-                  defaults: dict[str, Any] | None = None) -> Path | None:
+                  defaults: dict[str, Any] | None = None, unrecorded: tuple[str, ...] = (),
+                  explained: dict[str, str] | None = None) -> Path | None:
     """Check a run directory before anything is written to it; returns the checkpoint to resume from.
 
     A directory that does not exist or is empty (but for hidden temporary files) is a new run. An occupied one needs ``resume``
     and must hold a ``config.json`` equal to ``config`` except for ``free_fields`` (settings
     that do not change the weights); otherwise :class:`ConfigError` names the first difference.
-    ``defaults``: the value of a field that a ``config.json`` written before the field existed lacks.
+    ``defaults``: the value of a field that a ``config.json`` written before the field existed lacks;
+    ``unrecorded``: fields such a ``config.json`` lacks with no value known, not checked then.
+    ``explained``: fields that summarise others (such as a cache's recipe), each with what a difference in
+    it means, said in the message; they are checked after every other field, so that a setting the
+    user changed is named first.
     Resuming a run that died before its first checkpoint returns None (it starts afresh).
     """
     run_dir = Path(run_dir)
@@ -149,12 +154,16 @@ def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume:
         raise ConfigError(f"run dir {run_dir} holds no {CONFIG_NAME}, so it is not a kdcache run; choose another --run-dir")
     saved = json.loads(saved_path.read_text())
     defaults = defaults or {}
-    for key in sorted(set(saved) | set(config)):
+    explained = explained or {}
+    for key in sorted(set(saved) | set(config), key=lambda name: (name in explained, name)):
+        if key in unrecorded and key not in saved:
+            continue
         old, new = saved.get(key, defaults.get(key)), config.get(key, defaults.get(key))
         if key not in free_fields and old != new:
+            why = f" ({explained[key]})" if key in explained else ""
             raise ConfigError(
                 f"--resume: {key}={new!r} but the run in {run_dir} was started with "
-                f"{key}={old!r}; resume with the same settings or choose another --run-dir"
+                f"{key}={old!r}{why}; resume with the same settings or choose another --run-dir"
             )
     checkpoint = run_dir / CHECKPOINT_NAME
     return checkpoint if checkpoint.exists() else None

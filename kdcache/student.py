@@ -29,8 +29,8 @@ from kdcache import distributed
 from kdcache.augment import AugSpec, cache_spec, resolve_spec
 from kdcache.batches import check_all_samples, held_views, open_training_data, teacher_view
 from kdcache.errors import ConfigError, MismatchError, WriteError, describe_os_error
-from kdcache.format import format_selection, open_cache
-from kdcache.format.digest import check_digest_option, require_digest
+from kdcache.format import ALL, format_selection, open_cache
+from kdcache.format.digest import check_digest_option, recipe_digest, require_digest
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.replay import PATHS
 from kdcache.location import atomic_write_bytes
@@ -153,7 +153,9 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     if config.cache is not None:
         cache = open_cache(config.cache, verify_checksums=config.verify_checksums)
         require_digest(cache, config.expect_digest)
-        cache = teacher_view(cache, config.teacher_record)  # whose records: the views and the plan are the root's
+        root, cache = cache, teacher_view(cache, config.teacher_record)  # whose records: the views and plan are the root's
+        used = list(root.groups) if config.teacher_record == ALL else [config.teacher_record]
+        recipe = recipe_digest(root.manifest, [root.groups[name] for name in used if name in root.groups])
         m = cache.manifest
         source = open_training_data(cache, config.data, cache_name=config.cache)
         plan = cache.samples()
@@ -164,7 +166,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
                 f"{config.img_size}px (same crops, flips, ops, mixes and boxes)")
         class_names = m.dataset.class_names
     else:
-        cache, cache_epochs = None, None
+        cache, cache_epochs, recipe = None, None, None
         source = open_source(config.data)
         spec = resolve_spec(config.augmentation, output_size=config.img_size, mean=config.mean, std=config.std,
                             interpolation="bilinear")
@@ -229,6 +231,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every, eval_every=config.eval_every,
         max_steps=config.max_steps, mkd_meta_every=config.mkd_meta_every, mkd_per_class=config.mkd_per_class,
         mkd_head_only=config.mkd_head_only, device=config.device, teacher_record=config.teacher_record,
+        cache_recipe=recipe,
     )
     result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
                    meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)

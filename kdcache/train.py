@@ -53,7 +53,14 @@ from kdcache.errors import ConfigError, WriteError, describe_os_error
 from kdcache.losses import compute_loss
 from kdcache.record import TeacherRecord
 from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, Progress, RunLog, StepMeter, plot_run, write_json
-from kdcache.train_config import RESUME_DEFAULTS, RESUME_FREE_FIELDS, RunResult, TrainConfig
+from kdcache.train_config import (
+    RESUME_DEFAULTS,
+    RESUME_EXPLAINED,
+    RESUME_FREE_FIELDS,
+    RESUME_UNRECORDED,
+    RunResult,
+    TrainConfig,
+)
 
 #: Errors of a write that the disk refused (full, quota, read-only, too large): reported as WriteError.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO})
@@ -311,7 +318,8 @@ class _Run:
         """Every rank checks the run directory before rank 0 writes anything in it."""
         config, ranks = self.config, self.ranks
         self.checkpoint_path = check_run_dir(self.run_dir, config.to_dict(), resume=config.resume,
-                                             free_fields=RESUME_FREE_FIELDS, defaults=RESUME_DEFAULTS)
+                                             free_fields=RESUME_FREE_FIELDS, defaults=RESUME_DEFAULTS,
+                                             unrecorded=RESUME_UNRECORDED, explained=RESUME_EXPLAINED)
         if ranks.world > 1:
             dist.barrier()
         if ranks.main:

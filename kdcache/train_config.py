@@ -20,6 +20,12 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device")
 #: Fields a run's config.json lacks when it was written before they existed, and the value that run had.
 RESUME_DEFAULTS = {"teacher_record": "main"}
+#: Fields a run's config.json lacks when it was written before they existed, with no value known for that run:
+#: not checked when resuming such a run.
+RESUME_UNRECORDED = ("cache_recipe",)
+#: What a difference in these fields means, said with the refusal.
+RESUME_EXPLAINED = {"cache_recipe": "the --cache holds the records of another recipe (teacher, dataset, augmentation, "
+                                    "seed, k or blocks) than the cache the run started from"}
 
 
 def default_warmup_epochs(epochs: int) -> int:
@@ -62,6 +68,7 @@ class TrainConfig:
     mkd_inner_lr: float | None = None  # look-ahead step size; None = the current learning rate
     device: str = "auto"
     teacher_record: str = "main"  # whose cached records the loss reads (kdcache.student); a resume must keep it
+    cache_recipe: str | None = None  # the cache's format.recipe_digest (None: no cache); a resume must keep it
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
@@ -117,6 +124,8 @@ class TrainConfig:
             raise bad("device", f"one of {', '.join(DEVICES)}")
         if not isinstance(self.teacher_record, str) or not self.teacher_record:
             raise bad("teacher_record", "a teacher's record name: main, an added teacher's, or all")
+        if self.cache_recipe is not None and not (isinstance(self.cache_recipe, str) and len(self.cache_recipe) == 64):
+            raise bad("cache_recipe", "None or a cache's recipe digest (64 hex digits)")
         for name in ("ema", "channels_last", "compile", "resume", "mkd_per_class", "mkd_head_only"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from kdcache.augment import cache_spec
 from kdcache.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from kdcache.format import open_cache, shard_key
+from kdcache.format.digest import recipe_digest
 from kdcache.losses import LossConfig
 from kdcache.runlog import read_metrics
 from kdcache.student import StudentConfig, train_student
@@ -151,6 +152,42 @@ def test_an_mkd_run_stopped_mid_epoch_resumes_to_the_same_weights_and_temperatur
 
 
 @pytest.mark.slow
+def test_a_run_resumed_from_a_cache_of_another_recipe_is_refused_in_one_line(tmp_path, small_cache, make_config,
+                                                                               make_teacher, one_thread):
+    """Another teacher's cache of the same data is refused; the same cache extended by an epoch resumes."""
+    import shutil
+
+    from cli_checks import invoke, one_error_line
+    from conftest import run_precompute
+
+    other = tmp_path / "other"
+    run_precompute(make_config(other, checkpoint=make_teacher(seed=1), epochs=1))
+    extended = tmp_path / "extended"
+    shutil.copytree(small_cache, extended)
+    run_precompute(make_config(extended, epochs=3, resume=True))
+
+    def train(cache, run="run", *extra):
+        return invoke("train-student", "--data", "digits", "--model", "test_resnet", "--cache", cache, "--run-dir",
+                      tmp_path / run, "--epochs", "1", "--batch-size", "32", "--amp", "none", "--device", "cpu", *extra)
+
+    assert train(small_cache, "run", "--max-steps", "2").exit_code == 0
+    line = one_error_line(train(other, "run", "--resume"), 2)
+    assert "--resume: cache_recipe=" in line and "the --cache holds the records of another recipe" in line
+    resumed = train(extended, "run", "--resume", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+    recipes = {path.name: recipe_digest(open_cache(path).manifest) for path in (small_cache, other, extended)}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cache_recipe"] == recipes["cache"] == recipes["extended"]
+    assert recipes["other"] != recipes["cache"]
+
+    assert train(small_cache, "old", "--max-steps", "2").exit_code == 0
+    saved = tmp_path / "old" / "config.json"
+    config = json.loads(saved.read_text())
+    del config["cache_recipe"]  # a run started before the recipe was recorded: its cache is not known
+    saved.write_text(json.dumps(config))
+    resumed = train(small_cache, "old", "--resume", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, small_cache, subprocess_env, helpers):
     """SIGKILL of a `kdcache train-student` process after its first checkpoint, then --resume."""
     args = ["train-student", "--data", "digits", "--model", "test_resnet", "--cache", str(small_cache), "--loss", "kd",

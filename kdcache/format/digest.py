@@ -58,6 +58,21 @@ def content_digest(manifest: Manifest, subset: Subset | None, entries, *, teache
     return digest.hexdigest()
 
 
+def recipe_digest(manifest: Manifest, groups=()) -> str:
+    """sha256 hex of what makes a cache's records what they are, less how many epochs it holds: the
+    manifest's content without ``epochs``, then the content of each added teacher's group in
+    ``groups`` (whose records are read). A cache extended by more epochs, its exports and its merges
+    keep it; another teacher, dataset, augmentation, seed, k or block layout changes it. A resumed
+    training run is refused a cache of another recipe.
+    """
+    content = manifest_content(manifest)
+    content.pop("epochs")
+    digest = hashlib.sha256(b"kdcache-recipe-1\n" + canonical_json(content) + b"\n")
+    for group in sorted(groups, key=lambda g: g.name):
+        digest.update(canonical_json(group.content()) + b"\n")
+    return digest.hexdigest()
+
+
 def check_digest_option(expected: str | None, option: str = "--expect-digest") -> str | None:
     """A digest given by a user, lower-cased; refuses anything but 64 hex digits, naming the option."""
     if expected is None:
