@@ -149,8 +149,7 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, device, *, chan
     :func:`to_channels_last` (faster convolutions on CUDA; a cache records it, since other
     kernels round differently under bf16).
     """
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = images.to(device, non_blocking=True)  # in the memory format the stage records: other kernels round differently
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with autocast(device):
         return model(images).float()

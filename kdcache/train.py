@@ -53,6 +53,7 @@ from kdcache.errors import ConfigError, WriteError, describe_os_error
 from kdcache.losses import compute_loss
 from kdcache.record import TeacherRecord
 from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, Progress, RunLog, StepMeter, plot_run, write_json
+from kdcache.teacher import teacher_logits, to_channels_last
 from kdcache.train_config import (
     RESUME_DEFAULTS,
     RESUME_EXPLAINED,
@@ -192,10 +193,15 @@ def _cycle_from(iterable: Iterable[Batch], skip: int) -> Iterator[Batch]:
             raise ConfigError("meta_batches is empty (or a spent iterator); expected a re-iterable source of meta batches")
 
 
-def _with_teacher_records(batch: Batch, teacher: torch.nn.Module, num_classes: int, autocast) -> Batch:
-    """The online baseline: the live teacher's logits on the same images become the batch's records."""
-    with torch.no_grad(), autocast():
-        logits = teacher(batch.images)
+def _with_teacher_records(batch: Batch, teacher: torch.nn.Module, num_classes: int, device: torch.device) -> Batch:
+    """The online baseline: the live teacher's logits on the same images become the batch's records.
+
+    The teacher runs as precompute runs it (:func:`~kdcache.teacher.teacher_logits`: bf16 and
+    channels-last on CUDA, float32 in contiguous memory elsewhere), whatever the student's
+    ``amp`` and ``channels_last``: other kernels round differently, and the baseline is the cache's
+    teacher on the same views.
+    """
+    logits = teacher_logits(teacher, batch.images, device, channels_last=device.type == "cuda")
     if logits.shape[-1] != num_classes:
         raise ConfigError(f"the teacher outputs {logits.shape[-1]} classes; expected num_classes={num_classes}")
     return dataclasses.replace(batch, record=TeacherRecord.from_logits(logits.float(), k=num_classes), records=None)
@@ -336,8 +342,8 @@ class _Run:
         self.model = self.parts.model
         if teacher is not None:
             teacher = teacher.to(self.device).eval().requires_grad_(False)
-            if self.config.channels_last:
-                teacher.to(memory_format=torch.channels_last)
+            if self.on_cuda:  # as precompute runs it (and records it), whatever the student's channels_last
+                to_channels_last(teacher)
         return teacher
 
     def restore_or_seed(self) -> bool:
@@ -430,7 +436,7 @@ class _Run:
             raise ConfigError(f"the loader's images are {tuple(batch.images.shape[-2:])}; "
                               f"expected TrainConfig.img_size={config.img_size} square")
         if teacher is not None:
-            batch = _with_teacher_records(batch, teacher, config.num_classes, self.autocast)
+            batch = _with_teacher_records(batch, teacher, config.num_classes, self.device)
         if config.loss.needs_teacher and batch.record is None:
             raise ConfigError(f"loss {config.loss.name!r} needs teacher records but the batch has none; "
                               "train from a cache or pass --teacher")
