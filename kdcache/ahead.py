@@ -9,6 +9,9 @@ about to be worked on), and ``work`` runs on them in one other thread.
 An exception raised by ``work`` reaches the caller at the item that raised it, after the items
 before it. Closing the generator early (a ``break``, an error in the consumer) cancels the work
 not yet started and waits for the one item in progress, so no thread outlives the loop.
+
+On CUDA the work runs on a stream of its own (:func:`on_stream`), and the consumer's stream waits
+for it before using what it made (:func:`wait_for`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+import torch
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -37,3 +42,19 @@ def run_ahead(items: Iterable[Item], work: Callable[[Item], Result], *, depth: i
             yield queued.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def on_stream(stream: torch.cuda.Stream, work: Callable[..., Result], *args) -> tuple[Result, torch.cuda.Event]:
+    """``work(*args)`` with ``stream`` (and its device) current in this thread, and an event recorded after it."""
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        result = work(*args)
+        return result, stream.record_event()
+
+
+def wait_for(ready: torch.cuda.Event, tensors, device) -> None:
+    """The current stream of ``device`` waits for ``ready``; ``tensors``, made on the other stream, are not reused
+    by the allocator before this stream is done with them."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(ready)
+    for tensor in tensors:
+        tensor.record_stream(current)

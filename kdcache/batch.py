@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdcache.ahead import run_ahead
+from kdcache.ahead import on_stream, run_ahead, wait_for
 from kdcache.record import TeacherRecord
 from kdcache.replay import PendingViews
 
@@ -105,14 +105,9 @@ def batches_on_device(batches: Iterable[Batch], device, *, channels_last: bool =
     def move(batch: Batch):
         if stream is None:
             return batch.to(device, channels_last=channels_last), None
-        with torch.cuda.device(stream.device), torch.cuda.stream(stream):  # this thread's device and stream
-            moved = batch.to(device, channels_last=channels_last)
-            return moved, stream.record_event()
+        return on_stream(stream, batch.to, device, channels_last)
 
     for moved, ready in run_ahead(batches, move, depth=1):
         if ready is not None:
-            current = torch.cuda.current_stream(device)
-            current.wait_event(ready)
-            for tensor in moved.tensors():  # made on the side stream, used on this one: not reused before it is done
-                tensor.record_stream(current)
+            wait_for(ready, moved.tensors(), device)
         yield moved

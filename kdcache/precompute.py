@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__, distributed
-from kdcache.ahead import run_ahead
+from kdcache.ahead import on_stream, run_ahead, wait_for
 from kdcache.augment import cache_spec, param_fields, resolve_spec, sample_view_params
 from kdcache.errors import (
     ChecksumError,
@@ -336,11 +336,9 @@ class BlockPreparer:
                 return pending.realize(self.spec, device, self.counts)
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)
-            with torch.cuda.device(device), torch.cuda.stream(self._stream):  # the preparing thread's device and stream
-                pending = pending.realize(self.spec, device, self.counts)
-                pending.ready = torch.cuda.Event()
-                pending.ready.record(self._stream)
-            return pending
+            realized, ready = on_stream(self._stream, pending.realize, self.spec, device, self.counts)
+            realized.ready = ready  # the teacher's stream waits for it (UnitWork.run)
+            return realized
         except SourceError as exc:
             raise SourceError(f"{where}: {exc}; the cache's plan holds this sample, so a cache without it must be "
                               "created anew") from None
@@ -487,8 +485,7 @@ class UnitWork:
                 if self.stop is not None and self.stop.is_set():  # between blocks: no claim is half made or half released
                     raise KeyboardInterrupt
                 if getattr(pending, "ready", None) is not None:  # replayed on the preparing thread's stream
-                    torch.cuda.current_stream().wait_event(pending.ready)
-                    pending.base.record_stream(torch.cuda.current_stream())
+                    wait_for(pending.ready, [pending.base], device)
                 views = pending.materialize(spec, device, counts=self.decoded)  # normalise, erase and mix where the teacher runs
                 if current != (epoch, unit):
                     arrays, current = _unit_arrays(manifest, unit, self.writer.ARRAYS), (epoch, unit)

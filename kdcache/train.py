@@ -204,7 +204,7 @@ def _with_teacher_records(batch: Batch, teacher: torch.nn.Module, num_classes: i
     logits = teacher_logits(teacher, batch.images, device, channels_last=device.type == "cuda")
     if logits.shape[-1] != num_classes:
         raise ConfigError(f"the teacher outputs {logits.shape[-1]} classes; expected num_classes={num_classes}")
-    return dataclasses.replace(batch, record=TeacherRecord.from_logits(logits.float(), k=num_classes), records=None)
+    return dataclasses.replace(batch, record=TeacherRecord.from_logits(logits, k=num_classes), records=None)
 
 
 @torch.no_grad()
