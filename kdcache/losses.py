@@ -6,8 +6,14 @@ target (int64 labels ``[B]`` or a float soft target ``[B, C]``, e.g. a mixup/cut
 ``lam * onehot(y_i) + (1 - lam) * onehot(y_j)``) and keyword hyper-parameters. Losses are
 means over the batch; KL divergences are summed over classes ("batchmean").
 
-A record with k < C classes enters the KL in one of two ways (``tail=``):
+A record with k < C classes enters the KL in one of three ways (``tail=``):
 
+``"estimated"`` (the default) the teacher's full distribution estimated from all the record holds (format
+              version 2): the top k exact, the tail's exact mass, its shape from the tail
+              code, corrected at the sampled tail classes by their inverse inclusion
+              probabilities (Horvitz-Thompson), which makes the estimate and its gradients
+              unbiased at every temperature (up to the tail summary's normaliser,
+              docs/methods.md). A record with neither (format version 1) enters as ``"bucket"``.
 ``"bucket"``  KL over k+1 outcomes: the k stored classes plus one *tail bucket* holding the
               teacher's tail mass (rebuilt from the tail summary at the teacher temperature);
               the student side uses its probabilities of the same k classes plus its exact
@@ -33,7 +39,7 @@ from kdcache.errors import ConfigError, MismatchError
 from kdcache.record import TeacherRecord
 
 #: The ways a partial (top-k + tail) record enters a KL divergence.
-TAIL_MODES: tuple[str, ...] = ("bucket", "uniform")
+TAIL_MODES: tuple[str, ...] = ("estimated", "bucket", "uniform")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,9 +140,103 @@ def distillation_kl(
 ) -> torch.Tensor:
     """Per-view ``KL(p_teacher(T_t) || q_student(T_s))``: ``[B]``, summed over classes or buckets."""
     _check_pair(student_logits, record, "distillation")
+    _check_tail(tail)
+    if tail == "estimated":
+        if (record.samples or record.spec.rank) and record.k < record.num_classes:
+            return estimated_kl(student_logits, record, teacher_temperature=teacher_temperature,
+                                student_temperature=student_temperature)
+        tail = "bucket"
     log_p = teacher_log_probs(record, teacher_temperature, tail=tail)
     log_q = student_log_probs(student_logits, record, student_temperature, tail=tail)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def estimated_teacher(record: TeacherRecord, teacher_temperature) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tempered teacher on the stored classes: (classes ``[B, k+s]``, ``log p`` ``[B, k+s]``, ``log w`` ``[B, k+s]``).
+
+    Columns are the top k, then the sampled tail classes (none without a sampled tail).
+    ``log p_j = v_j / T - log Z(T)``, with ``log Z`` from the top k and the tail summary's
+    ``L(1/T)``; ``w_j`` is 1 for the top k and ``1 / pi_j`` for a sampled class (0 for a pad),
+    so ``sum_j w_j p_j f(j)`` over the sampled classes is an unbiased estimate of ``sum_c p_c
+    f(c)`` over the tail. Gradients flow to the temperature.
+    """
+    t = _temperature(teacher_temperature, record.num_classes, record.values.device, "teacher_temperature")
+    if t.dim() == 1:
+        raise ConfigError(f"teacher_temperature is per-class ({record.num_classes},), which needs full records; "
+                          f"these have k={record.k} of C={record.num_classes} (store them with --topk full)")
+    beta = 1.0 / t
+    top = record.values.float()
+    log_z = torch.logsumexp(torch.cat([beta * top, record.tail_log_mass(beta.expand(top.shape[0])).unsqueeze(-1)], dim=-1),
+                            dim=-1, keepdim=True)
+    if not record.samples:
+        return record.indices.long(), beta * top - log_z, torch.zeros_like(top)
+    classes = torch.cat([record.indices.long(), record.sampled_indices.long()], dim=-1)
+    log_p = beta * torch.cat([top, record.sampled_values.float()], dim=-1) - log_z
+    log_w = torch.cat([torch.zeros_like(top), record.log_weights()], dim=-1)
+    return classes, log_p, log_w
+
+
+#: What the estimated target's tail starts from before the sampled classes correct it.
+BASELINES: tuple[str, ...] = ("code", "student", "uniform", "none")
+
+
+def default_baseline(record: TeacherRecord) -> str:
+    """The tail code where the record has one, else the tail's mass spread evenly."""
+    return "code" if record.spec.rank else "uniform"
+
+
+def estimated_kl(student_logits: torch.Tensor, record: TeacherRecord, *, teacher_temperature, student_temperature,
+                 baseline: str | None = None) -> torch.Tensor:
+    """Per-view estimate of ``KL(p_teacher(T_t) || q_student(T_s))`` from everything a record holds: ``[B]``.
+
+    The teacher's target over all C classes is estimated as ``p_hat``: exact on the top k; on the
+    tail a baseline ``b`` that carries the tail's mass M (from the tail summary), plus the
+    Horvitz-Thompson correction ``w_j (p_j - b_j)`` at each sampled class. ``b`` is
+    ``M softmax_tail(code logits / T_t)`` (``code``: the record's low-rank tail code), ``M
+    q_c / Q_tail`` (``student``: the student's own tail shape, detached), ``M / (C - k)``
+    (``uniform``), or 0 (``none``: plain importance sampling). With sampled classes any b leaves
+    ``E[p_hat] = p``; b only changes the variance. Without them, b is the tail's shape.
+
+    ``F = H_hat - sum_c p_hat_c z_c / T_s,c + logsumexp(z / T_s)``, where ``H_hat``, the estimate
+    of ``sum_c p_c log p_c``, is exact on the top k, ``sum b log b`` on the tail, corrected at the
+    sampled classes by ``w_j (p_j log p_j - b_j log b_j)``. ``E[F]`` is the KL (the mass sums to 1), and F is linear in the
+    estimates, so its gradients are unbiased: for the student logits ``(q - p_hat) / T_s`` (the
+    full-logit gradient with its target replaced by an unbiased estimate), and for both
+    temperatures (MKD), second derivatives included.
+    """
+    baseline = default_baseline(record) if baseline is None else baseline
+    if baseline not in BASELINES:
+        raise ConfigError(f"baseline={baseline!r}: expected one of {', '.join(map(repr, BASELINES))}")
+    if baseline == "code" and not record.spec.rank:
+        raise ConfigError("baseline='code' needs a record with a tail code (a tail spec of rank > 0)")
+    classes, log_p, log_w = estimated_teacher(record, teacher_temperature)
+    t = _temperature(student_temperature, record.num_classes, student_logits.device, "student_temperature")
+    scaled = student_logits.float() / t
+    weight = log_w.exp()
+    p = log_p.exp()
+    k = record.k
+    target = torch.zeros_like(scaled)
+    if baseline != "none":
+        in_tail = torch.ones_like(scaled, dtype=torch.bool).scatter(-1, record.indices.long(), False)
+        tail_mass = (1.0 - p[:, :k].sum(-1, keepdim=True)).clamp_min(0.0)
+        if baseline == "uniform":
+            log_shape = torch.where(in_tail, -math.log(record.num_classes - k), float("-inf"))
+        else:
+            logits = record.shape_logits() / _temperature(teacher_temperature, record.num_classes, scaled.device, "t") \
+                if baseline == "code" else scaled.detach()
+            log_shape = torch.log_softmax(logits.masked_fill(~in_tail, float("-inf")), dim=-1)
+        target = tail_mass * log_shape.exp()
+        log_base = tail_mass.clamp_min(1e-30).log() + log_shape  # log b on the tail, -inf elsewhere
+    else:
+        log_base = torch.full_like(scaled, float("-inf"))
+    plogp = lambda log_q: log_q.exp() * log_q.masked_fill(torch.isinf(log_q), 0.0)  # 0 log 0 = 0, with finite gradients
+    base_at, log_base_at = target.gather(-1, classes[:, k:]), log_base.gather(-1, classes[:, k:])
+    # sum_c p_c log p_c: exact on the top k, the baseline's on the tail, corrected at the sampled classes
+    entropy_term = ((p * log_p)[:, :k].sum(-1) + plogp(log_base).sum(-1)
+                    + (weight[:, k:] * (p[:, k:] * log_p[:, k:] - plogp(log_base_at))).sum(-1))
+    correction = torch.cat([p[:, :k], weight[:, k:] * (p[:, k:] - base_at)], dim=-1)
+    target = target.scatter_add(-1, classes, correction)
+    return entropy_term - (target * scaled).sum(-1) + torch.logsumexp(scaled, dim=-1)
 
 
 def log_power_sum(record: TeacherRecord, gamma: float) -> torch.Tensor:
@@ -243,10 +343,10 @@ LOSSES = {"ce": ce_loss, "kd": kd_loss, "ttm": ttm_loss, "wttm": wttm_loss, "mkd
 #: The hyper-parameters each loss takes, with their defaults (docs/methods.md says why).
 LOSS_DEFAULTS: dict[str, dict[str, float | str]] = {
     "ce": {},
-    "kd": {"alpha": 0.9, "temperature": 4.0, "tail": "bucket"},
-    "ttm": {"beta": 36.0, "gamma": 0.25, "tail": "bucket"},
-    "wttm": {"beta": 1.6, "gamma": 0.8, "tail": "bucket"},
-    "mkd": {"alpha": 0.9, "temperature": 4.0, "tail": "bucket"},
+    "kd": {"alpha": 0.9, "temperature": 4.0, "tail": "estimated"},
+    "ttm": {"beta": 36.0, "gamma": 0.25, "tail": "estimated"},
+    "wttm": {"beta": 1.6, "gamma": 0.8, "tail": "estimated"},
+    "mkd": {"alpha": 0.9, "temperature": 4.0, "tail": "estimated"},
 }
 
 
@@ -384,7 +484,7 @@ class _RecordLoss(nn.Module):
 
 
 class KDLoss(_RecordLoss):
-    """:func:`kd_loss` as a module: ``KDLoss(alpha=0.9, temperature=4.0, tail="bucket")``."""
+    """:func:`kd_loss` as a module: ``KDLoss(alpha=0.9, temperature=4.0, tail="estimated")``."""
 
     name = "kd"
 
@@ -393,7 +493,7 @@ class KDLoss(_RecordLoss):
 
 
 class TTMLoss(_RecordLoss):
-    """:func:`ttm_loss` as a module: ``TTMLoss(beta=36.0, gamma=0.25, tail="bucket")``."""
+    """:func:`ttm_loss` as a module: ``TTMLoss(beta=36.0, gamma=0.25, tail="estimated")``."""
 
     name = "ttm"
 
@@ -402,7 +502,7 @@ class TTMLoss(_RecordLoss):
 
 
 class WTTMLoss(_RecordLoss):
-    """:func:`wttm_loss` as a module: ``WTTMLoss(beta=1.6, gamma=0.8, tail="bucket")``."""
+    """:func:`wttm_loss` as a module: ``WTTMLoss(beta=1.6, gamma=0.8, tail="estimated")``."""
 
     name = "wttm"
 

@@ -1,33 +1,121 @@
-"""Teacher records: top-k logits, their class indices and a tail summary.
+"""Teacher records: top-k logits, their class indices, a tail summary and sampled tail classes.
 
 A teacher record for one view holds the teacher's ``k`` largest logits (fp16, sorted
 descending), their class indices (the smallest unsigned integer type that holds the class
-count) and a *tail summary*: two fp16 numbers from which the log of the tail's softmax mass,
+count) and a *tail summary*: fp16 numbers from which the log of the tail's softmax mass,
 
     L(beta) = log sum_{c not in top-k} exp(beta * v_c),      beta = 1 / T,
 
 can be rebuilt at any temperature in :data:`TEMPERATURE_RANGE`. The summary stores L exactly
-at the inverse temperatures :data:`TAIL_BETAS` (as offsets from ``beta * v_top1`` so fp16
-keeps its precision), and L(0) = log(C - k) is known. Between and beyond those anchors L is
-the quadratic in beta through the three points (its cumulant expansion, log n + beta*mu +
-beta^2*sigma^2/2, fitted to exact values), clipped to the bounds every tail obeys:
+at the inverse temperatures of its :class:`TailSpec` (as offsets from ``beta * v_top1`` so fp16
+keeps its precision), and L(0) = log(C - k) is known. Between and beyond those anchors L is a
+quadratic in beta through three neighbouring known points (its cumulant expansion, log n +
+beta*mu + beta^2*sigma^2/2, fitted to exact values), clipped to the bounds every tail obeys:
 convexity (curvature >= 0) and L(beta) <= log n + beta * v_k, since no tail logit exceeds the
 k-th largest. With k = C the tail is empty, L = -inf and everything is exact.
 
-All functions here are pure tensor functions (no I/O, no RNG).
+The summary gives the tail's total mass; how that mass is shared among the C - k tail classes
+is what the *sampled tail* keeps (format version 2): ``s`` tail classes per view with their fp16
+logits, drawn without replacement with inclusion probabilities
+
+    pi_c = min(1, exp(ell + beta_pi * (v_c - v_top1)) + eps * s / (C - k)),
+
+where ``ell`` (stored in the tail summary's last column, fp16) makes the pi_c of the view's tail
+sum to s, ``beta_pi`` is the proposal's inverse temperature and ``eps`` the share spread evenly
+over the tail (:class:`TailSpec`). The draw is Madow's systematic sampling over the tail in
+class order, from one uniform keyed like the augmentation parameters (seed, epoch, sample), so a
+record is reproducible. Every quantity in pi_c is stored, so a reader recomputes each sampled
+class's exact inclusion probability, and the Horvitz-Thompson sum ``sum_{c sampled} f(c) / pi_c``
+is an unbiased estimate of ``sum_{c in tail} f(c)`` for every f: the teacher's tempered
+distribution at any temperature, and so the distillation gradient (kdcache.losses, "sampled").
+A draw that comes out one class short (fp16 rounding of ell) is padded with the top-1 class,
+which a reader gives weight 0.
+
+All functions here are pure tensor functions (no I/O, no global RNG).
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 #: Inverse temperatures at which the tail log-mass is stored exactly (format v1).
 TAIL_BETAS: tuple[float, float] = (1.0, 0.25)
 #: Temperatures over which the reconstruction error is measured and documented.
 TEMPERATURE_RANGE: tuple[float, float] = (0.5, 10.0)
+#: The stream of the counter-based generator that draws a view's sampled tail classes
+#: (0 draws its augmentation parameters, 1 its block's mix partners: kdcache.augment).
+SAMPLE_STREAM = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TailSpec:
+    """What a record keeps of the classes outside its top k.
+
+    ``betas``: the inverse temperatures where the tail summary stores L exactly; ``samples``:
+    the tail classes drawn per view (0: none, the format-v1 record); ``proposal_beta`` and
+    ``uniform_share``: the draw's inclusion probabilities (module docstring). Manifests hold it
+    as ``tail``: ``{"betas", "temperature_range", "samples", "proposal_beta", "uniform_share"}``.
+    """
+
+    betas: tuple[float, ...] = TAIL_BETAS
+    samples: int = 0
+    proposal_beta: float = 0.25
+    uniform_share: float = 0.1
+    rank: int = 0
+    temperature_range: tuple[float, float] = field(default=TEMPERATURE_RANGE)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "temperature_range", tuple(float(t) for t in self.temperature_range))
+        if not self.betas or any(not (b > 0 and math.isfinite(b)) for b in self.betas) or len(set(self.betas)) != len(self.betas):
+            raise ValueError(f"tail betas {self.betas!r}: expected distinct positive numbers")
+        for name in ("samples", "rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"tail {name} {value!r}: expected a whole number >= 0")
+        if not (self.proposal_beta >= 0 and math.isfinite(self.proposal_beta)):
+            raise ValueError(f"tail proposal_beta {self.proposal_beta!r}: expected a number >= 0")
+        if not 0.0 <= self.uniform_share <= 1.0:
+            raise ValueError(f"tail uniform_share {self.uniform_share!r}: expected a number in [0, 1]")
+
+    @property
+    def width(self) -> int:
+        """Columns of the tail array: one per anchor, the draw's log-scale ``ell`` when classes are sampled, then the code."""
+        return len(self.betas) + (1 if self.samples else 0) + self.rank
+
+    def to_json(self) -> dict:
+        out = {"betas": list(self.betas), "temperature_range": list(self.temperature_range)}
+        if self.samples:
+            out.update(samples=self.samples, proposal_beta=self.proposal_beta, uniform_share=self.uniform_share)
+        if self.rank:
+            out.update(rank=self.rank)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TailSpec":
+        """The spec a manifest's ``tail`` describes (a format-v1 ``tail`` has no samples)."""
+        return cls(betas=tuple(data["betas"]), samples=int(data.get("samples", 0)),
+                   proposal_beta=float(data.get("proposal_beta", 0.25)), uniform_share=float(data.get("uniform_share", 0.1)),
+                   rank=int(data.get("rank", 0)),
+                   temperature_range=tuple(data.get("temperature_range", TEMPERATURE_RANGE)))
+
+    def for_classes(self, k: int, num_classes: int) -> "TailSpec":
+        """The spec a record of k of C classes uses: no samples when the tail cannot hold more than are drawn."""
+        if k >= num_classes or (self.samples and num_classes - k <= self.samples) or (self.rank and num_classes - k <= 2 * self.rank):
+            return TailSpec(betas=TAIL_BETAS, temperature_range=self.temperature_range)
+        return self
+
+
+#: The record kept by default (docs/format.md, "Teacher record"; chosen on benchmarks/records.py's frontier).
+DEFAULT_TAIL = TailSpec(betas=(1.0, 0.5, 0.25), rank=16)
+#: The format-v1 record: top k and a two-anchor summary, nothing sampled.
+V1_TAIL = TailSpec()
 
 
 @dataclass(frozen=True)
@@ -35,66 +123,229 @@ class TeacherRecord:
     """The teacher records of a batch of views, as tensors on one device.
 
     ``values`` fp16 ``[B, k]`` (sorted descending), ``indices`` integer ``[B, k]``,
-    ``tail`` fp16 ``[B, 2]`` (see the module docstring), ``num_classes`` C.
+    ``tail`` fp16 ``[B, spec.width]`` (see the module docstring), ``num_classes`` C; with a
+    sampled tail also ``sampled_values`` fp16 ``[B, s]`` and ``sampled_indices`` ``[B, s]``.
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     tail: torch.Tensor
     num_classes: int
+    sampled_values: torch.Tensor | None = None
+    sampled_indices: torch.Tensor | None = None
+    spec: TailSpec = V1_TAIL
+    basis: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
         return self.values.shape[-1]
 
+    @property
+    def samples(self) -> int:
+        """Tail classes sampled per view (0 without a sampled tail)."""
+        return 0 if self.sampled_values is None else self.sampled_values.shape[-1]
+
     def to(self, device) -> "TeacherRecord":
-        return TeacherRecord(
-            values=self.values.to(device, non_blocking=True),
-            indices=self.indices.to(device, non_blocking=True).long(),
-            tail=self.tail.to(device, non_blocking=True),
-            num_classes=self.num_classes,
-        )
+        def move(tensor, long=False):
+            if tensor is None:
+                return None
+            moved = tensor.to(device, non_blocking=True)
+            return moved.long() if long else moved
+
+        return TeacherRecord(values=move(self.values), indices=move(self.indices, True), tail=move(self.tail),
+                             num_classes=self.num_classes, sampled_values=move(self.sampled_values),
+                             sampled_indices=move(self.sampled_indices, True), spec=self.spec, basis=move(self.basis))
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, k: int) -> "TeacherRecord":
-        values, indices, tail = make_records(logits, k)
-        return cls(values=values, indices=indices, tail=tail, num_classes=logits.shape[-1])
+    def from_logits(cls, logits: torch.Tensor, k: int, spec: TailSpec = V1_TAIL, *, uniforms=None, basis=None) -> "TeacherRecord":
+        values, indices, tail = make_records(logits, k, spec, uniforms=uniforms, basis=basis)
+        return cls.from_stored(values, indices, tail, logits.shape[-1], spec.for_classes(k, logits.shape[-1]), k=k, basis=basis)
+
+    @classmethod
+    def from_stored(cls, values, indices, tail, num_classes: int, spec: TailSpec, *, k: int, basis=None) -> "TeacherRecord":
+        """A record from the stored arrays: ``values``/``indices`` ``[B, k + s]`` (top k, then the sampled classes)."""
+        values, indices, tail = (torch.as_tensor(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in (values, indices, tail))
+        indices = indices.long()
+        if spec.rank and basis is None:
+            raise ValueError(f"a record with a rank-{spec.rank} tail code needs its cache's tail basis")
+        basis = basis if spec.rank else None
+        if not spec.samples:
+            return cls(values=values, indices=indices, tail=tail, num_classes=num_classes, spec=spec, basis=basis)
+        return cls(values=values[:, :k], indices=indices[:, :k], tail=tail, num_classes=num_classes,
+                   sampled_values=values[:, k:], sampled_indices=indices[:, k:], spec=spec, basis=basis)
+
+    def shape_logits(self) -> torch.Tensor:
+        """The tail code's logits ``[B, C]``: the basis's mean plus the code times its directions (up to a shift per view)."""
+        if not self.spec.rank:
+            raise ValueError("this record has no tail code (its tail spec's rank is 0)")
+        basis = self.basis.float().to(self.tail.device)
+        return basis[0] + self.tail[:, -self.spec.rank:].float() @ basis[1:]
 
     def log_probs(self, temperature) -> torch.Tensor:
         """Tempered teacher log-probabilities over the k stored classes and the tail bucket: ``[B, k+1]``."""
-        return teacher_log_probs(self.values, self.tail, self.num_classes, temperature)
+        return teacher_log_probs(self.values, self.tail, self.num_classes, temperature, self.spec)
 
     def dense_log_probs(self, temperature) -> torch.Tensor:
         """Tempered teacher log-probabilities over all C classes, tail spread evenly: ``[B, C]``."""
-        return dense_log_probs(self.values, self.indices, self.tail, self.num_classes, temperature)
+        return dense_log_probs(self.values, self.indices, self.tail, self.num_classes, temperature, self.spec)
 
     def tail_log_mass(self, beta) -> torch.Tensor:
-        """``log sum_{c in tail} exp(beta * v_c)`` per view: ``[B]``."""
-        return tail_log_mass(self.values, self.tail, self.num_classes, beta)
+        """``log sum_{c in tail} exp(beta * v_c)`` per view: ``[B]`` (through the tail code where the record has one)."""
+        if self.spec.rank and self.k < self.num_classes:
+            return coded_tail_log_mass(self, beta)
+        return tail_log_mass(self.values, self.tail, self.num_classes, beta, self.spec)
+
+    def log_weights(self) -> torch.Tensor:
+        """``-log pi_c`` of each sampled class ``[B, s]`` (its Horvitz-Thompson weight's log); -inf for a pad."""
+        return log_weights(self.values, self.indices, self.tail, self.sampled_values, self.sampled_indices,
+                             self.num_classes, self.spec)
 
 
-def make_records(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split teacher logits ``[B, C]`` into (values fp16 [B,k], indices int64 [B,k], tail fp16 [B,2]).
+def tail_spec_of(tail: dict) -> TailSpec:
+    """The tail spec a manifest's ``tail`` describes (format version 1: two anchors, nothing sampled or coded)."""
+    return TailSpec.from_json(tail)
+
+
+def encode_basis(basis: torch.Tensor) -> str:
+    """A tail code's basis as the manifest holds it: base64 of its float32 little-endian bytes."""
+    return base64.b64encode(basis.detach().cpu().float().numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def tail_basis_of(tail: dict, num_classes: int) -> torch.Tensor | None:
+    """The tail code's basis ``[rank + 1, C]`` a manifest's ``tail`` holds, or None without a code."""
+    rank = int(tail.get("rank", 0))
+    if not rank:
+        return None
+    raw = np.frombuffer(base64.b64decode(tail["basis"]), dtype="<f4")
+    return torch.from_numpy(raw.reshape(rank + 1, num_classes).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def _decoded_basis(encoded: str, rank: int, num_classes: int) -> torch.Tensor:
+    return tail_basis_of({"rank": rank, "basis": encoded}, num_classes)
+
+
+def stored_record(values, indices, tail, manifest) -> TeacherRecord:
+    """The teacher records of stored rows (numpy or tensors) of a cache with this manifest (its ``tail``, ``k``, classes)."""
+    spec = tail_spec_of(manifest.tail)
+    num_classes = manifest.teacher.num_classes
+    basis = _decoded_basis(manifest.tail["basis"], spec.rank, num_classes) if spec.rank else None
+    return TeacherRecord.from_stored(values, indices, tail, num_classes, spec, k=manifest.k, basis=basis)
+
+
+def view_uniforms(seed: int, epoch: int, sample_ids) -> np.ndarray:
+    """The uniform in [0, 1) that draws each view's sampled tail classes: Philox keyed by (seed, epoch, sample, 2)."""
+    return np.array([np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), int(epoch), int(i), SAMPLE_STREAM]))).random()
+                     for i in sample_ids], dtype=np.float64)
+
+
+def fit_tail_basis(logits: torch.Tensor, rank: int) -> torch.Tensor:
+    """The tail code's basis from a calibration set of teacher logits ``[N, C]``: float32 ``[rank + 1, C]``.
+
+    Row 0 is the mean of the views' centred logits (each view less its own mean), rows 1 to rank
+    their principal directions (float64 SVD on the CPU, each direction's largest entry made
+    positive, so the basis is a function of the logits alone).
+    """
+    centred = logits.double().cpu()
+    centred = centred - centred.mean(-1, keepdim=True)
+    mean = centred.mean(0)
+    if rank > min(centred.shape):
+        raise ValueError(f"a rank-{rank} tail code needs at least {rank} calibration views and classes; got {tuple(centred.shape)}")
+    directions = torch.linalg.svd(centred - mean, full_matrices=False).Vh[:rank]
+    flip = directions.gather(-1, directions.abs().argmax(-1, keepdim=True)).sign()
+    return torch.cat([mean.unsqueeze(0), directions * flip], dim=0).float()
+
+
+def tail_code(logits: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Each view's coordinates on the basis's directions: ``[B, rank]`` float32."""
+    basis = basis.float().to(logits.device)
+    centred = logits.float() - logits.float().mean(-1, keepdim=True)
+    return (centred - basis[0]) @ basis[1:].T
+
+
+def make_records(logits: torch.Tensor, k: int, spec: TailSpec = V1_TAIL, *, uniforms=None, basis=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split teacher logits ``[B, C]`` into (values fp16 [B,k+s], indices int64 [B,k+s], tail fp16 [B,width]).
 
     The k classes are ranked canonically on their stored fp16 values: value descending, then class
     index ascending. Equal fp16 values thus give equal records, whatever order the float32 logits
-    happened to come in (thread count, batch size, rank count move their last bits).
+    happened to come in (thread count, batch size, rank count move their last bits). With a
+    sampled tail (``spec.samples`` = s, ``uniforms`` one number in [0, 1) per view, from
+    :func:`view_uniforms`), the s sampled classes and their fp16 logits follow the top k, in
+    class order, and the tail's last column is the draw's ``ell``.
     """
     logits = logits.float()
     num_classes = logits.shape[-1]
+    spec = spec.for_classes(k, num_classes)
     rounded = logits.to(torch.float16)
     indices = torch.sort(rounded, dim=-1, descending=True, stable=True).indices[:, :k]  # stable: ties by index
     values16 = rounded.gather(-1, indices)
     masked = logits.scatter(-1, indices, float("-inf"))
     top1 = values16[:, :1].float()
     tail = []
-    for beta in TAIL_BETAS:
+    for beta in spec.betas:
         lse = torch.logsumexp(beta * masked, dim=-1, keepdim=True) if k < num_classes else torch.full_like(top1, float("-inf"))
         tail.append(lse - beta * top1)
-    return values16, indices, torch.cat(tail, dim=-1).to(torch.float16)
+    tail16 = torch.cat(tail, dim=-1).to(torch.float16)
+    if spec.samples:
+        if uniforms is None:
+            raise ValueError("a sampled tail needs one uniform per view (view_uniforms(seed, epoch, sample_ids))")
+        ell, chosen = _draw_tail(rounded, indices, spec, torch.as_tensor(np.asarray(uniforms, dtype=np.float64)))
+        values16 = torch.cat([values16, rounded.gather(-1, chosen)], dim=-1)
+        indices = torch.cat([indices, chosen], dim=-1)
+        tail16 = torch.cat([tail16, ell.unsqueeze(-1).to(tail16.device)], dim=-1)
+    if spec.rank:
+        if basis is None or tuple(basis.shape) != (spec.rank + 1, num_classes):
+            raise ValueError(f"a rank-{spec.rank} tail code needs a basis of shape ({spec.rank + 1}, {num_classes})")
+        tail16 = torch.cat([tail16, tail_code(logits, basis).to(torch.float16)], dim=-1)
+    return values16, indices, tail16
 
 
-def tail_log_mass(values: torch.Tensor, tail: torch.Tensor, num_classes: int, beta) -> torch.Tensor:
+def _inclusion(offsets: torch.Tensor, ell: torch.Tensor, spec: TailSpec, n: int) -> torch.Tensor:
+    """pi = min(1, exp(ell + beta_pi * offsets) + eps * s / n) in float32; ``offsets`` = v16_c - v16_top1 (<= 0)."""
+    floor = spec.uniform_share * spec.samples / n
+    return torch.clamp(torch.exp(ell.float().unsqueeze(-1) + spec.proposal_beta * offsets.float()) + floor, max=1.0)
+
+
+def _draw_tail(rounded: torch.Tensor, top: torch.Tensor, spec: TailSpec, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ell fp16 [B], sampled class indices [B, s]) by systematic sampling over the tail in class order (on the CPU, float64)."""
+    rounded = rounded.cpu()
+    top = top.cpu()
+    batch, num_classes = rounded.shape
+    n = num_classes - top.shape[-1]
+    s = spec.samples
+    offsets = rounded.float() - rounded.gather(-1, top[:, :1]).float()
+    in_tail = torch.ones_like(offsets, dtype=torch.bool).scatter(-1, top, False)
+    floor = spec.uniform_share * s / n
+    scaled = (spec.proposal_beta * offsets).double()
+    lo = torch.full((batch,), -200.0, dtype=torch.float64)
+    hi = torch.full((batch,), 200.0, dtype=torch.float64)
+    for _ in range(64):  # the ell whose inclusion probabilities sum to s over the tail
+        mid = (lo + hi) / 2
+        total = torch.where(in_tail, torch.clamp(torch.exp(mid.unsqueeze(-1) + scaled) + floor, max=1.0), 0.0).sum(-1)
+        big = total > s
+        hi = torch.where(big, mid, hi)
+        lo = torch.where(big, lo, mid)
+    ell = lo.to(torch.float16)
+    ell = torch.where(ell.double() > lo, torch.nextafter(ell, torch.tensor(float("-inf"), dtype=torch.float16)), ell)  # round down: sum <= s
+    pi = torch.where(in_tail, _inclusion(offsets, ell, spec, n), 0.0).double()
+    edges = pi.cumsum(-1)
+    points = uniforms.double().unsqueeze(-1) + torch.arange(s, dtype=torch.float64)
+    position = torch.searchsorted(edges, points, right=True)
+    short = position >= num_classes  # the draw came out one short: pad with the top-1 class (weight 0)
+    chosen = torch.where(short, top[:, :1].expand(-1, s), position.clamp(max=num_classes - 1))
+    return ell, chosen.to(top.device)
+
+
+def log_weights(values, indices, tail, sampled_values, sampled_indices, num_classes: int, spec: TailSpec) -> torch.Tensor:
+    """``-log pi_c`` of each sampled class (pi_c its exact inclusion probability), -inf (weight 0) for pads: ``[B, s]``."""
+    n = num_classes - values.shape[-1]
+    offsets = sampled_values.float() - values[:, :1].float()
+    pi = _inclusion(offsets, tail[:, len(spec.betas)], spec, n)
+    pad = sampled_indices.long() == indices[:, :1].long()
+    return torch.where(pad, float("-inf"), -pi.log())
+
+
+def tail_log_mass(values: torch.Tensor, tail: torch.Tensor, num_classes: int, beta, spec: TailSpec = V1_TAIL) -> torch.Tensor:
     """Reconstruct L(beta) for each record: ``[B]`` (or broadcast with a ``[B]``/scalar beta)."""
     values = values.float()
     k = values.shape[-1]
@@ -105,20 +356,71 @@ def tail_log_mass(values: torch.Tensor, tail: torch.Tensor, num_classes: int, be
     if n == 0:
         return torch.full(torch.broadcast_shapes(values.shape[:-1], beta.shape), float("-inf"), device=values.device)
     top1 = values[:, 0]
-    b1, b2 = TAIL_BETAS
     log_n = math.log(n)
-    anchor1 = tail[:, 0].float() + b1 * top1
-    anchor2 = tail[:, 1].float() + b2 * top1
-    slope1 = (anchor1 - log_n) / b1
-    slope2 = (anchor2 - log_n) / b2
-    curvature = ((slope1 - slope2) / (b1 - b2)).clamp_min(0.0)
-    linear = slope1 - curvature * b1
-    estimate = log_n + linear * beta + curvature * beta * beta
     upper = log_n + beta * values[:, -1]
-    return torch.minimum(estimate, upper)
+    if spec.betas == TAIL_BETAS:  # the format-v1 summary: one quadratic through L(0), L(1), L(0.25)
+        b1, b2 = TAIL_BETAS
+        anchor1 = tail[:, 0].float() + b1 * top1
+        anchor2 = tail[:, 1].float() + b2 * top1
+        slope1 = (anchor1 - log_n) / b1
+        slope2 = (anchor2 - log_n) / b2
+        curvature = ((slope1 - slope2) / (b1 - b2)).clamp_min(0.0)
+        linear = slope1 - curvature * b1
+        estimate = log_n + linear * beta + curvature * beta * beta
+        return torch.minimum(estimate, upper)
+    # more anchors: the quadratic through the three known points nearest beta (L(0) = log n among them)
+    xs, ys = _anchors(values, tail, spec, n)
+    return torch.minimum(_piecewise_quadratic(xs, ys, beta), upper)
 
 
-def teacher_log_probs(values: torch.Tensor, tail: torch.Tensor, num_classes: int, temperature) -> torch.Tensor:
+def _anchors(values: torch.Tensor, tail: torch.Tensor, spec: TailSpec, n: int) -> tuple[list[float], list[torch.Tensor]]:
+    """The known points (beta, L(beta)) of each record, in increasing beta: (0, log n) and the stored anchors."""
+    top1 = values[:, 0].float()
+    order = sorted(range(len(spec.betas)), key=lambda j: spec.betas[j])
+    xs = [0.0] + [spec.betas[j] for j in order]
+    ys = [torch.full_like(top1, math.log(n))] + [tail[:, j].float() + spec.betas[j] * top1 for j in order]
+    return xs, ys
+
+
+def _piecewise_quadratic(xs: list[float], ys: list[torch.Tensor], beta: torch.Tensor) -> torch.Tensor:
+    """The quadratic through the three known points nearest beta (curvature clipped at 0: L is convex)."""
+    estimate = None
+    for first in range(len(xs) - 2):
+        x0, x1, x2 = xs[first : first + 3]
+        y0, y1, y2 = ys[first : first + 3]
+        d01 = (y1 - y0) / (x1 - x0)
+        d12 = (y2 - y1) / (x2 - x1)
+        curvature = ((d12 - d01) / (x2 - x0)).clamp_min(0.0)
+        piece = y0 + d01 * (beta - x0) + curvature * (beta - x0) * (beta - x1)
+        estimate = piece if estimate is None else torch.where(beta > xs[first + 1], piece, estimate)  # hand over mid-triple
+    return estimate
+
+
+def coded_tail_log_mass(record: "TeacherRecord", beta) -> torch.Tensor:
+    """L(beta) of a record with a tail code: the code's own log-mass, corrected through the exact anchors.
+
+    ``L_code(beta) = logsumexp_tail(beta * code_logits)`` has the tail's shape at every beta and is
+    log n at 0, as L is; the correction ``L - L_code``, exact at the anchors and 0 at 0, is smooth
+    and small where the code is good, so its piecewise quadratic is far closer than L's own.
+    """
+    values, tail, spec = record.values.float(), record.tail, record.spec
+    n = record.num_classes - record.k
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=values.device)
+    if beta.dim() == 2:
+        beta = beta.squeeze(-1)
+    shape = record.shape_logits().scatter(-1, record.indices.long(), float("-inf"))
+    shape = shape - shape.max(-1, keepdim=True).values  # the code's logits are known up to a shift per view
+
+    def code_mass(b) -> torch.Tensor:  # b: a number, or one per view
+        return torch.logsumexp(torch.as_tensor(b, dtype=torch.float32, device=shape.device).reshape(-1, 1) * shape, dim=-1)
+
+    xs, ys = _anchors(values, tail, spec, n)
+    residuals = [torch.zeros_like(ys[0])] + [y - code_mass(x) for x, y in zip(xs[1:], ys[1:])]
+    estimate = code_mass(beta) + _piecewise_quadratic(xs, residuals, beta)
+    return torch.minimum(estimate, math.log(n) + beta * values[:, -1])
+
+
+def teacher_log_probs(values: torch.Tensor, tail: torch.Tensor, num_classes: int, temperature, spec: TailSpec = V1_TAIL) -> torch.Tensor:
     """Log-probabilities ``[B, k+1]`` of the tempered teacher: the k stored classes, then the tail bucket.
 
     ``temperature`` is a float or a tensor broadcastable to ``[B, 1]``. With k = C the last
@@ -129,16 +431,16 @@ def teacher_log_probs(values: torch.Tensor, tail: torch.Tensor, num_classes: int
         temperature = temperature.unsqueeze(-1)
     scaled = values.float() / temperature
     beta = (1.0 / temperature).expand(values.shape[0], 1).squeeze(-1)
-    tail_mass = tail_log_mass(values, tail, num_classes, beta).unsqueeze(-1)
+    tail_mass = tail_log_mass(values, tail, num_classes, beta, spec).unsqueeze(-1)
     joint = torch.cat([scaled, tail_mass], dim=-1)
     return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
 
 def dense_log_probs(
-    values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int, temperature
+    values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int, temperature, spec: TailSpec = V1_TAIL
 ) -> torch.Tensor:
     """A full ``[B, C]`` log-distribution: stored classes exact, the tail mass spread evenly over the rest."""
-    bucket = teacher_log_probs(values, tail, num_classes, temperature)
+    bucket = teacher_log_probs(values, tail, num_classes, temperature, spec)
     k = values.shape[-1]
     n = num_classes - k
     spread = bucket[:, -1:] - (math.log(n) if n else 0.0)

@@ -363,7 +363,7 @@ def test_registry_names():
 
 
 def test_defaults_are_resolved_per_loss():
-    assert LossConfig() == LossConfig(name="kd", alpha=0.9, temperature=4.0, tail="bucket")
+    assert LossConfig() == LossConfig(name="kd", alpha=0.9, temperature=4.0, tail="estimated")
     ttm = LossConfig(name="ttm")
     assert (ttm.beta, ttm.gamma, ttm.alpha, ttm.temperature) == (36.0, 0.25, None, None)
     wttm = LossConfig(name="wttm", gamma=0.3)
