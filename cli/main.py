@@ -76,6 +76,8 @@ def precompute_logits(
     from_epoch: int = typer.Option(0, "--from-epoch", help="Compute only epochs from this one on (one job's share; see merge)."),
     seed: int = typer.Option(0, "--seed"),
     topk: str = typer.Option("10", "--topk", help="Logits kept per view, or 'full'."),
+    tail_rank: Optional[int] = typer.Option(None, "--tail-rank", help="Coordinates of the tail code per view (default 16 where the tail has over 32 classes, else 0; on --resume the cache's)."),
+    tail_samples: Optional[int] = typer.Option(None, "--tail-samples", help="Tail classes sampled per view, for an unbiased estimate (default 0; on --resume the cache's)."),
     block_size: int = typer.Option(1024, "--block-size", help="Samples per block (indexable sources)."),
     blocks_per_unit: int = typer.Option(64, "--blocks-per-unit", help="Blocks per shard file and unit of work."),
     batch_size: int = typer.Option(256, "--batch-size"),
@@ -101,7 +103,8 @@ def precompute_logits(
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, num_classes),
         augmentation=augmentation, epochs=epochs, from_epoch=from_epoch, seed=seed, topk=_topk(topk), block_size=block_size,
         blocks_per_unit=blocks_per_unit, batch_size=batch_size, replay_path=replay_path, workers=workers, resume=resume,
-        repair=repair, lease_seconds=lease, max_units=max_units, command=_command_line(),
+        repair=repair, lease_seconds=lease, max_units=max_units, tail_rank=tail_rank, tail_samples=tail_samples,
+        command=_command_line(),
     )
     # A scheduler stops a job with SIGTERM: stop at the next block and release the claims, so others take the units at once.
     stop = threading.Event()
@@ -162,7 +165,7 @@ def train_student(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="KD temperature (MKD: initial temperatures)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="TTM/WTTM weight of the distillation term."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="TTM/WTTM teacher exponent (1/T)."),
-    tail: Optional[str] = typer.Option(None, "--tail", help="How the teacher's tail enters the loss: bucket or uniform."),
+    tail: Optional[str] = typer.Option(None, "--tail", help="How the teacher's tail enters the loss: estimated (from the tail code and sampled classes, where the cache has them), bucket or uniform."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Run this teacher live (online baseline); a spec as for precompute-logits."),
     teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),

@@ -34,7 +34,7 @@ from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import MAIN, AllTeachers, Cache, format_selection, open_cache
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
 from kdcache.plan import check_block, read_block
-from kdcache.record import TeacherRecord
+from kdcache.record import TeacherRecord, stored_record
 from kdcache.replay import PATHS
 from kdcache.sources import Source, open_source
 
@@ -261,8 +261,5 @@ def teacher_records(cache: str | Cache, epoch: int, block: int, *, device: str |
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < count:
             raise ConfigError(f"{what}={value!r}: the cache {cache.location} has {what}s 0 to {count - 1}")
     arrays = cache.read_block(int(epoch), int(block))
-    record = TeacherRecord(values=torch.from_numpy(np.ascontiguousarray(arrays["values"])),
-                           indices=torch.from_numpy(arrays["indices"].astype(np.int64)),
-                           tail=torch.from_numpy(np.ascontiguousarray(arrays["tail"])),
-                           num_classes=cache.manifest.teacher.num_classes)
+    record = stored_record(arrays["values"], arrays["indices"].astype(np.int64), arrays["tail"], cache.manifest)
     return record.to(_device(device))

@@ -82,6 +82,7 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
         "augmentation": m.augmentation,
         "seed": m.seed,
         "k": m.k,
+        "tail": {name: value for name, value in m.tail.items() if name != "basis"},
         "epochs_planned": m.epochs,
         "epochs_complete": complete,
         "epochs_indexed": indexed,  # epochs read from an epoch index (a webdataset export: null, its index lists every shard)
@@ -95,6 +96,16 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
         "bytes_per_view": size / views if views else None,
         "teachers": added,  # the added teachers (teachers/NAME/), each with its own bytes
     }
+
+
+def _tail_words(tail: dict) -> str:
+    """What a record keeps of its tail, in words."""
+    words = [f"tail summary at T = {', '.join(f'{1 / b:g}' for b in tail['betas'])}"]
+    if tail.get("rank"):
+        words.append(f"a rank-{tail['rank']} tail code")
+    if tail.get("samples"):
+        words.append(f"{tail['samples']} sampled tail classes")
+    return " + ".join(words)
 
 
 def _ranges(epochs: list[int]) -> str:
@@ -140,7 +151,7 @@ def format_info(info: dict) -> str:
         f"dataset     {d['kind']} {d['uri']} ({d['split']}): {d['num_samples']} samples in {info['blocks']} blocks, digest {d['digest'][:16]}",
         f"augment     {a['name']}: crop {a['crop']}, flip {a['hflip']}, randaug n={a['randaug_n']}, erase {a['erase_prob']}, "
         f"mix {a['mix']}; output {a['output_size']}px; seed {info['seed']}",
-        f"records     top-{info['k']} fp16 logits + tail summary; replay path {info['replay']['path']}",
+        f"records     top-{info['k']} fp16 logits + {_tail_words(info['tail'])}; replay path {info['replay']['path']}",
         epochs,
         f"size        {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files; "
         + (f"{bpv:.1f} bytes per view ({info['views_committed']} views)" if bpv else "no views committed"),

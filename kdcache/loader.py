@@ -38,7 +38,7 @@ from kdcache.distributed import Ranks
 from kdcache.errors import ConfigError, KdcacheError, MismatchError
 from kdcache.format import BlockLayout, Cache
 from kdcache.plan import check_block, read_block
-from kdcache.record import TeacherRecord
+from kdcache.record import TeacherRecord, stored_record
 from kdcache.replay import EncodedImages, PendingViews, replay_block, replay_pending, view_targets
 from kdcache.sources import Source, decode_sample
 
@@ -277,11 +277,11 @@ class _WindowReader:
         pending = PendingViews.cat(selected).select([offsets[b] + i for b, i in order])
         record, every = None, None
         if v.cache is not None:
-            record = _gather_record(records, members, v.num_classes)
+            record = _gather_record(records, members, v.cache.manifest)
             if "teachers" in records[int(members[0, 0])]:  # every teacher's records (teacher_record "all")
-                count = len(records[int(members[0, 0])]["teachers"])
-                every = tuple(_gather_record({b: r["teachers"][t] for b, r in records.items()}, members, v.num_classes)
-                              for t in range(count))
+                manifests = [view.manifest for view in v.cache.views]
+                every = tuple(_gather_record({b: r["teachers"][t] for b, r in records.items()}, members, manifest)
+                              for t, manifest in enumerate(manifests))
                 record = every[0]
         slots = members[:, 0] * v.layout.block_capacity + members[:, 1]
         batch = Batch(
@@ -298,15 +298,12 @@ class _WindowReader:
         return batch
 
 
-def _gather_record(records: dict[int, dict], members: np.ndarray, num_classes: int) -> TeacherRecord:
-    """The teacher records of the views ``members`` (block, position), in their order, from per-block arrays."""
+def _gather_record(records: dict[int, dict], members: np.ndarray, manifest) -> TeacherRecord:
+    """The teacher records of the views ``members`` (block, position), in their order, from per-block arrays
+    (``manifest``: the records' own, which says what their tail holds)."""
     rows = [{k: records[int(b)][k][int(p)] for k in ("values", "indices", "tail")} for b, p in members]
-    return TeacherRecord(
-        values=torch.from_numpy(np.stack([r["values"] for r in rows])),
-        indices=torch.from_numpy(np.stack([r["indices"] for r in rows]).astype(np.int64)),
-        tail=torch.from_numpy(np.stack([r["tail"] for r in rows])),
-        num_classes=num_classes,
-    )
+    return stored_record(np.stack([r["values"] for r in rows]), np.stack([r["indices"] for r in rows]).astype(np.int64),
+                         np.stack([r["tail"] for r in rows]), manifest)
 
 
 class _LazyImages:

@@ -42,7 +42,7 @@ from kdcache.errors import (
 )
 from kdcache.format import (
     COMPRESSION,
-    FORMAT_VERSION,
+    record_format_version,
     RECORD_ARRAYS,
     LEDGER_DIR,
     Cache,
@@ -63,7 +63,8 @@ from kdcache.format import (
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
-from kdcache.record import TAIL_BETAS, TEMPERATURE_RANGE, make_records
+from kdcache.record import DEFAULT_TAIL, V1_TAIL, TailSpec, encode_basis, fit_tail_basis, make_records, tail_basis_of, \
+    tail_spec_of, view_uniforms
 from kdcache.replay import EncodedImages, PendingViews, replay_fingerprint, replay_pending
 from kdcache.sources import Source, decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits, to_channels_last
@@ -89,6 +90,8 @@ class PrecomputeConfig:
     max_units: int | None = None
     from_epoch: int = 0  # compute only epochs [from_epoch, epochs): a job's share of an epoch range (see `kdcache merge`)
     lease_seconds: float = DEFAULT_LEASE  # how long another machine's claim stays valid without renewal
+    tail_rank: int | None = None  # the tail code's rank (None: the default record, or the cache's on --resume)
+    tail_samples: int | None = None  # tail classes sampled per view (None: the default record, or the cache's)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -108,6 +111,27 @@ class PrecomputeConfig:
             raise ConfigError(f"--lease {self.lease_seconds}; expected a positive number of seconds")
         if self.repair and not self.resume:
             raise ConfigError("--repair works on an existing cache; pass it together with --resume")
+        for name, value in (("--tail-rank", self.tail_rank), ("--tail-samples", self.tail_samples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} {value!r}; expected a whole number >= 0")
+
+    def tail_spec(self, k: int, num_classes: int) -> TailSpec:
+        """The record this run asks for: the default's, with --tail-rank and --tail-samples applied."""
+        if self.tail_rank == 0 and self.tail_samples in (None, 0):
+            return V1_TAIL
+        spec = dataclasses.replace(DEFAULT_TAIL, **{name: value for name, value in
+                                                    (("rank", self.tail_rank), ("samples", self.tail_samples)) if value is not None})
+        if self.tail_rank and num_classes - k <= 2 * self.tail_rank:
+            raise ConfigError(f"--tail-rank {self.tail_rank} needs more than {2 * self.tail_rank} classes outside the top {k}; "
+                              f"the teacher has {num_classes - k}: use --tail-rank 0 or --topk full")
+        if spec.samples and spec.samples >= num_classes - k:
+            raise ConfigError(f"--tail-samples {spec.samples}: the tail has only {num_classes - k} classes outside the "
+                              f"top {k}; use --topk full to keep every logit")
+        return spec.for_classes(k, num_classes)
+
+    @property
+    def tail_asked(self) -> bool:
+        return self.tail_rank is not None or self.tail_samples is not None
 
     def finishing_command(self) -> str:
         """The command that finishes the cache: this one, with --resume."""
@@ -171,8 +195,9 @@ def run_fingerprint(path: str, device) -> dict:
 
 def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan, layout, spec, device="cpu") -> Manifest:
     k = resolve_k(config.topk, teacher_info.num_classes)
+    tail = config.tail_spec(k, teacher_info.num_classes).to_json()
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=record_format_version(tail),
         tool_version=__version__,
         created=now_iso(),
         command=config.command or " ".join(sys.argv),
@@ -183,7 +208,7 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
         epochs=config.epochs,
         k=k,
         dtypes=record_dtypes(teacher_info.num_classes),
-        tail={"betas": list(TAIL_BETAS), "temperature_range": list(TEMPERATURE_RANGE)},
+        tail=tail,
         param_fields=list(param_fields(spec)),
         replay=run_fingerprint(config.replay_path, device),
         blocks=layout,
@@ -193,7 +218,39 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
     )
 
 
-def _prepare_output(config, source, teacher_info, spec, claims: Claims, log, device="cpu") -> None:
+#: Views of epoch 0 (in block order) whose logits fit the tail code's basis when a cache is created.
+CALIBRATION_VIEWS = 4096
+
+
+def calibrate_tail(config, source, teacher, manifest: Manifest, plan, device, log) -> Manifest:
+    """The manifest with its tail code's basis, fitted on the teacher's logits of the first views of epoch 0.
+
+    The views are replayed and scored exactly as their units will be (they are scored again
+    there), so the basis is a function of the teacher, the data, the seed and the spec alone.
+    """
+    spec = tail_spec_of(manifest.tail)
+    if not spec.rank:
+        return manifest
+    preparer = BlockPreparer(config, source, manifest, plan)
+    layout, aug = manifest.blocks, cache_spec(manifest)
+    logits = []
+    for block in range(layout.num_blocks):
+        if sum(len(x) for x in logits) >= CALIBRATION_VIEWS:
+            break
+        pending, _ = preparer[(0, layout.unit_of(block), block)]
+        views = pending.materialize(aug, device, counts=Counter())
+        logits += [teacher_logits(teacher, views[i : i + config.batch_size], device).cpu()
+                   for i in range(0, len(views), config.batch_size)]
+    logits = torch.cat(logits)[:CALIBRATION_VIEWS]
+    if len(logits) <= spec.rank:
+        raise ConfigError(f"--tail-rank {spec.rank} needs more than {spec.rank} views to fit its basis; the data has "
+                          f"{len(logits)}: use a smaller --tail-rank (or 0)")
+    log(f"tail code: rank {spec.rank}, basis fitted on the teacher's logits of {len(logits)} view(s) of epoch 0")
+    tail = dict(manifest.tail, basis=encode_basis(fit_tail_basis(logits, spec.rank)))
+    return dataclasses.replace(manifest, tail=tail)
+
+
+def _prepare_output(config, source, teacher_info, spec, claims: Claims, log, device="cpu", teacher=None) -> None:
     """Rank 0: create the cache, or check and extend an existing one. Nothing is overwritten on error."""
     out = Path(config.output)
     if out.exists() and not out.is_dir():
@@ -207,8 +264,10 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log, dev
     if not exists:
         log(f"planning {len(source)} samples in {layout.num_blocks} blocks ({layout.num_units} units per epoch)")
         plan = scan_plan(source, layout, members)
+        manifest = calibrate_tail(config, source, teacher, build_manifest(config, source, teacher_info, plan, layout, spec, device),
+                                  plan, device, log)
         try:
-            CacheWriter.create(out, build_manifest(config, source, teacher_info, plan, layout, spec, device), plan, log=log)
+            CacheWriter.create(out, manifest, plan, log=log)
             return
         except CreatedElsewhere as exc:
             if not config.resume:
@@ -228,6 +287,8 @@ def _prepare_output(config, source, teacher_info, spec, claims: Claims, log, dev
         build_manifest(config, source, teacher_info, plan, layout, spec, device),
         dataset=existing.dataset if existing.dataset.num_samples == len(source) else dataset_info(source, plan),
     )
+    if not config.tail_asked:  # the record the cache was made with, whatever the default is now
+        wanted = dataclasses.replace(wanted, tail=existing.tail)
     check_compatible(existing, wanted)
     first = existing.blocks
     check_block(read_block(source, first, 0, plan["source_index"][first.block_slots(0)]), plan, first.block_slots(0),
@@ -383,7 +444,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     with Claims(config.output, lease_seconds=config.lease_seconds) as claims:
         def prepare() -> None:
             try:
-                _prepare_output(config, source, teacher_info, spec, claims, log, device)
+                _prepare_output(config, source, teacher_info, spec, claims, log, device, teacher)
             except OSError as exc:
                 raise WriteError(f"cannot write the cache {config.output}: {describe_os_error(exc)}; no unit was "
                                  "computed: free space, then run the same command (with --resume if the cache exists)") from None
@@ -436,6 +497,19 @@ class UnitWork:
                 f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
         self.start = time.perf_counter()
         self.bar = _Progress(self, bar=progress and ranks.main)
+
+    def records(self, logits: torch.Tensor, epoch: int, block: int):
+        """The block's teacher records as the manifest's ``tail`` asks: (values, indices, tail) tensors."""
+        manifest = self.manifest
+        spec = tail_spec_of(manifest.tail)
+        uniforms = None
+        if spec.samples:
+            if getattr(self, "_plan", None) is None:
+                self._plan = self.cache.samples()
+            members = self._plan["source_index"][self.layout.block_slots(block)]
+            uniforms = view_uniforms(manifest.seed, epoch, members)
+        basis = tail_basis_of(manifest.tail, manifest.teacher.num_classes)
+        return make_records(logits, manifest.k, spec, uniforms=uniforms, basis=basis)
 
     def _committed(self, epoch: int, unit: int) -> bool:
         return (self.writer.path / ledger_key(epoch, unit)).exists()
@@ -491,7 +565,7 @@ class UnitWork:
                     arrays, current = _unit_arrays(manifest, unit, self.writer.ARRAYS), (epoch, unit)
                 logits = torch.cat([teacher_logits(teacher, views[i : i + config.batch_size], device, channels_last=overlap)
                                     for i in range(0, len(views), config.batch_size)]).cpu()  # one sync per block
-                values, indices, tail = make_records(logits, manifest.k)
+                values, indices, tail = self.records(logits, epoch, block)
                 offset = (block - layout.unit_blocks(unit).start) * layout.block_capacity
                 rows = slice(offset, offset + len(views))
                 arrays["values"][rows] = values.numpy()

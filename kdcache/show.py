@@ -33,7 +33,7 @@ from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import format_selection
 from kdcache.format import Cache, Manifest, open_cache
 from kdcache.plan import check_block, read_block
-from kdcache.record import TeacherRecord
+from kdcache.record import stored_record
 from kdcache.replay import EncodedImages, replay_base, replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig
@@ -267,12 +267,8 @@ def _load_views(config: ShowConfig, cache: Cache, plan: dict[str, np.ndarray], s
         partners = {p: _partner(m, spec, params[p]) for p in positions}
         replayed = EncodedImages(samples) if path == "device" else images  # as scored: decoded where the device path decodes
         views = replay_block(spec, params, replayed, positions=positions, path=path)
-        record = TeacherRecord(
-            values=torch.from_numpy(stored["values"][positions].astype(np.float16)),
-            indices=torch.from_numpy(stored["indices"][positions].astype(np.int64)),
-            tail=torch.from_numpy(stored["tail"][positions].astype(np.float16)),
-            num_classes=m.teacher.num_classes,
-        )
+        record = stored_record(stored["values"][positions].astype(np.float16), stored["indices"][positions].astype(np.int64),
+                               stored["tail"][positions].astype(np.float16), m)
         probs = record.log_probs(1.0).exp().numpy()
         for i, (slot, position) in enumerate(zip(block_slots, positions)):
             partner = partners[position]

@@ -27,7 +27,7 @@ from kdcache.format import format_selection
 from kdcache.format import ALL, MAIN, RECORD_ARRAYS, Cache, TeacherRecords, open_cache, record_width
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
-from kdcache.record import make_records
+from kdcache.record import make_records, tail_basis_of, tail_spec_of, view_uniforms
 from kdcache.replay import PATHS, EncodedImages, replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits, to_channels_last
@@ -130,6 +130,39 @@ def compare_records(stored: dict, values: np.ndarray, indices: np.ndarray, logit
     if np.all(near):
         return described, True
     return described, False
+
+
+def compare_tail(stored: dict, position: int, k: int, spec, logits: np.ndarray, indices: np.ndarray,
+                 tail: np.ndarray) -> tuple[str | None, bool]:
+    """(what differed or None, whether it is only a near-tie) for a view's sampled classes and tail code.
+
+    Each stored sampled class's logit must be the recomputed one within fp16 rounding. The classes
+    drawn may differ only where the recomputed logits moved a boundary of the draw: a near-tie,
+    reported, when every stored class still has its logit. The code's coordinates must agree within
+    1% of the code's norm plus fp16 rounding (they are a projection of all C logits, whose last bits
+    move with the batch and the hardware).
+    """
+    s_classes = stored["indices"][position][k:].astype(np.int64)
+    s_values = stored["values"][position][k:].astype(np.float32)
+    if spec.samples:
+        truth = logits.astype(np.float32)[s_classes]
+        tolerance = np.maximum(fp16_ulp(s_values), fp16_ulp(truth))
+        diff = np.abs(s_values - truth)
+        if np.any(diff > tolerance):
+            i = int(np.argmax(diff - tolerance))
+            return (f"sampled tail class {int(s_classes[i])} has logit {truth[i]:.6g}, stored {s_values[i]:.6g} "
+                    f"(|diff| {diff[i]:.3g} > fp16 rounding {tolerance[i]:.3g})"), False
+        if not np.array_equal(s_classes, indices[k:]):
+            return (f"sampled tail classes {s_classes.tolist()} were drawn as {indices[k:].tolist()} from the "
+                    "recomputed logits (a boundary of the draw moved within rounding)"), True
+    if spec.rank:
+        s_code = stored["tail"][position][-spec.rank:].astype(np.float32)
+        code = tail[-spec.rank:]
+        tolerance = 0.01 * float(np.linalg.norm(code)) + fp16_ulp(np.abs(code)).max()
+        diff = float(np.abs(s_code - code).max())
+        if diff > tolerance:
+            return f"tail code differs by {diff:.3g} (tolerance {tolerance:.3g})", False
+    return None, False
 
 
 def _added(cache) -> bool:
@@ -283,11 +316,18 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
             to_channels_last(teacher)
         logits = torch.cat([teacher_logits(teacher, views[i : i + batch], device, channels_last=channels_last)
                             for i in range(0, len(views), batch)]).cpu()
-        values, indices, _ = make_records(logits, m.k)
+        tail_spec = tail_spec_of(m.tail)
+        uniforms = view_uniforms(m.seed, epoch, members) if tail_spec.samples else None
+        values, indices, tails = make_records(logits, m.k, tail_spec, uniforms=uniforms,
+                                              basis=tail_basis_of(m.tail, m.teacher.num_classes))
+        k = m.k
         for position in positions:
-            record = {name: stored[name][position] for name in ("values", "indices")}
-            recomputed = values[position].float().numpy()
-            problem, near_tie = compare_records(record, recomputed, indices[position].numpy(), logits[position].numpy())
+            record = {name: stored[name][position][:k] for name in ("values", "indices")}
+            recomputed = values[position][:k].float().numpy()
+            problem, near_tie = compare_records(record, recomputed, indices[position][:k].numpy(), logits[position].numpy())
+            if problem is None and (tail_spec.samples or tail_spec.rank):
+                problem, near_tie = compare_tail(stored, position, k, tail_spec, logits[position].numpy(),
+                                                 indices[position].numpy(), tails[position].float().numpy())
             report.max_abs_diff = max(report.max_abs_diff, float(np.abs(record["values"].astype(np.float32) - recomputed).max()))
             report.views_checked += 1
             report.top1_agree += int(indices[position][0]) == int(record["indices"][0])

@@ -257,7 +257,7 @@ def test_manifest_is_pinned(small_cache, teacher_ckpt):
         assert set(m[name]) == keys, name
     for name in RECORD_ARRAYS:
         assert m["compression"][name] == {"codec": "blosc", "cname": "zstd", "clevel": 9, "shuffle": "shuffle"}
-    assert m["format_version"] == FORMAT_VERSION == 1
+    assert m["format_version"] == 1 and FORMAT_VERSION == 2  # a record that version 1 holds is written as version 1
     assert m["dtypes"] == {"values": "float16", "indices": "uint8", "tail": "float16", "params": "float32"}
     assert m["tail"] == {"betas": [1.0, 0.25], "temperature_range": [0.5, 10.0]}
     assert m["param_fields"] == BASE_FIELDS
@@ -331,11 +331,11 @@ def test_manifest_round_trips_through_json(manifest_dict):
     assert Manifest.from_dict(manifest_dict).to_dict() == manifest_dict
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None, True])
 def test_unknown_format_version_is_refused(manifest_dict, version):
     data = copy.deepcopy(manifest_dict)
     data["format_version"] = version
-    with pytest.raises(FormatError, match=rf"format_version {version!r} is not supported.*reads version 1"):
+    with pytest.raises(FormatError, match=rf"format_version {version!r} is not supported.*reads versions 1, 2"):
         Manifest.from_dict(data)
 
 
@@ -428,9 +428,9 @@ def test_open_cache_refuses_a_future_format_version(small_cache, tmp_path):
     path = tmp_path / "future"
     shutil.copytree(small_cache, path)
     root = json.loads((path / "zarr.json").read_text())
-    root["attributes"]["kdcache"]["format_version"] = 2
+    root["attributes"]["kdcache"]["format_version"] = 3
     (path / "zarr.json").write_text(json.dumps(root))
-    with pytest.raises(FormatError, match=r"manifest: format_version 2 is not supported by this kdcache \(reads version 1\)"):
+    with pytest.raises(FormatError, match=r"manifest: format_version 3 is not supported by this kdcache \(reads versions 1, 2\)"):
         open_cache(path)
 
 

@@ -38,6 +38,7 @@ from kdcache.format.manifest import (
     LEDGER_DIR,
     MANIFEST_KEY,
     Manifest,
+    READ_VERSIONS,
     RECORD_ARRAYS,
     REPLAY_PATHS,
     SAMPLE_ARRAYS,
@@ -48,6 +49,7 @@ from kdcache.format.manifest import (
     first_difference,
     library_versions,
     now_iso,
+    record_format_version,
     record_width,
 )
 from kdcache.format.store import (
@@ -127,6 +129,8 @@ __all__ = [
     "Manifest",
     "RECORD_ARRAYS",
     "record_width",
+    "record_format_version",
+    "READ_VERSIONS",
     "SAMPLE_ARRAYS",
     "SUBSET_KEY",
     "Subset",

@@ -112,8 +112,10 @@ class TeacherGroup:
             bad("replay", self.replay, f"the cache's replay path {manifest.replay.get('path')!r}")
 
     def records_manifest(self, manifest: Manifest) -> Manifest:
-        """The root's manifest as this teacher's records see it: its teacher, k, dtypes, compression (the plan and views the root's)."""
-        return dataclasses.replace(manifest, teacher=self.teacher, k=self.k, batch_size=self.batch_size,
+        """The root's manifest as this teacher's records see it: its teacher, k, dtypes, compression (the plan and views
+        the root's), and a format-version-1 record (top k and a two-anchor tail summary) whatever the root's record is."""
+        tail = {"betas": [1.0, 0.25], "temperature_range": manifest.tail.get("temperature_range", [0.5, 10.0])}
+        return dataclasses.replace(manifest, teacher=self.teacher, k=self.k, batch_size=self.batch_size, tail=tail,
                                    dtypes={**manifest.dtypes, **self.dtypes},
                                    compression={**manifest.compression, **self.compression})
 

@@ -1,4 +1,4 @@
-"""The manifest of a cache (format v1): its dataclasses, their checks, and the compatibility rules."""
+"""The manifest of a cache (format versions 1 and 2): its dataclasses, their checks, and the compatibility rules."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from kdcache.errors import FormatError, MismatchError
 from kdcache.location import Location
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The format versions this kdcache reads. A cache is written as version 1 when its record is one
+#: (top k and a two-anchor tail summary), so that an older kdcache still reads it; a record with
+#: more (sampled tail classes, a tail code, other anchors) makes it version 2.
+READ_VERSIONS = (1, 2)
+#: The ``tail`` fields of a version-2 manifest beyond version 1's ``betas`` and ``temperature_range``.
+TAIL_FIELDS_V2 = ("samples", "proposal_beta", "uniform_share", "rank", "basis")
 MANIFEST_KEY = "kdcache"
 SUBSET_KEY = "kdcache_subset"  # optional root attribute: what `kdcache export` kept (docs/format.md)
 RECORD_ARRAYS = ("values", "indices", "tail", "params")
@@ -28,8 +34,20 @@ CLAIMS_DIR = "claims"  # claim files of the writers computing units now (kdcache
 
 
 def record_width(manifest: "Manifest", array: str) -> int:
-    """The last axis of record array ``array``: k for values and indices, 2 for the tail, one per parameter field."""
-    return {"values": manifest.k, "indices": manifest.k, "tail": 2, "params": len(manifest.param_fields)}[array]
+    """The last axis of record array ``array``.
+
+    ``values`` and ``indices``: k plus the sampled tail classes; ``tail``: one column per anchor,
+    one for the draw's scale when classes are sampled, then the tail code's coordinates; ``params``:
+    one per parameter field.
+    """
+    samples, rank = manifest.tail.get("samples", 0), manifest.tail.get("rank", 0)
+    return {"values": manifest.k + samples, "indices": manifest.k + samples,
+            "tail": len(manifest.tail["betas"]) + (1 if samples else 0) + rank, "params": len(manifest.param_fields)}[array]
+
+
+def record_format_version(tail: dict) -> int:
+    """The format version a cache of this ``tail`` is written as: 1 where version 1 can hold its record, else 2."""
+    return 2 if any(tail.get(name) for name in TAIL_FIELDS_V2) or len(tail.get("betas", [])) != 2 else 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,10 +138,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise FormatError(f"{where}: expected a JSON object, found {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READ_VERSIONS:
             raise FormatError(
-                f"{where}: format_version {version!r} is not supported by this kdcache (reads version {FORMAT_VERSION}); "
-                "upgrade kdcache or re-create the cache"
+                f"{where}: format_version {version!r} is not supported by this kdcache (reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}); upgrade kdcache or re-create the cache"
             )
         try:
             fields = dict(data)
@@ -154,9 +172,7 @@ class Manifest:
             bad("replay", self.replay, "an object with path " + ", ".join(f"'{p}'" for p in REPLAY_PATHS))
         if self.replay.get("path") == "device" and self.replay.get("device") not in ("cpu", "cuda"):
             bad("replay.device", self.replay.get("device"), "'cpu' or 'cuda', where the device path ran")
-        tail = self.tail
-        if not isinstance(tail, dict) or not isinstance(tail.get("betas"), list) or len(tail["betas"]) != 2:
-            bad("tail", tail, "an object with two 'betas'")
+        self._validate_tail(bad)
         if not isinstance(self.augmentation, dict):
             bad("augmentation", self.augmentation, "an object (the augmentation spec)")
         if not isinstance(self.samples_sha256, dict):
@@ -187,6 +203,37 @@ class Manifest:
                 np.dtype(self.dtypes[name])
             except (KeyError, TypeError, ValueError):
                 bad(f"dtypes.{name}", self.dtypes.get(name) if isinstance(self.dtypes, dict) else self.dtypes, "a numpy dtype name")
+
+
+    def _validate_tail(self, bad) -> None:
+        tail = self.tail
+        if not isinstance(tail, dict) or not isinstance(tail.get("betas"), list):
+            bad("tail", _short(tail), "an object with a list of 'betas'")
+        if self.format_version == 1:
+            if len(tail["betas"]) != 2 or any(tail.get(name) for name in TAIL_FIELDS_V2):
+                bad("tail", _short(tail), "two 'betas' and nothing sampled or coded in a format-version-1 cache")
+            return
+        if not tail["betas"] or not all(_is_number(b) and b > 0 for b in tail["betas"]):
+            bad("tail.betas", tail["betas"], "positive numbers")
+        for name in ("samples", "rank"):
+            value = tail.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                bad(f"tail.{name}", value, "a whole number >= 0")
+        if tail.get("samples", 0):
+            if self.k + tail["samples"] >= self.teacher.num_classes:
+                bad("tail.samples", tail["samples"], f"fewer than the {self.teacher.num_classes - self.k} classes outside the top k")
+            if not (_is_number(tail.get("proposal_beta")) and tail["proposal_beta"] >= 0):
+                bad("tail.proposal_beta", tail.get("proposal_beta"), "a number >= 0")
+            if not (_is_number(tail.get("uniform_share")) and 0 <= tail["uniform_share"] <= 1):
+                bad("tail.uniform_share", tail.get("uniform_share"), "a number in [0, 1]")
+        if tail.get("rank", 0):
+            expected = (tail["rank"] + 1) * self.teacher.num_classes * 4
+            if not isinstance(tail.get("basis"), str) or len(tail["basis"]) != 4 * ((expected + 2) // 3):
+                bad("tail.basis", _short(tail.get("basis")), f"base64 of {expected} bytes (the tail code's float32 basis)")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _build(cls, data: Any, where: str):
@@ -286,6 +333,7 @@ def check_compatible(existing: Manifest, wanted: Manifest) -> None:
         ("dataset.digest", existing.dataset.digest, wanted.dataset.digest),
         ("seed", existing.seed, wanted.seed),
         ("k", existing.k, wanted.k),
+        ("tail", {n: v for n, v in existing.tail.items() if n != "basis"}, {n: v for n, v in wanted.tail.items() if n != "basis"}),
         ("batch_size", existing.batch_size, wanted.batch_size),
         ("augmentation", existing.augmentation, wanted.augmentation),
         ("blocks", dataclasses.asdict(existing.blocks), dataclasses.asdict(wanted.blocks)),

@@ -11,7 +11,7 @@ import numpy as np
 
 from kdcache.errors import ChecksumError, FormatError, IncompleteCacheError
 from kdcache.location import Location
-from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, _short
+from kdcache.format.manifest import RECORD_ARRAYS, SAMPLE_ARRAYS, _short, record_width
 from kdcache.format.group import TEACHER_ARRAYS, TeacherGroup, group_dir, list_groups
 from kdcache.format.digest import content_digest
 from kdcache.format.held import HeldUnits, SeveralTeachers
@@ -147,13 +147,13 @@ class Cache(SeveralTeachers, HeldUnits):
         except Exception as exc:  # zarr raises several types for corrupt metadata
             raise FormatError(f"{self.location}: array metadata {array}/zarr.json cannot be read ({exc})") from None
         m, layout = self.manifest, self.layout
-        width = {"values": ("k", m.k), "indices": ("k", m.k), "tail": ("tail", 2), "params": ("param_fields", len(m.param_fields))}[array]
+        width = {"values": "k", "indices": "k", "tail": "tail", "params": "param_fields"}[array], record_width(m, array)
         checks = [
             ("epochs", m.epochs, len(shape) == 3 and shape[0] >= m.epochs),  # more: a kill while adding epochs
             ("blocks.block_capacity", layout.block_capacity, chunks[1:2] == (layout.block_capacity,)),
             ("blocks.blocks_per_unit", layout.blocks_per_unit, shards[1:2] == (layout.block_capacity * layout.blocks_per_unit,)),
             ("blocks.sizes", layout.sizes, len(shape) == 3 and shape[1] == layout.num_slots),
-            (width[0], width[1], len(shape) == 3 and shape[2] == width[1]),
+            (width[0], getattr(m, width[0]), len(shape) == 3 and shape[2] == width[1]),
             (f"dtypes.{array}", m.dtypes[array], dtype == np.dtype(m.dtypes[array])),
         ]
         for name, value, agrees in checks:
