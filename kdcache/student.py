@@ -29,6 +29,7 @@ from kdcache import distributed
 from kdcache.augment import AugSpec, cache_spec, resolve_spec
 from kdcache.batches import check_all_samples, held_views, open_training_data, teacher_view
 from kdcache.errors import ConfigError, MismatchError, WriteError, describe_os_error
+from kdcache.fidelity import describe as describe_fidelity, record_fidelity
 from kdcache.format import ALL, format_selection, open_cache
 from kdcache.format.digest import check_digest_option, recipe_digest, require_digest
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
@@ -150,6 +151,7 @@ class _MetaBatches:
 
 def train_student(config: StudentConfig, *, log=print) -> RunResult:
     ranks = distributed.ranks_from_env()
+    fidelity = None
     if config.cache is not None:
         cache = open_cache(config.cache, verify_checksums=config.verify_checksums)
         require_digest(cache, config.expect_digest)
@@ -160,6 +162,9 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         source = open_training_data(cache, config.data, cache_name=config.cache)
         plan = cache.samples()
         cache_epochs, cache_blocks = _check_cache_against_data(cache, source, config)
+        fidelity = record_fidelity(cache.read_block(cache_epochs[0], cache_blocks[0]), m, config.loss)
+        if fidelity is not None:
+            log(describe_fidelity(fidelity, config.loss))
         spec, layout, num_classes = cache_spec(m), m.blocks, m.teacher.num_classes
         if config.img_size is not None and config.img_size != spec.output_size:
             log(f"the student trains at {config.img_size}px on the teacher's {spec.output_size}px views, replayed at "
@@ -231,7 +236,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every, eval_every=config.eval_every,
         max_steps=config.max_steps, mkd_meta_every=config.mkd_meta_every, mkd_per_class=config.mkd_per_class,
         mkd_head_only=config.mkd_head_only, device=config.device, teacher_record=config.teacher_record,
-        cache_recipe=recipe,
+        cache_recipe=recipe, record_fidelity=fidelity,
     )
     result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
                    meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)

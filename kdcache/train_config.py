@@ -17,7 +17,8 @@ SCHEDULES = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "
 AMP_MODES = ("bf16", "none")
 DEVICES = ("auto", "cpu", "cuda")
 #: Fields that may differ between a run and its resumption (they do not change the weights).
-RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device")
+RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device",
+                      "record_fidelity")
 #: Fields a run's config.json lacks when it was written before they existed, and the value that run had.
 RESUME_DEFAULTS = {"teacher_record": "main"}
 #: Fields a run's config.json lacks when it was written before they existed, with no value known for that run:
@@ -69,6 +70,7 @@ class TrainConfig:
     device: str = "auto"
     teacher_record: str = "main"  # whose cached records the loss reads (kdcache.student); a resume must keep it
     cache_recipe: str | None = None  # the cache's format.recipe_digest (None: no cache); a resume must keep it
+    record_fidelity: dict | None = None  # what the loss reads of the cache's records (kdcache.fidelity): said, not checked
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):

@@ -1,0 +1,70 @@
+"""How far a cache's records stand from full logits for one loss: said once when a student starts.
+
+A record keeps the teacher's top k exactly; what it keeps of the rest (one tail bucket, a tail
+code, sampled tail classes) matters in proportion to the teacher's mass outside the top k at the
+loss's temperature. This module measures that mass on the records of one stored block and says
+what the loss will read (docs/methods.md, "What a record keeps").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdcache.losses import LossConfig
+from kdcache.record import stored_record
+
+#: Above this median tail mass a record without a tail code or sampled classes earns a warning.
+WARN_TAIL_MASS = 0.2
+
+
+def loss_temperature(loss: LossConfig) -> float | None:
+    """The teacher temperature the loss reads the records at (MKD: its starting one); None for ``ce``."""
+    if loss.name in ("kd", "mkd"):
+        return float(loss.temperature)
+    if loss.name in ("ttm", "wttm"):
+        return 1.0 / float(loss.gamma)
+    return None
+
+
+def record_fidelity(records: dict, manifest, loss: LossConfig) -> dict | None:
+    """What the loss reads from records of one block (``records``: its ``values``, ``indices``, ``tail``), or None for ``ce``.
+
+    ``tail_mass``: quantiles (5%, 50%, 95%) of the teacher's mass outside the top k at the loss's
+    temperature; ``reads``: how the tail enters the loss; ``warn``: whether that is far from full logits.
+    """
+    temperature = loss_temperature(loss)
+    if temperature is None:
+        return None
+    record = stored_record(records["values"], records["indices"].astype(np.int64), records["tail"], manifest)
+    k, classes = record.k, record.num_classes
+    if k >= classes:
+        return {"temperature": temperature, "k": k, "tail_mass": [0.0, 0.0, 0.0], "reads": "every logit", "kept": True,
+                "warn": False}
+    tail = record.tail_log_mass(1.0 / temperature)
+    mass = (tail - torch.logsumexp(torch.cat([record.values.float() / temperature, tail.unsqueeze(-1)], -1), -1)).exp()
+    quantiles = [float(q) for q in torch.quantile(mass.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))]
+    estimated = loss.tail == "estimated" and (record.spec.rank or record.samples)
+    if estimated:
+        parts = [f"its rank-{record.spec.rank} tail code" if record.spec.rank else "",
+                 f"{record.samples} sampled tail classes" if record.samples else ""]
+        reads = "the tail from " + " and ".join(p for p in parts if p)
+    else:
+        reads = {"bucket": "the tail as one bucket", "uniform": "the tail spread evenly",
+                 "estimated": "the tail as one bucket (the cache has no tail code or sampled classes)"}[loss.tail]
+    return {"temperature": temperature, "k": k, "tail_mass": quantiles, "reads": reads,
+            "kept": bool(record.spec.rank or record.samples), "warn": bool(not estimated and quantiles[1] > WARN_TAIL_MASS)}
+
+
+def describe(fidelity: dict, loss: LossConfig) -> str:
+    """The log line: the tail mass at the loss's temperature and what the loss reads, a warning where that is far off."""
+    low, median, high = fidelity["tail_mass"]
+    line = (f"teacher records at the loss's temperature T = {fidelity['temperature']:g}: {100 * median:.0f}% of the teacher's "
+            f"mass (5-95%: {100 * low:.0f}-{100 * high:.0f}%) lies outside the stored top {fidelity['k']}; "
+            f"loss {loss.name!r} reads {fidelity['reads']}")
+    if fidelity["warn"]:
+        fix = ("train with --tail estimated, which reads them" if fidelity.get("kept") else
+               "make the cache with a tail code (precompute-logits --tail-rank 16) or with --topk full")
+        line = ("warning: " + line + ", so its gradient is far from the full-logit one (docs/methods.md, 'What a record "
+                f"keeps'): {fix}")
+    return line
