@@ -365,7 +365,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     ranks = distributed.init(device)
     source = open_source(config.data, split=config.split)
     teacher, teacher_info = load_teacher(
-        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names)
+        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names), log=log
     )
     if source.num_classes != teacher_info.num_classes:
         if source.shards() is not None:  # a label beyond the teacher's classes: name its sample

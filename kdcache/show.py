@@ -294,7 +294,7 @@ def _live_teacher(config: ShowConfig, manifest: Manifest, views: list[ShownView]
     """Re-run the teacher on the views; sets each view's ``live`` probabilities of its stored classes."""
     from kdcache.teacher import load_teacher, teacher_logits
 
-    teacher, info = load_teacher(config.teacher)
+    teacher, info = load_teacher(config.teacher, pinned=manifest.teacher)
     if info.weights_sha256 != manifest.teacher.weights_sha256:
         raise MismatchError(
             f"teacher {config.teacher.label} has weights sha256 {info.weights_sha256[:16]}..., "

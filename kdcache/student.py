@@ -218,7 +218,8 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     teacher = None
     if config.teacher is not None:
         device = distributed.resolve_device(config.device, ranks)
-        teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
+        teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)),
+                                     pinned=None if cache is None else cache.manifest.teacher)
         if info.num_classes != num_classes:
             raise MismatchError(f"teacher has {info.num_classes} classes, the data {num_classes}")
         if cache is not None and info.weights_sha256 != cache.manifest.teacher.weights_sha256:

@@ -44,6 +44,8 @@ class LoadedTeacher:
     weights_sha256: str
     num_classes: int
     meta: dict = field(default_factory=dict)  # input_size, mean, std, interpolation, class_names (as found)
+    repo: str | None = None  # where published weights come from: a Hub repository id, or torchvision's weights URL
+    revision: str | None = None  # the Hub commit they resolved to, or torchvision's weights enum
 
 
 # --- digests -------------------------------------------------------------------------------------
@@ -157,12 +159,15 @@ def load_timm(name: str, checkpoint: str) -> LoadedTeacher:
                          num_classes=num_classes, meta=cfg)
 
 
-def torchvision_data_config(name: str) -> dict:
-    """Input size, mean, std and interpolation from torchvision's weights metadata, else ImageNet's."""
+def torchvision_data_config(name: str, transforms=None) -> dict:
+    """Input size, mean, std and interpolation from torchvision's weights metadata, else ImageNet's.
+
+    ``transforms``: those of the weights in use (``weights.transforms()``); else the DEFAULT weights'.
+    """
     import torchvision
 
     try:
-        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        transforms = transforms or torchvision.models.get_model_weights(name).DEFAULT.transforms()
     except (ValueError, KeyError, AttributeError, TypeError):
         return dict(IMAGENET)
     size = transforms.crop_size
