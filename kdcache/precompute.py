@@ -193,6 +193,16 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
     )
 
 
+def _recorded_teacher(config):
+    """The teacher of the cache a ``--resume`` extends (its Hub revision is the one to load), else None."""
+    if not config.resume or not (Path(config.output) / "zarr.json").is_file():
+        return None
+    try:
+        return read_manifest(Location(config.output)).teacher
+    except KdcacheError:  # damaged or of another format: _prepare_output names it
+        return None
+
+
 def _prepare_output(config, source, teacher_info, spec, claims: Claims, log, device="cpu") -> None:
     """Rank 0: create the cache, or check and extend an existing one. Nothing is overwritten on error."""
     out = Path(config.output)
@@ -365,7 +375,8 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     ranks = distributed.init(device)
     source = open_source(config.data, split=config.split)
     teacher, teacher_info = load_teacher(
-        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names), log=log
+        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names), log=log,
+        pinned=_recorded_teacher(config),
     )
     if source.num_classes != teacher_info.num_classes:
         if source.shards() is not None:  # a label beyond the teacher's classes: name its sample

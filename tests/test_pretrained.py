@@ -7,9 +7,11 @@ downloads (``HF_ENDPOINT``); torchvision weights come from a ``TORCH_HOME`` the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +124,28 @@ def test_torchvision_weights_enum_from_torch_home(tmp_path, monkeypatch):
     assert named == info
 
 
+# ---- transformers: hf:ORG/NAME from the Hub cache ---------------------------------------------------
+
+
+def test_hf_repository_from_the_cache_records_repo_commit_and_weights_sha(hub_cache, tmp_path):
+    from test_teacher_sources import make_hf
+
+    directory = make_hf(tmp_path)[1].removeprefix("hf:")
+    files = {path.name: path.read_bytes() for path in sorted(Path(directory).iterdir()) if path.is_file()}
+    assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= set(files)
+    cache_snapshot(hub_cache, "testorg/hf-resnet", files)
+    model, info = load_teacher(TeacherConfig(model="hf:testorg/hf-resnet"))
+    _, local = load_teacher(TeacherConfig(model=f"hf:{directory}"))
+    assert (info.source, info.repo, info.revision) == ("hf", "testorg/hf-resnet", COMMIT)
+    assert info.weights_sha256 == hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert (info.num_classes, info.input_size, info.mean) == (local.num_classes, local.input_size, local.mean)
+    assert (local.repo, local.revision) == (None, None)  # a local directory is what it was
+    with pytest.raises(ConfigError, match=r"testorg/hf-resnet at revision v1 is not in the Hugging Face cache"):
+        load_teacher(TeacherConfig(model="hf:testorg/hf-resnet@v1"))
+    with pytest.raises(ConfigError, match=r"teacher directory no/such/dir does not exist \(nor is it a Hub id"):
+        TeacherConfig(model="hf:no/such/dir")
+
+
 # ---- the pinned revision: precompute, verify, and a teacher of another revision ----------------
 
 
@@ -143,6 +167,9 @@ def test_cache_pins_the_revision_and_verify_loads_it(hub_cache, tmp_path):
     cache_snapshot(hub_cache, REPO, tiny_timm_files(seed=1), commit=OTHER)
     verify_cache(VerifyConfig(cache=str(out), data="digits", teacher=TeacherConfig(model=f"hf-hub:{REPO}"), views=8),
                  log=lambda line: None)
+    # and --resume extends the cache with the cache's commit, not main's
+    run_precompute(dataclasses.replace(config, epochs=2, resume=True))
+    assert manifest_of(out)["epochs"] == 2 and manifest_of(out)["teacher"]["revision"] == COMMIT
     # naming the other revision is refused in one line, before any view is scored
     with pytest.raises(MismatchError, match=f"revision {OTHER} of {REPO}, but the cache was made with revision {COMMIT}"):
         verify_cache(VerifyConfig(cache=str(out), data="digits", teacher=TeacherConfig(model=f"hf-hub:{REPO}@{OTHER}"),
