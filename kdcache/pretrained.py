@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 
 from kdcache.errors import ConfigError
+from kdcache.hub import first_line as _first_line
+from kdcache.hub import hub_errors
 from kdcache.teacher_sources import (
     LoadedTeacher,
     file_sha256,
@@ -49,53 +51,6 @@ def split_revision(target: str) -> tuple[str, str | None]:
     if at and not name:
         raise ConfigError(f"teacher {target!r} names no model before @{revision}")
     return name, (revision if at else None)
-
-
-def _scrub(text: str) -> str:
-    """A message with any token of the environment replaced: no token is ever written or shown."""
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        token = os.environ.get(key)
-        if token:
-            text = text.replace(token, "***")
-    return text
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return _scrub(text.splitlines()[0] if text else exc.__class__.__name__)
-
-
-@contextlib.contextmanager
-def hub_errors(repo: str, revision: str | None, what: str):
-    """Turn what huggingface_hub raises into one line that names the repository and what to do."""
-    from huggingface_hub import constants
-    from huggingface_hub import errors as hub
-
-    at = f" at revision {revision}" if revision else ""
-    try:
-        yield
-    except hub.GatedRepoError:
-        raise ConfigError(f"{what}: the Hub repository {repo} is gated: accept its terms on the Hub, then set HF_TOKEN "
-                          "(or log in with `hf auth login`)") from None
-    except hub.RepositoryNotFoundError:
-        raise ConfigError(f"{what}: no repository {repo} on the Hub (if it is private, set HF_TOKEN)") from None
-    except hub.RevisionNotFoundError:
-        raise ConfigError(f"{what}: the Hub repository {repo} has no revision {revision!r}") from None
-    except hub.LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise ConfigError(f"{what}: {repo}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-                          "download it once with network access, or point HF_HOME at a cache that holds it") from None
-    except hub.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise ConfigError(f"{what}: the Hub answered {status or 'an error'} for {repo}{at}: {_first_line(exc)}") from None
-    except (OSError, ConnectionError) as exc:
-        raise ConfigError(f"{what}: downloading {repo}{at} failed ({exc.__class__.__name__}: {_first_line(exc)}); "
-                          "run the command again to resume the download") from None
-    except Exception as exc:  # httpx's transport errors (a connection dropped mid-download) are not OSErrors
-        if type(exc).__module__.split(".")[0].rstrip("0123456789") not in ("httpx", "httpcore", "requests", "urllib3"):
-            raise
-        raise ConfigError(f"{what}: downloading {repo}{at} failed ({exc.__class__.__name__}: {_first_line(exc)}); "
-                          "run the command again to resume the download") from None
 
 
 def commit_of(path: str | Path) -> str:

@@ -63,6 +63,7 @@ class FakeHub:
 
     def __init__(self):
         self.repos: dict[str, dict] = {}
+        self.datasets: dict[str, dict] = {}  # dataset repositories: {"files": {path: bytes}, "commit": ..., "gated": bool}
         self.drop: set[str] = set()  # file names whose GET is cut off half-way
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
         hub = self
@@ -77,6 +78,9 @@ class FakeHub:
                 hub._answer(self, body=False)
 
             def do_GET(self):
+                hub._answer(self, body=True)
+
+            def do_POST(self):
                 hub._answer(self, body=True)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -101,10 +105,88 @@ class FakeHub:
         handler.end_headers()
         handler.wfile.write(body)
 
+    def _json(self, handler, value, status: int = 200) -> None:
+        body = json.dumps(value).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+    @staticmethod
+    def _entry(path: str, data: bytes | None) -> dict:
+        if data is None:
+            return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "path": path}
+        return {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": path}
+
+    def _dataset(self, handler, parts: list[str]) -> None:
+        """The dataset API huggingface_hub's file system uses: repo info, tree, paths-info, and ranged file reads."""
+        from urllib.parse import parse_qs, unquote
+
+        api = parts[0] == "api"
+        rest = parts[2:] if api else parts[1:]
+        repo, rest = "/".join(rest[:2]), rest[2:]
+        entry = self.datasets.get(repo)
+        if entry is None:
+            return self._error(handler, 401, "RepoNotFound", "Repository Not Found")
+        if entry.get("gated") and handler.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._error(handler, 401, "GatedRepo", f"Access to dataset {repo} is restricted.")
+        files, commit = entry["files"], entry["commit"]
+        directories = sorted({"/".join(p.split("/")[:i]) for p in files for i in range(1, p.count("/") + 1)})
+        if api and (not rest or rest[0] == "revision"):
+            if rest and unquote(rest[1]) not in ("main", commit):
+                return self._error(handler, 404, "RevisionNotFound", "Invalid rev id")
+            return self._json(handler, {"id": repo, "sha": commit, "private": False,
+                                        "siblings": [{"rfilename": p} for p in sorted(files)]})
+        revision = unquote(rest[1]) if len(rest) > 1 else "main"
+        if revision not in ("main", commit):
+            return self._error(handler, 404, "RevisionNotFound", "Invalid rev id")
+        if api and rest[0] == "tree":
+            query = parse_qs(handler.path.partition("?")[2])
+            under = unquote("/".join(rest[2:])).strip("/")
+            recursive = query.get("recursive", ["false"])[0].lower() == "true"
+            found = [self._entry(d, None) for d in directories] + [self._entry(p, files[p]) for p in sorted(files)]
+            prefix = f"{under}/" if under else ""
+            found = [e for e in found if e["path"].startswith(prefix)
+                     and (recursive or "/" not in e["path"][len(prefix):])]
+            return self._json(handler, found)
+        if api and rest[0] == "paths-info":
+            length = int(handler.headers.get("Content-Length") or 0)
+            form = parse_qs(handler.rfile.read(length).decode())
+            wanted = form.get("paths", [])
+            out = [self._entry(p, files[p]) for p in wanted if p in files]
+            out += [self._entry(p, None) for p in wanted if p in directories]
+            return self._json(handler, out)
+        if not api and rest[0] == "resolve":
+            name = unquote("/".join(rest[2:]))
+            data = files.get(name)
+            if data is None:
+                return self._error(handler, 404, "EntryNotFound", f"{name} does not exist")
+            start, stop, status = 0, len(data), 200
+            ranged = handler.headers.get("Range") or handler.headers.get("range")
+            if ranged:
+                first, _, last = ranged.removeprefix("bytes=").partition("-")
+                start, stop, status = int(first), min(len(data), int(last) + 1 if last else len(data)), 206
+            handler.send_response(status)
+            handler.send_header("X-Repo-Commit", commit)
+            handler.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            handler.send_header("Content-Length", str(stop - start))
+            handler.send_header("Accept-Ranges", "bytes")
+            if status == 206:
+                handler.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+            handler.end_headers()
+            if handler.command == "GET":
+                handler.wfile.write(data[start:stop])
+            return None
+        return self._error(handler, 404, "EntryNotFound", "unknown dataset route")
+
     def _answer(self, handler, *, body: bool) -> None:
         self.requests.append((handler.command, handler.path, handler.headers.get("Authorization")))
         path = handler.path.split("?")[0].lstrip("/")
         parts = path.split("/")
+        if parts[0] == "datasets" or parts[:2] == ["api", "datasets"]:
+            return self._dataset(handler, parts)
         if len(parts) < 5 or parts[2] != "resolve":
             return self._error(handler, 404, "EntryNotFound", "not a resolve URL")
         repo, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kdcache.errors import ConfigError, SourceError
+from kdcache.hub import explain_hf_url, first_line
 from kdcache.location import url_filesystem
 from kdcache.sources.base import Sample, Source, check_num_classes
 
@@ -118,12 +119,15 @@ class ParquetSource(Source):
             elif fs.isfile(root):
                 found = [root]
             else:
+                explain_hf_url(self.path, f"parquet '{self.path}'")
                 raise SourceError(f"parquet '{self.path}' does not exist")
         except (OSError, ValueError) as exn:
+            explain_hf_url(self.path, f"parquet '{self.path}'")  # a gated or unknown repository, said as such
             if isinstance(exn, FileNotFoundError):
                 raise SourceError(f"parquet '{self.path}' does not exist") from None
-            raise SourceError(f"parquet '{self.path}': cannot list files ({type(exn).__name__}: {exn})") from None
+            raise SourceError(f"parquet '{self.path}': cannot list files ({type(exn).__name__}: {first_line(exn)})") from None
         if not found:
+            explain_hf_url(self.path, f"parquet '{self.path}'")
             raise SourceError(f"parquet '{self.path}' matches no parquet files")
         return fs, found
 
@@ -140,7 +144,7 @@ class ParquetSource(Source):
         except FileNotFoundError:
             raise SourceError(f"parquet file '{name}' does not exist") from None
         except (OSError, ValueError) as exn:
-            raise SourceError(f"parquet file '{name}' cannot be read ({type(exn).__name__}: {exn})") from None
+            raise SourceError(f"parquet file '{name}' cannot be read ({type(exn).__name__}: {first_line(exn)})") from None
 
     def _footer(self, name: str):
         handle = self._open(name)

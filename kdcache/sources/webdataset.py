@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kdcache.errors import ConfigError, SourceError
+from kdcache.hub import explain_hf_url
 from kdcache.location import url_filesystem
 from kdcache.sources.base import Sample, Source, check_num_classes
 
@@ -254,6 +255,7 @@ def _tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if key is not None:
                 yield key, members
     except FileNotFoundError:
+        explain_hf_url(url, f"webdataset shard '{url}'")  # a gated or unknown Hub repository, said as such
         raise SourceError(f"webdataset shard '{url}' does not exist") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exn:
         raise SourceError(f"webdataset shard '{url}': cannot read tar ({type(exn).__name__}: {exn})") from None
