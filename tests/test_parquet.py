@@ -89,7 +89,7 @@ def test_rows_without_a_path_are_keyed_by_file_and_row_and_a_large_row_group_is_
     assert [s.key for s in source.read_shard(1)[:2]] == ["one.parquet:16", "one.parquet:17"]
 
 
-def test_a_dataset_written_with_datasets_opens_with_its_class_names(tmp_path):
+def test_a_dataset_written_with_datasets_opens_with_its_class_names_and_is_precomputed(tmp_path, teacher_ckpt):
     import datasets  # how users write parquet (README's test install brings it)
 
     images, labels = digits_rows(12)
@@ -97,11 +97,21 @@ def test_a_dataset_written_with_datasets_opens_with_its_class_names(tmp_path):
     ds = datasets.Dataset.from_dict({"image": [Image.open(io.BytesIO(b)) for b in images], "label": labels},
                                     features=features)
     ds.to_parquet(str(tmp_path / "train.parquet"))
-    source = open_source(f"parquet:{tmp_path / 'train.parquet'}")
+    data = f"parquet:{tmp_path / 'train.parquet'}"
+    source = open_source(data)
     assert (len(source), source.class_names) == (12, NAMES)
     samples = list(source.iter_samples())
     assert [s.label for s in samples] == labels
     assert all(decode_sample(s).size == (8, 8) for s in samples)
+    # precomputed and verified as it is
+    from kdcache.precompute import PrecomputeConfig
+    from kdcache.teacher import TeacherConfig
+    from kdcache.verify import VerifyConfig, verify_cache
+
+    teacher = TeacherConfig(model="test_resnet", checkpoint=str(teacher_ckpt))
+    out = tmp_path / "cache"
+    run_precompute(PrecomputeConfig(output=str(out), teacher=teacher, command="pytest", **{**SMALL, "data": data, "epochs": 1}))
+    verify_cache(VerifyConfig(cache=str(out), data=data, teacher=teacher, views=4), log=lambda line: None)
 
 
 @pytest.mark.parametrize("drop, message", [

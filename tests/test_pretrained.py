@@ -170,10 +170,23 @@ def test_cache_pins_the_revision_and_verify_loads_it(hub_cache, tmp_path):
     # and --resume extends the cache with the cache's commit, not main's
     run_precompute(dataclasses.replace(config, epochs=2, resume=True))
     assert manifest_of(out)["epochs"] == 2 and manifest_of(out)["teacher"]["revision"] == COMMIT
+    # a team elsewhere reads which weights these are
+    from kdcache.info import cache_info, format_info
+
+    text = format_info(cache_info(str(out)))
+    assert f"published {REPO} at revision {COMMIT}" in text
     # naming the other revision is refused in one line, before any view is scored
     with pytest.raises(MismatchError, match=f"revision {OTHER} of {REPO}, but the cache was made with revision {COMMIT}"):
         verify_cache(VerifyConfig(cache=str(out), data="digits", teacher=TeacherConfig(model=f"hf-hub:{REPO}@{OTHER}"),
                                   views=8), log=lambda line: None)
+    # and so is an online baseline (train-student --teacher) of the other revision, before any step
+    from kdcache.losses import LossConfig
+    from kdcache.student import StudentConfig, train_student
+
+    with pytest.raises(MismatchError, match=f"but the cache was made with revision {COMMIT}"):
+        train_student(StudentConfig(data="digits", model="test_resnet", run_dir=str(tmp_path / "run"), cache=str(out),
+                                    teacher=TeacherConfig(model=f"hf-hub:{REPO}@{OTHER}"), loss=LossConfig(name="kd"),
+                                    epochs=1, max_steps=1), log=lambda line: None)
 
 
 def test_manifest_of_a_checkpoint_teacher_has_no_repo_fields(small_cache):
