@@ -56,9 +56,10 @@ def split_revision(target: str) -> tuple[str, str | None]:
 def commit_of(path: str | Path) -> str:
     """The commit a file of the Hub cache belongs to: the directory after ``snapshots/``."""
     parts = Path(path).parts
-    if "snapshots" not in parts or parts.index("snapshots") + 1 >= len(parts):
-        raise ConfigError(f"{path} is not a file of the Hugging Face cache (no snapshots/COMMIT/ in its path)")
-    return parts[parts.index("snapshots") + 1]
+    for i in range(len(parts) - 2, 0, -1):  # REPO_DIR/snapshots/COMMIT/FILE, REPO_DIR being models--ORG--NAME
+        if parts[i] == "snapshots" and "--" in parts[i - 1]:
+            return parts[i + 1]
+    raise ConfigError(f"{path} is not a file of the Hugging Face cache (no snapshots/COMMIT/ in its path)")
 
 
 def hub_file(repo: str, names, revision: str | None, what: str) -> tuple[str, str]:

@@ -70,6 +70,11 @@ def test_layout_keys_classes_and_blocks_come_from_the_files(parquet_dir):
     assert [s.data for s in first] == images[:10] and [s.label for s in first] == labels[:10]
     assert [s.key for s in source.read([39, 0])] == ["b/19.png", "a/0.png"]
     assert decode_sample(first[0]).size == (8, 8)
+    # a DataLoader worker gets a copy that reads the same rows
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._last is None and [s.digest for s in copy.read_shard(2)] == [s.digest for s in source.read_shard(2)]
     # a glob and a single file open the same rows; the :val suffix sets the split
     assert len(open_source(f"parquet:{parquet_dir}/train-0000[01]-*.parquet")) == 40
     single = open_source(str(parquet_dir / "train-00001-of-00002.parquet") + ":val")
@@ -132,6 +137,9 @@ def test_missing_files_and_missing_protocol_packages_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="matches no parquet files"):
         open_source(f"parquet:{tmp_path / 'empty'}")
+    (tmp_path / "notes.parquet").write_text("not parquet at all")
+    with pytest.raises(SourceError, match=r"parquet file '.*notes.parquet' cannot be read \("):
+        open_source(f"parquet:{tmp_path / 'notes.parquet'}")
     with pytest.raises(ConfigError, match=r"gcs:// needs a package that is not installed: Please install gcsfs"):
         open_source("parquet:gcs://bucket/imagenet/train-*.parquet")
 

@@ -20,10 +20,12 @@ an ``image`` or ``label`` column, or a row without image bytes or label, is name
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -35,6 +37,8 @@ from kdcache.sources.base import Sample, Source, check_num_classes
 #: The most rows one block holds: a larger row group is read as slices of this many rows.
 MAX_BLOCK_ROWS = 1024
 IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
+#: Footers read at once when a source is opened (a remote dataset has hundreds of files).
+FOOTER_READS = 8
 
 
 def _is_url(path: str) -> bool:
@@ -75,8 +79,9 @@ class ParquetSource(Source):
         self._file_rows: list[list[int]] = []  # per file: the first row of each row group
         self._group_rows: dict[tuple[int, int], int] = {}  # rows per (file, row group), from the footers
         names = None
-        for f, name in enumerate(self.files):
-            metadata, schema = self._footer(name)
+        with ThreadPoolExecutor(max_workers=FOOTER_READS) as pool:  # remote footers: a few requests each, concurrently
+            footers = list(pool.map(self._footer, self.files))
+        for f, (name, (metadata, schema)) in enumerate(zip(self.files, footers)):
             self._check_columns(name, schema)
             names = names or _class_names(schema)
             starts, row = [], 0
@@ -136,19 +141,27 @@ class ParquetSource(Source):
         name = self.files[f]
         return self.fs.unstrip_protocol(name) if _is_url(self.path) else name
 
+    @contextlib.contextmanager
     def _open(self, name: str):
+        """A ``pyarrow.parquet.ParquetFile`` of one file (its footer read), closed afterwards."""
         import pyarrow.parquet as pq
 
         try:
-            return pq.ParquetFile(self.fs.open(name, "rb"))
+            with self.fs.open(name, "rb") as handle:
+                yield pq.ParquetFile(handle)
         except FileNotFoundError:
             raise SourceError(f"parquet file '{name}' does not exist") from None
-        except (OSError, ValueError) as exn:
+        except (OSError, ValueError) as exn:  # pyarrow's ArrowInvalid is a ValueError: not a parquet file
             raise SourceError(f"parquet file '{name}' cannot be read ({type(exn).__name__}: {first_line(exn)})") from None
 
     def _footer(self, name: str):
-        handle = self._open(name)
-        return handle.metadata, handle.schema_arrow
+        with self._open(name) as parquet:
+            return parquet.metadata, parquet.schema_arrow
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_last"] = None  # a DataLoader worker reads its own row groups
+        return state
 
     @staticmethod
     def _check_columns(name: str, schema) -> None:
@@ -172,7 +185,8 @@ class ParquetSource(Source):
         if self._last is not None and self._last[0] == (f, g):
             return self._last[1]
         try:
-            table = self._open(self.files[f]).read_row_group(g, columns=[IMAGE_COLUMN, LABEL_COLUMN])
+            with self._open(self.files[f]) as parquet:
+                table = parquet.read_row_group(g, columns=[IMAGE_COLUMN, LABEL_COLUMN])
         except OSError as exn:
             raise SourceError(f"parquet file '{self._name(f)}' row group {g} cannot be read "
                               f"({type(exn).__name__}: {exn})") from None
@@ -197,7 +211,8 @@ class ParquetSource(Source):
 
             largest = -1
             for name in self.files:
-                labels = self._open(name).read(columns=[LABEL_COLUMN]).column(LABEL_COLUMN)
+                with self._open(name) as parquet:
+                    labels = parquet.read(columns=[LABEL_COLUMN]).column(LABEL_COLUMN)
                 top = pc.max(labels).as_py()
                 largest = max(largest, -1 if top is None else int(top))
             self._num_classes, self._from = largest + 1, "the largest label + 1"
