@@ -193,6 +193,19 @@ def test_manifest_of_a_checkpoint_teacher_has_no_repo_fields(small_cache):
     assert not {"repo", "revision"} & set(manifest_of(small_cache)["teacher"])
 
 
+def test_cli_reads_the_cache_hf_home_names(tmp_path, subprocess_env):
+    cache_snapshot(tmp_path / "hf" / "hub", REPO, tiny_timm_files())
+    env = {**subprocess_env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "cache"
+    result = subprocess.run(cli_command() + ["precompute-logits", "--data", "digits", "--teacher", f"hf-hub:{REPO}",
+                                             "--epochs", "1", "--topk", "3", "--output", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    teacher = manifest_of(out)["teacher"]
+    assert (teacher["name"], teacher["repo"], teacher["revision"]) == (f"hf-hub:{REPO}", REPO, COMMIT)
+    assert teacher["checkpoint"].startswith(str(tmp_path / "hf" / "hub"))
+
+
 def test_cli_without_network_and_nothing_cached_is_one_line_and_creates_nothing(tmp_path, subprocess_env):
     env = {**subprocess_env, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "cache"
