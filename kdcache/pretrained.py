@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from pathlib import Path
 
 from kdcache.errors import ConfigError
@@ -127,7 +128,7 @@ def load_timm_pretrained(spec: str, *, log=None) -> LoadedTeacher:
             cfg = None
         tags = timm.list_pretrained(f"{arch}.*")
         if cfg is None or not (getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None)):
-            known = f"; its pretrained tags: {', '.join(tags[:8])}" + (" ..." if len(tags) > 8 else "") if tags else ""
+            known = (f"; its pretrained tags: {', '.join(tags[:8])}" + (" ..." if len(tags) > 8 else "")) if tags else ""
             raise ConfigError(f"{what}: timm has no pretrained weights for {name!r}{known}"
                               f"{'' if tags else '; give --teacher-checkpoint FILE'}")
         name = f"{arch}.{cfg.tag}" if cfg.tag else arch
@@ -137,7 +138,11 @@ def load_timm_pretrained(spec: str, *, log=None) -> LoadedTeacher:
         if repo:
             files = (cfg.hf_hub_filename,) if getattr(cfg, "hf_hub_filename", None) else TIMM_WEIGHTS
             weights_path, commit = hub_file(repo, files, revision, what)
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights_path})
+            try:
+                model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights_path})
+            except (RuntimeError, OSError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{what}: the weights file {weights_path} of {repo} does not load into {name} "
+                                  f"({_first_line(exc)})") from None
         else:
             if revision is not None:
                 raise ConfigError(f"{what}: the weights of {name} are not on the Hugging Face Hub, so they have no revision")
@@ -179,7 +184,7 @@ def load_torchvision_weights(name: str, weights: str | None, *, log=None) -> Loa
         raise ConfigError(f"{what}: torchvision has no pretrained weights for {name!r}; give --teacher-checkpoint FILE") from None
     choices = ", ".join(["DEFAULT"] + [w.name for w in enum])
     try:
-        chosen = enum[weights or "DEFAULT"] if (weights or "DEFAULT") != "DEFAULT" else enum.DEFAULT
+        chosen = enum.DEFAULT if weights in (None, "DEFAULT") else enum[weights]
     except KeyError:
         raise ConfigError(f"{what}: {name} has no weights {weights!r}; expected one of {choices}") from None
     if weights in (None, "DEFAULT") and log is not None:
@@ -189,8 +194,9 @@ def load_torchvision_weights(name: str, weights: str | None, *, log=None) -> Loa
     path = Path(get_dir()) / "checkpoints" / os.path.basename(chosen.url)
     try:
         model = torchvision.models.get_model(name, weights=chosen)
-    except (OSError, RuntimeError, ConnectionError) as exc:
-        cached = "" if path.is_file() else f" (not in torch.hub's cache {path.parent})"
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        cached = f" (torch.hub's cache holds {path}: remove it to download it again)" if path.is_file() else \
+            f" (not in torch.hub's cache {path.parent})"
         raise ConfigError(f"{what}: cannot load {chosen.url}{cached}: {_first_line(exc)}") from None
     transforms = chosen.transforms()
     meta = torchvision_data_config(name, transforms)

@@ -146,6 +146,22 @@ def test_hf_repository_from_the_cache_records_repo_commit_and_weights_sha(hub_ca
         TeacherConfig(model="hf:no/such/dir")
 
 
+def test_damaged_weights_in_a_library_cache_are_one_line(hub_cache, tmp_path, monkeypatch):
+    cache_snapshot(hub_cache, "timm/test_resnet.r160_in1k", tiny_timm_files(num_classes=10))  # not the tag's 1000 classes
+    with pytest.raises(ConfigError, match=r"teacher test_resnet.r160_in1k: the weights file .*model.safetensors of "
+                                          r"timm/test_resnet.r160_in1k does not load into test_resnet.r160_in1k") as caught:
+        load_teacher(TeacherConfig(model="test_resnet.r160_in1k"))
+    assert "\n" not in str(caught.value)
+    from torchvision.models import SqueezeNet1_1_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = tmp_path / "torch" / "hub" / "checkpoints" / SqueezeNet1_1_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"half a download")
+    with pytest.raises(ConfigError, match=r"teacher torchvision:squeezenet1_1:IMAGENET1K_V1: cannot load .* remove it to download"):
+        load_teacher(TeacherConfig(model="torchvision:squeezenet1_1:IMAGENET1K_V1"))
+
+
 # ---- the pinned revision: precompute, verify, and a teacher of another revision ----------------
 
 
