@@ -64,10 +64,10 @@ def _teacher_config(teacher, checkpoint, teacher_file, num_classes):
 @app.command("precompute-logits")
 @handles_errors
 def precompute_logits(
-    data: str = typer.Option(..., "--data", help="Source: digits, fashion-mnist[:DIR], imagefolder:DIR, or tar shards."),
+    data: str = typer.Option(..., "--data", help="Source: digits, fashion-mnist[:DIR], imagefolder:DIR, tar shards, or parquet:PATH (local or a URL such as hf://datasets/...)."),
     output: str = typer.Option(..., "--output", "-o", help="Cache directory to create (or resume)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name, timm:NAME, torchvision:NAME, hf:DIR, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
-    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name or pretrained tag (resnet50.a1_in1k), hf-hub:ORG/NAME, torchvision:NAME[:WEIGHTS], hf:DIR or hf:ORG/NAME, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher (else its published weights are downloaded)."),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file", help="A TorchScript or torch.export file (or a pickled whole module) instead; its kind is detected."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Expected class count (checked)."),
     split: str = typer.Option("train", "--split"),
@@ -119,7 +119,7 @@ def add_teacher(
     data: str = typer.Option(..., "--data", help="The source the cache was made from."),
     name: str = typer.Option(..., "--name", help="The teacher's record name (letters, digits, _ . -; not main or all)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec, as for precompute-logits (docs/cli.md)."),
-    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher (else its published weights are downloaded)."),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file", help="A TorchScript or torch.export file (or a pickled whole module) instead."),
     topk: Optional[str] = typer.Option(None, "--topk", help="Logits kept per view, or 'full' (default: the cache's k)."),
     epochs: Optional[str] = typer.Option(None, "--epochs", help="Epochs to score, e.g. 0,2-4 (default: every committed unit)."),
@@ -255,7 +255,7 @@ def info(
 def verify(
     cache: str = typer.Argument(..., help="Cache path or URL."),
     data: Optional[str] = typer.Option(None, "--data", help="The source the cache was made from."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name, timm:NAME, torchvision:NAME, hf:DIR, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name or pretrained tag (resnet50.a1_in1k), hf-hub:ORG/NAME, torchvision:NAME[:WEIGHTS], hf:DIR or hf:ORG/NAME, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
     teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
     views: int = typer.Option(64, "--views", help="Random views to re-run through the teacher."),
