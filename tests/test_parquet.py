@@ -192,3 +192,15 @@ def test_an_image_that_does_not_decode_is_named_by_key_and_creates_nothing(tmp_p
                                         command="pytest", **{**SMALL, "data": f"parquet:{tmp_path / 'train.parquet'}",
                                                              "epochs": 1}))
     assert not (out / "zarr.json").exists()
+
+
+def test_sources_benchmark_plans_parquet_with_one_read_per_block():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sources.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.split()[:1] in (["parquet"], ["tar"])}
+    assert "(1.0 per block)" in rows["parquet"] and "(2.0 per block)" in rows["tar"]

@@ -2,7 +2,7 @@
 
 A :class:`Source` is an indexable, read-only dataset of :class:`Sample` (key, label, the raw
 stored bytes of the image). :func:`open_source`, the one place that dispatches a spec string to
-its kind, opens one, and a source's ``uri`` reopens the same data. Four kinds:
+its kind, opens one, and a source's ``uri`` reopens the same data. Five kinds:
 
 - ``digits[:train|val]``: scikit-learn's 8x8 digits (shipped in its wheel). A fixed split: a
   ``numpy.random.RandomState(0)`` permutation of the 1,797 images (the legacy generator, whose
@@ -152,7 +152,7 @@ def open_source(
             raise ConfigError(f"source spec {spec!r} names no files; expected parquet:PATH (a file, directory or glob)")
         return ParquetSource(path, split=chosen or split, num_classes=num_classes, shard_sizes=shard_sizes)
     if shard_sizes is not None:
-        raise ConfigError(f"shard_sizes is for webdataset sources only, but the spec is {spec!r}")
+        raise ConfigError(f"shard_sizes is for webdataset and parquet sources only, but the spec is {spec!r}")
     if kind == "digits":
         _, chosen = _split_suffix(rest)
         if rest and chosen is None:
