@@ -166,6 +166,11 @@ def test_precompute_train_verify_and_refuse_a_changed_image(parquet_dir, teacher
                                          loss=LossConfig(name="kd"), epochs=1, batch_size=8, max_steps=3),
                            log=lambda line: None)
     assert result is not None and (tmp_path / "run" / "metrics.jsonl").is_file()
+    # DataLoader workers read their own row groups from a pickled copy of the source
+    train_student(StudentConfig(data=data, model="test_resnet", run_dir=str(tmp_path / "run-workers"), cache=str(out),
+                                loss=LossConfig(name="kd"), epochs=1, batch_size=8, max_steps=2, num_workers=1),
+                  log=lambda line: None)
+    assert (tmp_path / "run-workers" / "metrics.jsonl").is_file()
 
     # one image changes (same key, same label, other pixels): verify and training refuse it by key
     images, labels = digits_rows(40)
