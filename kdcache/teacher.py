@@ -1,6 +1,8 @@
 """Teachers: a ``--teacher`` spec (timm, torchvision, Hugging Face, Python, TorchScript, torch.export) or a file.
 
-A spec is ``KIND:TARGET`` (docs/cli.md, "Teacher specs"); a bare name is a timm model. The class
+A spec is ``KIND:TARGET`` (docs/cli.md, "Teacher specs"); a bare name is a timm model, and
+``hf-hub:ORG/NAME`` a timm model on the Hub. Without ``--teacher-checkpoint``, timm and torchvision
+specs (and ``hf:ORG/NAME``) load published weights through :mod:`kdcache.pretrained`. The class
 count comes from the teacher's own weights (or ``num_classes``, which must agree): no teacher is
 built with a silently re-initialised head. Teachers run in eval mode without gradients, in bf16
 autocast on CUDA. The weights' sha256 identifies the teacher in the cache manifest; kdcache's own

@@ -1,5 +1,8 @@
 """Where a teacher comes from: one loader per kind of ``--teacher`` spec (docs/cli.md, "Teacher specs").
 
+Published weights downloaded by name (timm tags, ``hf-hub:``, torchvision weights enums,
+``hf:ORG/NAME``) are loaded by :mod:`kdcache.pretrained`, which builds on these loaders.
+
 Each loader returns a :class:`LoadedTeacher`: the module (a batch of normalised views in, logits
 out), what its weights are and their sha256, its class count, and its data config (input size,
 mean, std, interpolation, class names). The class count is always read from the weights or from a
