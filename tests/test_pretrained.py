@@ -205,6 +205,22 @@ def test_cache_pins_the_revision_and_verify_loads_it(hub_cache, tmp_path):
                                     epochs=1, max_steps=1), log=lambda line: None)
 
 
+def test_an_added_teacher_from_the_hub_records_its_repo_and_commit(hub_cache, cache_copy):
+    from kdcache.add_teacher import AddTeacherConfig, add_teacher
+    from kdcache.info import cache_info
+
+    cache, _ = cache_copy
+    files = tiny_timm_files(seed=3)
+    cache_snapshot(hub_cache, REPO, files)
+    add_teacher(AddTeacherConfig(cache=str(cache), data="digits", teacher=TeacherConfig(model=f"hf-hub:{REPO}"),
+                                 name="hub", epochs="0"), log=lambda line: None)
+    group = json.loads((cache / "teachers" / "hub" / "zarr.json").read_text())["attributes"]["kdcache_teacher"]
+    assert (group["teacher"]["repo"], group["teacher"]["revision"]) == (REPO, COMMIT)
+    assert group["teacher"]["weights_sha256"] == hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert [t["weights_sha256"] for t in cache_info(str(cache))["teachers"]] == [group["teacher"]["weights_sha256"]]
+    assert not {"repo", "revision"} & set(manifest_of(cache)["teacher"])  # the root's teacher is as it was
+
+
 def test_manifest_of_a_checkpoint_teacher_has_no_repo_fields(small_cache):
     assert not {"repo", "revision"} & set(manifest_of(small_cache)["teacher"])
 
