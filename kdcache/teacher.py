@@ -141,23 +141,29 @@ def _load(config: TeacherConfig, log) -> sources.LoadedTeacher:
     return sources.load_compiled(target, kind)
 
 
-def load_teacher(config: TeacherConfig, *, class_names: list[str] | None = None, pinned: TeacherInfo | None = None,
-                 log=_say) -> tuple[torch.nn.Module, TeacherInfo]:
+def load_teacher(config: TeacherConfig, *, class_names: list[str] | None = None,
+                 pinned: TeacherInfo | list[TeacherInfo] | None = None, log=_say) -> tuple[torch.nn.Module, TeacherInfo]:
     """The teacher module (eval mode, on ``config.device``) and its manifest entry.
 
-    ``pinned``: the teacher a cache recorded. A spec of its Hub repository without ``@REVISION``
-    loads the recorded commit, and one whose revision resolves to another commit is refused.
-    ``log``: where a line about the weights chosen goes (timm's default tag, torchvision's DEFAULT).
+    ``pinned``: the teacher (or teachers) a cache recorded. A spec of one's Hub repository without
+    ``@REVISION`` loads the recorded commit, and one whose revision resolves to another commit is
+    refused. ``log``: where a line about the weights chosen goes (timm's default tag, torchvision's DEFAULT).
     """
     from kdcache.pretrained import pin_revision
 
-    if pinned is not None and config.model is not None and config.checkpoint is None:
-        config = dataclasses.replace(config, model=pin_revision(config.model, pinned.repo, pinned.revision))
+    recorded = [pinned] if isinstance(pinned, TeacherInfo) else [t for t in (pinned or []) if t is not None]
+    recorded = [t for t in recorded if t.repo and t.revision]
+    if recorded and config.model is not None and config.checkpoint is None:
+        for info in recorded:
+            spec = pin_revision(config.model, info.repo, info.revision)
+            if spec != config.model:
+                config = dataclasses.replace(config, model=spec)
+                break
     loaded = _load(config, log)
-    if (pinned is not None and pinned.revision and loaded.revision and loaded.repo == pinned.repo
-            and loaded.revision != pinned.revision):
+    made = sorted({t.revision for t in recorded if t.repo == loaded.repo})
+    if loaded.revision and made and loaded.revision not in made:
         raise MismatchError(f"teacher {config.model} is revision {loaded.revision} of {loaded.repo}, but the cache was made "
-                            f"with revision {pinned.revision}; name that one (@{pinned.revision}) or none")
+                            f"with revision {made[0]}; name that one (@{made[0]}) or none")
     num_classes, meta = loaded.num_classes, loaded.meta
     if config.num_classes is not None and config.num_classes != num_classes:
         raise MismatchError(f"teacher {config.label} has {num_classes} classes, but --num-classes says {config.num_classes}")

@@ -343,7 +343,7 @@ def verify_cache(config: VerifyConfig, *, log=print) -> VerifyReport:
             _check_dataset(cache, source, plan, report, config.data)
         if config.views and report.ok:
             device = distributed.resolve_device("auto", distributed.ranks_from_env())
-            teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)), pinned=views[0].manifest.teacher)
+            teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)), pinned=[view.manifest.teacher for view in views])
             scored = [view for view in views if view.manifest.teacher.weights_sha256 == info.weights_sha256]
             if not scored:  # the views are re-scored anyway, so the report says how far the records are off
                 made = (f"{views[0].manifest.teacher.weights_sha256[:16]}..." if len(views) == 1 else

@@ -213,12 +213,18 @@ def test_an_added_teacher_from_the_hub_records_its_repo_and_commit(hub_cache, ca
     files = tiny_timm_files(seed=3)
     cache_snapshot(hub_cache, REPO, files)
     add_teacher(AddTeacherConfig(cache=str(cache), data="digits", teacher=TeacherConfig(model=f"hf-hub:{REPO}"),
-                                 name="hub", epochs="0"), log=lambda line: None)
+                                 name="hub"), log=lambda line: None)
     group = json.loads((cache / "teachers" / "hub" / "zarr.json").read_text())["attributes"]["kdcache_teacher"]
     assert (group["teacher"]["repo"], group["teacher"]["revision"]) == (REPO, COMMIT)
     assert group["teacher"]["weights_sha256"] == hashlib.sha256(files["model.safetensors"]).hexdigest()
     assert [t["weights_sha256"] for t in cache_info(str(cache))["teachers"]] == [group["teacher"]["weights_sha256"]]
     assert not {"repo", "revision"} & set(manifest_of(cache)["teacher"])  # the root's teacher is as it was
+    # main moves on: verify of every teacher's records still loads the added teacher's commit and passes
+    from kdcache.verify import VerifyConfig, verify_cache
+
+    cache_snapshot(hub_cache, REPO, tiny_timm_files(seed=4), commit=OTHER)
+    verify_cache(VerifyConfig(cache=str(cache), data="digits", teacher=TeacherConfig(model=f"hf-hub:{REPO}"), views=4),
+                 log=lambda line: None)
 
 
 def test_manifest_of_a_checkpoint_teacher_has_no_repo_fields(small_cache):
