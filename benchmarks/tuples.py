@@ -46,7 +46,6 @@ Steps (each resumable: a finished step is skipped when run again), all under ``-
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -61,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import evals, step  # noqa: E402
 
 from kdcache.errors import ConfigError, KdcacheError  # noqa: E402
-from kdcache.sources import DigitsSource, FashionMnistSource, Sample, Source  # noqa: E402
+from kdcache.sources import DigitsSource, FashionMnistSource, Sample, Source, decode_sample  # noqa: E402
 from kdcache.format.store import npy_bytes  # noqa: E402
 
 #: name -> number of items per image
@@ -138,11 +137,8 @@ class TupleSource(Source):
 
 
 def cell_image(sample: Sample) -> np.ndarray:
-    """A base sample's grayscale uint8 image (digits and Fashion-MNIST store ``.npy`` bytes)."""
-    array = np.load(io.BytesIO(sample.data), allow_pickle=False)
-    if array.dtype != np.uint8 or array.ndim != 2:
-        raise ConfigError(f"base sample '{sample.key}': expected a grayscale uint8 image, found {array.dtype} {array.shape}")
-    return array
+    """A base sample's image as grayscale uint8 (digits and Fashion-MNIST are grayscale already)."""
+    return np.asarray(decode_sample(sample).convert("L"))
 
 
 def compose(cells: Sequence[np.ndarray]) -> np.ndarray:
@@ -354,7 +350,7 @@ def main() -> None:
         args.batch_size, args.samples_per_shard = 64, 500
     for name in ("train_per_class", "val_per_class", "views", "teacher_epochs", "samples_per_shard"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            raise SystemExit(f"error: --{name.replace('_', '-')} is {getattr(args, name)}; expected at least 1")
     args.sizes = ("triples", "pairs")
     args.train_per_class = {"triples": args.train_per_class, "pairs": 10 * args.train_per_class}
     args.val_per_class = {"triples": args.val_per_class, "pairs": 10 * args.val_per_class}
