@@ -90,3 +90,26 @@ def test_the_script_says_what_is_missing_in_one_line(tmp_path, args, message):
     assert done.returncode != 0
     assert done.stderr.strip().startswith(message) and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_quick_run_leaves_a_reference_that_agrees_with_its_cache(tmp_path):
+    import json
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tuples.py"), "all", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tmp_path / "reference-triples"
+    logits, features = np.load(reference / "logits.npy"), np.load(reference / "features.npy")
+    labels, views = np.load(reference / "labels.npy"), np.load(reference / "views.npy")
+    assert logits.shape == (256, 1000) and logits.dtype == np.float32
+    assert features.shape[0] == 256 and features.dtype == np.float32
+    assert labels.shape == (256,) and views.shape == (256, 2) and len({tuple(v) for v in views.tolist()}) == 256
+    summary = json.loads((reference / "reference.json").read_text())
+    # the views replayed through CacheLoader are the ones precompute scored: the same top-10, bit for bit in fp16
+    assert summary["against_the_cache"] == {"top10_indices_equal": 1.0, "top10_value_max_abs_error": 0.0}
+    assert summary["data"]["classes"] == 1000 and summary["views"]["count"] == 256
+    assert "outside top-10, gamma=0.25" in done.stdout and "top-10 mass, T=4" in done.stdout
+    tail = json.loads((reference / "tail.json").read_text())
+    assert 0 <= tail["rows"]["top-1 mass, T=1"][2] <= tail["rows"]["top-10 mass, T=1"][2] <= 1
