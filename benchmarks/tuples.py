@@ -33,7 +33,8 @@ Steps (each resumable: a finished step is skipped when run again), all under ``-
    The reference at T = 4 is the same logits divided by 4.
 4. ``tail``: quantiles over the reference views of the teacher's top-1 and top-10 probability
    mass at T = 1 and T = 4, and of the mass outside the top 10 of softmax(gamma * v) at TTM's
-   gamma = 0.25.
+   gamma = 0.25; then the mean mass on the classes that share 2, 1 or 0 items with the teacher's
+   top-1 class (the tail's structure). Both also go to ``OUT/reference-NAME/tail.json``.
 
 ``all`` runs the four in order::
 
@@ -308,6 +309,27 @@ def tail_statistics(logits: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def tail_structure(logits: np.ndarray) -> list[tuple[int, int, float, float]]:
+    """Where the mass outside the top-1 class lies: ``(items shared with the top-1 class, classes, mean mass at T = 1, at T = 4)``.
+
+    A tail with structure puts more mass per class on the classes that share items with the
+    teacher's top-1 class (as ImageNet teachers put it on related classes) than on the others.
+    """
+    import torch
+
+    arity = round(np.log10(logits.shape[1]))
+    items = np.array([[int(d) for d in f"{c:0{arity}d}"] for c in range(logits.shape[1])])
+    v = torch.from_numpy(logits).double()
+    top = v.argmax(-1).numpy()
+    shared = torch.from_numpy((items[None, :, :] == items[top][:, None, :]).sum(-1))  # [N, C]
+    rows = []
+    for count in range(arity - 1, -1, -1):
+        mask = (shared == count).double()
+        masses = [float((torch.softmax(v * scale, -1) * mask).sum(-1).mean()) for scale in (1.0, 0.25)]
+        rows.append((count, int(mask[0].sum()), *masses))
+    return rows
+
+
 def print_tail(reference_dir: Path) -> None:
     """Step 4: quantiles over the reference views of :func:`tail_statistics`; also written to tail.json."""
     path = reference_dir / "logits.npy"
@@ -320,9 +342,15 @@ def print_tail(reference_dir: Path) -> None:
     print(f"{'':<28}" + "".join(f"{f'q{round(100 * q):02d}':>9}" for q in QUANTILES) + f"{'mean':>9}")
     for name, values in stats.items():
         print(f"{name:<28}" + "".join(f"{q:>9.3f}" for q in quantiles[name]) + f"{float(values.mean()):>9.3f}")
-    (reference_dir / "tail.json").write_text(json.dumps({"quantiles": list(QUANTILES), "rows": quantiles,
-                                                        "means": {k: float(v.mean()) for k, v in stats.items()}},
-                                                       indent=1) + "\n")
+    structure = tail_structure(logits)
+    print(f"\nmass on the other classes by the items they share with the top-1 class, mean over views")
+    print(f"{'items shared':<14}{'classes':>8}{'mass, T=1':>11}{'mass, T=4':>11}{'per class, T=4':>16}")
+    for count, classes, mass1, mass4 in structure:
+        print(f"{count:<14}{classes:>8}{mass1:>11.4f}{mass4:>11.4f}{mass4 / classes:>16.2e}")
+    (reference_dir / "tail.json").write_text(json.dumps({
+        "quantiles": list(QUANTILES), "rows": quantiles, "means": {k: float(v.mean()) for k, v in stats.items()},
+        "by_items_shared_with_top1": [{"items_shared": c, "classes": n, "mass_T1": m1, "mass_T4": m4}
+                                      for c, n, m1, m4 in structure]}, indent=1) + "\n")
 
 
 def main() -> None:

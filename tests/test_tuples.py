@@ -113,3 +113,15 @@ def test_quick_run_leaves_a_reference_that_agrees_with_its_cache(tmp_path):
     assert "outside top-10, gamma=0.25" in done.stdout and "top-10 mass, T=4" in done.stdout
     tail = json.loads((reference / "tail.json").read_text())
     assert 0 <= tail["rows"]["top-1 mass, T=1"][2] <= tail["rows"]["top-10 mass, T=1"][2] <= 1
+    groups = tail["by_items_shared_with_top1"]
+    assert [(g["items_shared"], g["classes"]) for g in groups] == [(2, 27), (1, 243), (0, 729)]
+    assert 0 < sum(g["mass_T4"] for g in groups) < 1  # all but the top-1 class
+
+
+def test_tail_structure_counts_the_mass_by_items_shared_with_the_top1_class():
+    logits = np.full((1, 100), -50.0, dtype=np.float32)
+    logits[0, [12, 13, 42, 99]] = [5.0, 3.0, 3.0, 3.0]  # top-1 "12"; 13 shares 1 item, 42 shares 1, 99 none
+    rows = tuples.tail_structure(logits)
+    assert [(count, classes) for count, classes, _, _ in rows] == [(1, 18), (0, 81)]
+    p = np.exp(np.array([5.0, 3.0, 3.0, 3.0])) / np.exp(np.array([5.0, 3.0, 3.0, 3.0])).sum()
+    assert rows[0][2] == pytest.approx(p[1] + p[2], rel=1e-6) and rows[1][2] == pytest.approx(p[3], rel=1e-6)
