@@ -23,13 +23,14 @@ Steps (each resumable: a finished step is skipped when run again), all under ``-
    class, and with crops of at least a third of the image (a crop of 8% of it, ``light``'s
    lower bound, shows part of one item only).
 2. ``teacher``: ``kdcache train-student --loss ce`` on the triples (and on the pairs with
-   ``--pairs``), evaluated on val every epoch; top-1 and top-5 in ``OUT/teacher-triples/result.json``.
+   ``--pairs``), evaluated on val every epoch (``OUT/teacher-triples/metrics.jsonl``).
 3. ``reference``: ``kdcache precompute-logits`` of the val tuples (one epoch, the spec above),
    then the teacher's float32 logits and penultimate features on the first ``--views`` views of
    that cache, replayed by :class:`kdcache.CacheLoader` exactly as precompute replayed them:
    ``OUT/reference-triples/logits.npy`` (float32 [N, C]), ``features.npy`` (float32 [N, D]),
    ``labels.npy`` (int64 [N]), ``views.npy`` (int64 [N, 2], epoch and slot) and ``reference.json``
-   (teacher, data, views, accuracy, and how the float32 top-k agrees with the cache's fp16 records).
+   (teacher, data, views, top-1 and top-5 on the views and on val's centre crops, and how the
+   float32 top-k agrees with the cache's fp16 records).
    The reference at T = 4 is the same logits divided by 4.
 4. ``tail``: quantiles over the reference views of the teacher's top-1 and top-10 probability
    mass at T = 1 and T = 4, and of the mass outside the top 10 of softmax(gamma * v) at TTM's
@@ -39,7 +40,7 @@ Steps (each resumable: a finished step is skipped when run again), all under ``-
 ``all`` runs the four in order::
 
     apt-get install -y dataset-fashion-mnist
-    python benchmarks/tuples.py all --out /work/data/tuples           # about 35 min on 2 CPU cores
+    python benchmarks/tuples.py all --out /work/data/tuples           # about 25 min on 2 CPU cores
     python benchmarks/tuples.py tail --out /work/data/tuples          # the quantiles again
     python benchmarks/tuples.py all --quick --out /tmp/tuples-quick   # digits, tiny sizes (CI)
 """
