@@ -179,7 +179,13 @@ def write_data(out: Path, args: argparse.Namespace) -> None:
 
     for name in args.sizes:
         done = out / name / ".done"
+        options = {"source": args.source, "seed": args.seed, "train_per_class": args.train_per_class[name],
+                   "val_per_class": args.val_per_class[name], "image_format": args.image_format}
         if done.exists():
+            made = json.loads(done.read_text())
+            if made != options:
+                raise SystemExit(f"error: {out / name} holds data made with {made}, not {options}; "
+                                 "give another --out or remove it")
             continue
         for split, per_class in (("train", args.train_per_class[name]), ("val", args.val_per_class[name])):
             start = time.perf_counter()
@@ -191,8 +197,7 @@ def write_data(out: Path, args: argparse.Namespace) -> None:
                                  samples_per_shard=args.samples_per_shard, image_format=args.image_format)
             print(f"  {name} {split}: {len(source)} samples ({per_class} per class), {len(paths)} shards, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-        done.write_text(json.dumps({"source": args.source, "seed": args.seed, "train_per_class": args.train_per_class[name],
-                                    "val_per_class": args.val_per_class[name], "image_format": args.image_format}) + "\n")
+        done.write_text(json.dumps(options) + "\n")
     spec = out / "augmentation.json"
     size = 2 * (8 if args.source == "digits" else 28)
     spec.write_text(json.dumps(augmentation_spec(size), indent=1) + "\n")

@@ -71,6 +71,15 @@ def test_tuples_refuse_a_base_source_without_ten_classes(tmp_path):
         tuples.TupleSource(open_source(str(tmp_path / "few" / "part-00.tar")), arity=2, per_class=1, seed=0)
 
 
+def test_data_made_with_other_options_is_refused_not_mixed(tmp_path):
+    write(tmp_path, "pairs", seed=0)
+    before = (tmp_path / "pairs" / "train-000000.tar").read_bytes()
+    write(tmp_path, "pairs", seed=0)  # the same options: the finished step is skipped
+    with pytest.raises(SystemExit, match=r"error: .*pairs holds data made with .*'seed': 0.*'seed': 1.*remove it"):
+        write(tmp_path, "pairs", seed=1)
+    assert (tmp_path / "pairs" / "train-000000.tar").read_bytes() == before
+
+
 @pytest.mark.parametrize("arity, per_class, message", [(4, 1, "arity 4"), (3, 0, "samples per class 0")])
 def test_tuples_refuse_bad_sizes(arity, per_class, message):
     with pytest.raises(ConfigError, match=message):
