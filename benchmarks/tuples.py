@@ -88,7 +88,9 @@ class TupleSource(Source):
     """Tuples of ``arity`` items of a 10-class ``base`` source, ``per_class`` samples of each of the 10**arity classes.
 
     Sample ``i`` is composed when read; which base image fills each cell, and the order of the
-    samples, are fixed at construction from ``seed`` (see the module docstring).
+    samples, are fixed at construction from ``seed`` (see the module docstring). It exists to be
+    written as shards: its ``uri`` names it, but :func:`kdcache.open_source` opens the shards,
+    not it.
     """
 
     kind = "tuples"
