@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -135,7 +136,11 @@ def write_shards(
     for path in paths:
         if os.path.exists(path):
             raise ConfigError(f"shard file '{path}' already exists; write_shards never overwrites (remove it first)")
-    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    folder = os.path.dirname(paths[0])
+    blocking = next((p for p in [folder, *map(str, Path(folder).parents)] if os.path.exists(p)), None)
+    if blocking is not None and not os.path.isdir(blocking):
+        raise ConfigError(f"shard folder '{folder}' cannot be made: '{blocking}' is a file")
+    os.makedirs(folder, exist_ok=True)
     _write_classes(os.path.join(os.path.dirname(paths[0]), "classes.txt"), source.class_names)
 
     written: list[str] = []

@@ -25,6 +25,11 @@ from kdcache.teacher_sources import MODEL_META_KEY, file_sha256  # noqa: F401  (
 KINDS = {"timm": True, "torchvision": True, "hf": False, "python": False, "torchscript": False, "export": False}
 
 
+def _not_a_file(path: str) -> str:
+    """Why ``path``, which a teacher option names as a file, is not one."""
+    return "is a directory; expected a file" if Path(path).is_dir() else "does not exist"
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """``(kind, target)`` of a ``--teacher`` spec; a bare name is ``("timm", name)``."""
     kind, colon, target = spec.partition(":")
@@ -60,15 +65,16 @@ class TeacherConfig:
                 raise ConfigError(f"--teacher-checkpoint is for timm and torchvision teachers; a {kind}: teacher "
                                   f"carries its own weights ({self.model!r})")
             if kind == "hf" and not Path(target).is_dir():
-                raise ConfigError(f"teacher directory {target} does not exist")
+                raise ConfigError(f"teacher directory {target} " + ("is a file; hf: takes a Hugging Face model directory"
+                                                                      if Path(target).exists() else "does not exist"))
             if kind in ("torchscript", "export") and not Path(target).is_file():
-                raise ConfigError(f"teacher file {target} does not exist")
+                raise ConfigError(f"teacher file {target} {_not_a_file(target)}")
             if kind == "python" and not all(target.rpartition(":")[::2]):
                 raise ConfigError(f"--teacher {self.model!r}; expected python:MODULE:FUNCTION")
         for name in ("checkpoint", "model_file"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
-                raise ConfigError(f"teacher {name.replace('_', ' ')} {value} does not exist")
+                raise ConfigError(f"teacher {name.replace('_', ' ')} {value} {_not_a_file(value)}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"teacher num_classes={self.num_classes}; expected a positive integer")
 
