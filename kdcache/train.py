@@ -325,7 +325,7 @@ class _Run:
         config, ranks = self.config, self.ranks
         self.checkpoint_path = check_run_dir(self.run_dir, config.to_dict(), resume=config.resume,
                                              free_fields=RESUME_FREE_FIELDS, defaults=RESUME_DEFAULTS,
-                                             unrecorded=RESUME_UNRECORDED, explained=RESUME_EXPLAINED)
+                                             unrecorded=RESUME_UNRECORDED, explained=RESUME_EXPLAINED, log=self.say)
         if ranks.world > 1:
             dist.barrier()
         if ranks.main:
