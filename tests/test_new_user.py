@@ -58,3 +58,46 @@ def test_a_run_with_a_checkpoint_still_needs_resume(small_cache, tmp_path, one_t
     result = _train(small_cache, run_dir, "--max-steps", "2")
     assert result.exit_code == 2 and result.stderr.strip() == (
         f"error: run dir {run_dir} exists; pass --resume to continue it or choose another --run-dir")
+
+
+# ---- a checkpoint that does not fit, and train-student's own checkpoint as a teacher ----------------
+
+
+def _precompute(tmp_path, checkpoint, teacher="test_resnet"):
+    return _invoke("precompute-logits", "--data", "digits", "-o", tmp_path / "cache", "--teacher", teacher,
+                   "--teacher-checkpoint", checkpoint)
+
+
+def test_a_checkpoint_of_another_shape_names_the_keys_and_shapes_that_differ(tmp_path, teacher_ckpt):
+    import torch
+
+    state = torch.load(teacher_ckpt, weights_only=True)
+    state["state_dict"]["conv1.0.weight"] = torch.zeros(3, 3, 1, 1)
+    del state["state_dict"]["bn1.bias"]
+    state["state_dict"]["extra.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "bad.pt")
+    result = _precompute(tmp_path, tmp_path / "bad.pt")
+    assert result.exit_code == 4, result.output
+    assert result.stderr.strip() == (
+        f"error: teacher checkpoint {tmp_path / 'bad.pt'} does not fit 'test_resnet': 1 missing key(s) (bn1.bias); "
+        "1 unexpected key(s) (extra.weight); 1 shape(s) differ (conv1.0.weight 3x3x1x1 (model: 16x3x3x3))")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_checkpoint_of_another_architecture_gives_the_first_few_and_the_counts(tmp_path, teacher_ckpt):
+    result = _precompute(tmp_path, teacher_ckpt, teacher="resnet18")
+    assert result.exit_code == 4, result.output
+    line = result.stderr.strip()
+    assert line.startswith(f"error: teacher checkpoint {teacher_ckpt} does not fit 'resnet18': 64 missing key(s) (conv1.weight, ")
+    assert "... (61 more)); 34 unexpected key(s) (conv1.0.weight, " in line and "48 shape(s) differ (bn1.weight 32 (model: 64), " in line
+
+
+def test_a_train_student_checkpoint_as_teacher_names_the_run_s_model_pt(tmp_path, small_cache, one_thread):
+    run_dir = tmp_path / "run"
+    assert _train(small_cache, run_dir, "--max-steps", "1").exit_code == 0
+    result = _precompute(tmp_path, run_dir / "checkpoint.pt")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: teacher checkpoint {run_dir / 'checkpoint.pt'} is a train-student checkpoint, kept to --resume the run; it "
+        f"lacks the input size and normalisation a teacher needs. Use the run's {run_dir / 'model.pt'}, written when the run "
+        "finishes (resume the run to finish it)")
