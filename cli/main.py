@@ -33,7 +33,8 @@ def handles_errors(func):
             return func(*args, **kwargs)
         except KdcacheError as exc:
             # One line, whatever the message quotes (a library's own error text may span several).
-            typer.echo("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), err=True)
+            text = exc.brief or str(exc)
+            typer.echo("error: " + " ".join(line.strip() for line in text.splitlines() if line.strip()), err=True)
             if exc.units_computed is not None:  # precompute's last line, whatever stopped it
                 typer.echo(f"computed {exc.units_computed} unit(s)", err=True)
             raise typer.Exit(exc.exit_code) from None

@@ -440,7 +440,7 @@ def test_a_precompute_stopped_early_is_refused_not_taken_for_a_subset(tmp_path, 
                    "finish it with kdcache precompute-logits --resume")
     assert result.exit_code == 3 and not (tmp_path / "run").exists()
     result = invoke(["verify", partial, "--quick"])
-    assert result.exit_code == 5 and f"error: {first_missing} (blocks" in result.stderr
+    assert result.exit_code == 3 and f"FAILED       {first_missing} (blocks" in result.stdout
     assert "(a subset" not in result.stdout
 
 
