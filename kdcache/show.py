@@ -319,14 +319,17 @@ def _class_name(names: list[str], index: int) -> str:
 
 
 def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partner_key: str | None = None) -> str:
-    """The augmentation parameters of one view in words: crop box, flip, jitter, RandAugment ops, erasing, mixing."""
+    """The augmentation parameters of one view in words: crop box, flip, jitter, RandAugment ops, erasing, mixing.
+
+    Sizes are width x height, as the source image's size is given (and as PIL gives it).
+    """
     from timm.data.auto_augment import LEVEL_TO_ARG
 
     def col(name: str) -> float:
         return _column(manifest, params, name)
 
     top, left, height, width = (int(col(c)) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
-    parts = [f"crop top {top} left {left} {height}x{width}", "flipped" if col("flip") > 0.5 else "not flipped"]
+    parts = [f"crop top {top} left {left} {width}x{height}", "flipped" if col("flip") > 0.5 else "not flipped"]
     if spec.color_jitter > 0:
         parts.append("jitter b/c/s " + "/".join(_fmt(col(f"jitter_{c}")) for c in ("brightness", "contrast", "saturation")))
     if spec.randaug_n:
@@ -341,7 +344,7 @@ def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partn
     if spec.erase_prob > 0:
         if col("erase") > 0.5:
             e = [int(col(c)) for c in ("erase_top", "erase_left", "erase_height", "erase_width")]
-            parts.append(f"erased top {e[0]} left {e[1]} {e[2]}x{e[3]}")
+            parts.append(f"erased top {e[0]} left {e[1]} {e[3]}x{e[2]}")
         else:
             parts.append("not erased")
     if spec.mixes:
@@ -351,7 +354,7 @@ def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partn
             parts.append(f"{spec.mix} with {partner_key or f'block position {partner}'}, lambda {lam:.3f}")
             if spec.mix == "cutmix":
                 top, left, bottom, right = (int(col(c)) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
-                parts.append(f"box top {top} left {left} {bottom - top}x{right - left}")
+                parts.append(f"box top {top} left {left} {right - left}x{bottom - top}")
         else:
             parts.append(f"not mixed ({spec.mix} skipped)")
     return ", ".join(parts)

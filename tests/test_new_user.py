@@ -101,3 +101,38 @@ def test_a_train_student_checkpoint_as_teacher_names_the_run_s_model_pt(tmp_path
         f"error: teacher checkpoint {run_dir / 'checkpoint.pt'} is a train-student checkpoint, kept to --resume the run; it "
         f"lacks the input size and normalisation a teacher needs. Use the run's {run_dir / 'model.pt'}, written when the run "
         "finishes (resume the run to finish it)")
+
+
+# ---- show gives every size as width x height --------------------------------------------------------
+
+
+@pytest.mark.parametrize("augmentation, described", [("strong", ("crop", "erase")), ("cutmix", ("crop", "mix"))])
+def test_show_gives_crops_erase_boxes_and_cutmix_boxes_as_width_x_height(augmentation, described, tmp_path, make_config, helpers):
+    import re
+
+    from kdcache.augment import cache_spec
+    from kdcache.format import open_cache
+    from kdcache.show import describe_params
+
+    path = tmp_path / augmentation
+    helpers.run_precompute(make_config(path, augmentation=augmentation, epochs=1, block_size=128, blocks_per_unit=12))
+    cache = open_cache(path)
+    m, spec = cache.manifest, cache_spec(cache.manifest)
+    params = cache.read_block(0, 0)["params"]
+    col = {name: params[:, m.param_fields.index(name)].astype(int) for name in m.param_fields}
+    boxes = {"crop": ("crop", "crop_width", "crop_height")}
+    if "erase" in described:
+        boxes["erase"] = ("erased", "erase_width", "erase_height")
+    seen = set()
+    for row in range(len(params)):
+        text = describe_params(m, spec, params[row])
+        for name, (word, width, height) in boxes.items():
+            if f"{word} top" in text and col[width][row] != col[height][row]:
+                assert re.search(rf"{word} top \d+ left \d+ {col[width][row]}x{col[height][row]}\b", text), text
+                seen.add(name)
+        if "mix" in described and col["mix_partner"][row] >= 0:
+            w, h = col["mix_right"][row] - col["mix_left"][row], col["mix_bottom"][row] - col["mix_top"][row]
+            if w != h:
+                assert re.search(rf"box top \d+ left \d+ {w}x{h}\b", text), text
+                seen.add("mix")
+    assert seen == set(described), f"no view with a non-square box of each kind: {seen}"
