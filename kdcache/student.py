@@ -4,7 +4,7 @@
 mismatch before the first step (the cache's content digest if one is expected, class count,
 dataset size, uncommitted units), builds the view loader (cached views and teacher records, the
 views replayed at the student's ``--img-size`` when it differs from the teacher's), the
-validation batches and, for MKD, a held-out meta split of whole blocks, then runs
+validation batches and, for MKD, a held-out meta split (a share of the samples), then runs
 :func:`kdcache.train.train`. Without a cache (``--loss ce``, or a live ``--teacher``) the views
 are drawn from an augmentation spec and the seed, exactly as precompute would draw them. The
 trained weights are exported as ``model.pt``, a checkpoint that ``precompute-logits --teacher``
@@ -69,7 +69,7 @@ class StudentConfig:
     num_workers: int = 0
     window_blocks: int = 4
     block_size: int = 256
-    meta_blocks: int = 1
+    meta_fraction: float = 0.02  # MKD: the share of the training samples held out as the meta split (docs/methods.md)
     mkd_meta_every: int = 10
     mkd_per_class: bool = False
     mkd_head_only: bool = True
@@ -111,8 +111,9 @@ class StudentConfig:
                               "replaces them; give one of the two")
         if self.teacher_record == "all" and self.loss.name == "mkd":
             raise ConfigError("loss 'mkd' learns the temperatures of one teacher: train it with --teacher-record NAME, not all")
-        if self.meta_blocks < 1:
-            raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
+        if not 0 < self.meta_fraction < 1:
+            raise ConfigError(f"--meta-fraction {self.meta_fraction}; expected a share of the training samples between 0 "
+                              "and 1, e.g. 0.02")
 
 
 def _check_cache_against_data(cache, source, config: StudentConfig) -> tuple[list[int], list[int]]:
@@ -133,6 +134,20 @@ class _Reiterable:
 
     def __iter__(self):
         return iter(self.factory())
+
+
+def meta_split(layout, blocks: list[int], fraction: float, *, seed: int) -> np.ndarray:
+    """MKD's held-out meta split: ``fraction`` of the samples of ``blocks`` (at least one), chosen by ``seed``
+    whatever the block size; a bool per slot of ``layout``, True where held out."""
+    slots = np.concatenate([np.arange(b * layout.block_capacity, b * layout.block_capacity + layout.sizes[b]) for b in blocks])
+    count = max(1, round(fraction * len(slots)))
+    if count >= len(slots):
+        raise ConfigError(f"--meta-fraction {fraction:g} holds out {count} of the {len(slots)} training samples and "
+                          "leaves none to train on")
+    chosen = np.random.default_rng([seed, 0x6D657461]).choice(slots, size=count, replace=False)
+    held_out = np.zeros(layout.num_slots, dtype=bool)
+    held_out[chosen] = True
+    return held_out
 
 
 class _MetaBatches:
@@ -199,14 +214,18 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
                                  replay_path=path, view_size=size)
     common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
                   cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
+    slots = None
     if config.loss.name == "mkd":
-        if config.meta_blocks >= len(blocks):
-            raise ConfigError(f"--meta-blocks {config.meta_blocks} leaves no block to train on (the data has {len(blocks)})")
-        blocks, held_out = blocks[: -config.meta_blocks], blocks[-config.meta_blocks :]
-        meta_size = min(config.batch_size, sum(layout.sizes[b] for b in held_out))
-        meta_loader = ViewLoader(config=dataclasses.replace(loader_config, batch_size=meta_size), blocks=held_out, **common)
-        log(f"MKD meta split: {len(held_out)} held-out block(s), {sum(layout.sizes[b] for b in held_out)} samples")
-    loader = ViewLoader(config=loader_config, blocks=blocks, **common)
+        held_out = meta_split(layout, blocks, config.meta_fraction, seed=config.seed)
+        meta_size = min(config.batch_size, int(held_out.sum()))
+        meta_loader = ViewLoader(config=dataclasses.replace(loader_config, batch_size=meta_size), blocks=blocks,
+                                 slots=held_out, **common)
+        slots = ~held_out
+        total = sum(layout.sizes[b] for b in blocks)
+        log(f"MKD meta split: {int(held_out.sum())} of {total} training images held out "
+            f"({100 * held_out.sum() / total:.1f}%, --meta-fraction {config.meta_fraction:g}); the student trains on the "
+            f"other {total - int(held_out.sum())}")
+    loader = ViewLoader(config=loader_config, blocks=blocks, slots=slots, **common)
     if cache is not None and config.epochs > len(cache_epochs):
         log(f"training for {config.epochs} epochs from {len(cache_epochs)} cached epochs: cycling through them")
     val_batches = None

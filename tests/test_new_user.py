@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -136,3 +137,64 @@ def test_show_gives_crops_erase_boxes_and_cutmix_boxes_as_width_x_height(augment
                 assert re.search(rf"box top \d+ left \d+ {w}x{h}\b", text), text
                 seen.add("mix")
     assert seen == set(described), f"no view with a non-square box of each kind: {seen}"
+
+
+# ---- MKD's meta split is the share asked for, whatever the block size -------------------------------
+
+
+@pytest.mark.parametrize("block_size, fraction", [(64, 0.02), (1024, 0.02), (1024, 0.1)])
+def test_the_meta_split_is_the_share_asked_for_whatever_the_block_size(block_size, fraction):
+    from kdcache.plan import plan_layout
+    from kdcache.sources import open_source
+    from kdcache.student import meta_split
+
+    layout, _ = plan_layout(open_source("digits"), block_size=block_size, blocks_per_unit=4, seed=0)
+    held = meta_split(layout, list(range(layout.num_blocks)), fraction, seed=0)
+    assert held.sum() == round(fraction * 1437)
+    taken = np.flatnonzero(held)
+    assert all(0 <= t % layout.block_capacity < layout.sizes[t // layout.block_capacity] for t in taken)  # real samples only
+    assert np.array_equal(held, meta_split(layout, list(range(layout.num_blocks)), fraction, seed=0))
+
+
+def test_the_student_never_trains_on_the_meta_split_and_meta_batches_are_only_it(small_cache):
+    from kdcache.augment import cache_spec
+    from kdcache.distributed import ranks_from_env
+    from kdcache.format import open_cache
+    from kdcache.loader import LoaderConfig, ViewLoader
+    from kdcache.sources import open_source
+    from kdcache.student import meta_split
+
+    cache = open_cache(small_cache)
+    m = cache.manifest
+    held = meta_split(m.blocks, list(range(m.blocks.num_blocks)), 0.02, seed=0)
+    common = dict(source=open_source("digits"), layout=m.blocks, plan=cache.samples(), spec=cache_spec(m), num_classes=10,
+                  ranks=ranks_from_env(), cache=cache, cache_epochs=[0, 1])
+    trained = ViewLoader(config=LoaderConfig(batch_size=64), slots=~held, **common)
+    meta = ViewLoader(config=LoaderConfig(batch_size=int(held.sum())), slots=held, **common)
+    seen = np.concatenate([batch.views[:, 1].numpy() for batch in trained.epoch_batches(0)])
+    assert len(seen) == (1437 - 29) // 64 * 64 and len(np.unique(seen)) == len(seen)
+    assert not held[seen].any()
+    (batch,) = list(meta.epoch_batches(0))
+    assert sorted(batch.views[:, 1].tolist()) == np.flatnonzero(held).tolist()
+
+
+def test_mkd_says_how_many_images_its_meta_split_holds(small_cache, tmp_path, one_thread):
+    result = _train(small_cache, tmp_path / "run", "--loss", "mkd", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert ("MKD meta split: 29 of 1437 training images held out (2.0%, --meta-fraction 0.02); the student trains on the "
+            "other 1408") in result.stderr
+    result = _train(small_cache, tmp_path / "run2", "--loss", "mkd", "--meta-fraction", "1")
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --meta-fraction 1.0; expected a share of the training samples between 0 and 1, e.g. 0.02")
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_meta_fraction_that_leaves_nothing_to_train_on_is_refused():
+    from kdcache.errors import ConfigError
+    from kdcache.plan import plan_layout
+    from kdcache.sources import open_source
+    from kdcache.student import meta_split
+
+    layout, _ = plan_layout(open_source("digits:val"), block_size=64, blocks_per_unit=4, seed=0)
+    with pytest.raises(ConfigError, match=r"^--meta-fraction 0.999 holds out 360 of the 360 training samples and leaves none"):
+        meta_split(layout, list(range(layout.num_blocks)), 0.999, seed=0)

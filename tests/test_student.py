@@ -381,10 +381,10 @@ def cli_args(run_dir, **options) -> list:
     ({"--data": "digits:val"}, ["digits:val", "360 samples", "1437"]),
     ({"--loss": "hinton"}, ["'hinton'", "kd"]),
     ({"--model": "no_such_net"}, ["'no_such_net'", "timm"]),
-    ({"--loss": "mkd", "--meta-blocks": 6}, ["--meta-blocks 6", "6"]),
-    ({"--loss": "mkd", "--meta-blocks": 9}, ["--meta-blocks 9", "6"]),
+    ({"--loss": "mkd", "--meta-fraction": 0}, ["--meta-fraction 0.0", "between 0 and 1"]),
+    ({"--loss": "mkd", "--meta-fraction": 1.5}, ["--meta-fraction 1.5", "between 0 and 1"]),
     ({"--batch-size": 4096}, ["4096"]),
-], ids=["other-split", "loss", "model", "meta-blocks", "meta-blocks-9", "batch-size"])
+], ids=["other-split", "loss", "model", "meta-fraction-0", "meta-fraction-1.5", "batch-size"])
 def test_bad_input_with_a_cache_is_refused_before_anything_is_written(tmp_path, cache_copy, helpers, options, culprits):
     cache, before = cache_copy
     run_dir = tmp_path / "run"
