@@ -198,3 +198,21 @@ def test_a_meta_fraction_that_leaves_nothing_to_train_on_is_refused():
     layout, _ = plan_layout(open_source("digits:val"), block_size=64, blocks_per_unit=4, seed=0)
     with pytest.raises(ConfigError, match=r"^--meta-fraction 0.999 holds out 360 of the 360 training samples and leaves none"):
         meta_split(layout, list(range(layout.num_blocks)), 0.999, seed=0)
+
+
+# ---- defaults that refuse a first try -----------------------------------------------------------------
+
+
+def test_a_topk_above_the_class_count_stores_every_logit_and_says_so_once(tmp_path, precompute_argv, one_thread):
+    from kdcache.format import open_cache
+
+    out = tmp_path / "cache"
+    result = _invoke(*precompute_argv(out, topk=11, epochs=1))
+    assert result.exit_code == 0, result.output
+    said = "--topk 11 is more than the teacher's 10 classes: storing all 10 logits of each view (as --topk full)"
+    assert result.stderr.count(said) == 1, result.stderr
+    cache = open_cache(out)
+    assert cache.manifest.k == 10 and cache.read_block(0, 0)["values"].shape[1] == 10
+    resumed = _invoke(*precompute_argv(out, topk=11, epochs=2, resume=True))  # the same command extends it
+    assert resumed.exit_code == 0, resumed.output
+    assert open_cache(out).complete_epochs() == [0, 1]
