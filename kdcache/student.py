@@ -225,6 +225,13 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         log(f"MKD meta split: {int(held_out.sum())} of {total} training images held out "
             f"({100 * held_out.sum() / total:.1f}%, --meta-fraction {config.meta_fraction:g}); the student trains on the "
             f"other {total - int(held_out.sum())}")
+    views = sum(layout.sizes[b] for b in blocks) - (0 if slots is None else int((~slots).sum()))
+    batch_size = config.batch_size
+    if batch_size > views:  # take the views there are, as torch's DataLoader does with a short dataset
+        batch_size = views - views % ranks.world  # a multiple of the ranks, as a global batch must be
+        log(f"--batch-size {config.batch_size} is more than the {views} training views per epoch: training with "
+            f"batches of {batch_size} (set --batch-size {batch_size} or less to choose it)")
+        loader_config = dataclasses.replace(loader_config, batch_size=batch_size)
     loader = ViewLoader(config=loader_config, blocks=blocks, slots=slots, **common)
     if cache is not None and config.epochs > len(cache_epochs):
         log(f"training for {config.epochs} epochs from {len(cache_epochs)} cached epochs: cycling through them")
@@ -244,7 +251,7 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
             log("note: the live teacher's weights differ from the teacher the cache was made with")
     train_config = TrainConfig(
         model=config.model, num_classes=num_classes, run_dir=config.run_dir, img_size=size,
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        epochs=config.epochs, batch_size=batch_size, lr=config.lr, weight_decay=config.weight_decay,
         opt=config.opt, sched=config.sched, warmup_epochs=config.warmup_epochs, ema=config.ema, amp=config.amp,
         channels_last=config.channels_last, compile=config.compile, loss=config.loss, seed=config.seed,
         resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every, eval_every=config.eval_every,

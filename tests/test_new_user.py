@@ -216,3 +216,16 @@ def test_a_topk_above_the_class_count_stores_every_logit_and_says_so_once(tmp_pa
     resumed = _invoke(*precompute_argv(out, topk=11, epochs=2, resume=True))  # the same command extends it
     assert resumed.exit_code == 0, resumed.output
     assert open_cache(out).complete_epochs() == [0, 1]
+
+
+def test_a_batch_larger_than_the_views_takes_the_views_there_are(tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    result = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
+                     "--run-dir", run_dir, "--epochs", "1", "--batch-size", "512")
+    assert result.exit_code == 0, result.output
+    said = ("--batch-size 512 is more than the 360 training views per epoch: training with batches of 360 "
+            "(set --batch-size 360 or less to choose it)")
+    assert result.stderr.count(said) == 1, result.stderr
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 360
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in steps if line["kind"] == "train"] == [1]
