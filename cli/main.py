@@ -185,7 +185,7 @@ def train_student(
     mkd_meta_every: int = typer.Option(10, "--mkd-meta-every", help="MKD: steps between temperature updates."),
     mkd_per_class: bool = typer.Option(False, "--mkd-per-class", help="MKD: one student temperature per class."),
     mkd_full_lookahead: bool = typer.Option(False, "--mkd-full-lookahead", help="MKD: look ahead in all weights, not the head only."),
-    amp: str = typer.Option("bf16", "--amp", help="bf16 (CUDA only) or none."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 autocast where the device has it: CUDA), bf16 or none."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (CUDA)."),
     device: str = typer.Option("auto", "--device"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir exactly."),

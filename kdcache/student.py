@@ -73,7 +73,7 @@ class StudentConfig:
     mkd_meta_every: int = 10
     mkd_per_class: bool = False
     mkd_head_only: bool = True
-    amp: str = "bf16"
+    amp: str = "auto"
     compile: bool = False
     channels_last: bool = True
     device: str = "auto"

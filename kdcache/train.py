@@ -303,7 +303,7 @@ class _Run:
         self.log = log
         self.device = _resolve_device(config.device, ranks)
         self.on_cuda = self.device.type == "cuda"
-        self.amp = config.amp if self.on_cuda else "none"  # bf16 autocast on CUDA only; the effective value is logged
+        self.amp = "bf16" if self.on_cuda and config.amp != "none" else "none"  # bf16 autocast on CUDA only; logged
         self.use_compile = config.compile and self.on_cuda
         self.run_dir = Path(config.run_dir)
         self.total_steps = config.epochs * self.batches_per_epoch
@@ -389,12 +389,13 @@ class _Run:
             total_steps=self.total_steps, resumed_step=position.step if resumed else None,
             img_size_passed_to_model=self.sized, online_teacher=online, loss=config.loss.name,
         )
-        if self.amp != config.amp:
+        if config.amp == "bf16" and self.amp != "bf16":  # asked for by name: say why it is not used
             self.say(f"amp={config.amp!r} requested; running with amp='none' on {self.device} (bf16 autocast is used on CUDA only)")
         if self.use_compile != config.compile:
             self.say(f"compile=True requested; not compiling on {self.device} (torch.compile is used on CUDA only)")
         self.say(
-            f"training {config.model} with loss {config.loss.name!r} on {self.ranks.world}x{self.device.type}: "
+            f"training {config.model} with loss {config.loss.name!r} on {self.ranks.world}x{self.device.type} "
+            f"({'bf16 autocast' if self.amp == 'bf16' else 'float32'}): "
             f"{self.batches_per_epoch} batches/epoch x {config.epochs} epochs"
             + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if resumed else "")
         )

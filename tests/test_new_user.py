@@ -229,3 +229,18 @@ def test_a_batch_larger_than_the_views_takes_the_views_there_are(tmp_path, one_t
     assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 360
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in steps if line["kind"] == "train"] == [1]
+
+
+def test_the_default_amp_is_said_once_in_the_start_line_and_not_refused(tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    result = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
+                     "--run-dir", run_dir, "--epochs", "1", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "requested" not in result.stderr
+    assert "training test_resnet with loss 'ce' on 1xcpu (float32): 5 batches/epoch x 1 epochs" in result.stderr
+    asked = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
+                    "--run-dir", tmp_path / "asked", "--epochs", "1", "--max-steps", "1", "--amp", "bf16")
+    assert asked.stderr.count("amp='bf16' requested; running with amp='none' on cpu") == 1, asked.stderr
+    resumed = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
+                      "--run-dir", tmp_path / "asked", "--epochs", "1", "--max-steps", "2", "--resume")
+    assert resumed.exit_code == 0, resumed.output  # a run started with --amp bf16 resumes with the default
