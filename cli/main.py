@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from kdcache.cpu import cpu_threads
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdcache: an offline teacher-logit cache and a streaming student trainer.")
 
@@ -87,6 +89,7 @@ def precompute_logits(
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Compute at most this many units, then stop (exit 7 if the cache is unfinished)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
 ):
     """Run the teacher once per augmentation epoch and store every view's teacher record.
 
@@ -108,7 +111,8 @@ def precompute_logits(
     # A scheduler stops a job with SIGTERM: stop at the next block and release the claims, so others take the units at once.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
+    with cpu_threads(threads, log=_log):
+        result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
     _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
          f"epochs complete: {result.epochs_complete}")
     _log(f"computed {result.units_done} unit(s)")
@@ -199,6 +203,7 @@ def train_student(
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
     teacher_record: str = typer.Option("main", "--teacher-record", help="Whose records to distil: main (the cache's first teacher), an added teacher's name, or all (the mean over teachers)."),
     replay_path: Optional[str] = typer.Option(None, "--replay-path", help="pil, tensor or device (default: the cache's; without --cache, pil)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -217,7 +222,8 @@ def train_student(
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
         teacher_record=teacher_record, replay_path=replay_path,
     )
-    result = run(config, log=_log)
+    with cpu_threads(threads, log=_log):
+        result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
     _log(f"{result.steps} steps in {result.wall_time_s:.1f}s ({result.images_per_s:.0f} images/s); final top-1 {top1}")
 
@@ -230,13 +236,15 @@ def quickstart(
     cache_epochs: int = typer.Option(4, "--cache-epochs"),
     student_epochs: int = typer.Option(8, "--student-epochs"),
     losses: str = typer.Option("ce,kd,ttm,wttm,mkd", "--losses", help="Comma-separated losses to train students with."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
 ):
     """The main job end to end on digits: teacher, cache, students with each loss, verify, results table."""
     from kdcache.quickstart import QuickstartConfig, run_quickstart as run
 
     config = QuickstartConfig(out=out, teacher_epochs=teacher_epochs, cache_epochs=cache_epochs,
                               student_epochs=student_epochs, losses=tuple(x.strip() for x in losses.split(",") if x.strip()))
-    run(config, log=_log)
+    with cpu_threads(threads, log=_log):
+        run(config, log=_log)
 
 
 @app.command("info")
@@ -267,6 +275,7 @@ def verify(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
     teacher_record: Optional[str] = typer.Option(None, "--teacher-record", help="Check one teacher's records (main, or an added teacher's name); default: every teacher's, replaying those --teacher made."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
     from kdcache.verify import VerifyConfig, verify_cache as run_verify
@@ -277,7 +286,8 @@ def verify(
         expect_digest=expect_digest, teacher_record=teacher_record,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
-    run_verify(config, log=typer.echo)
+    with cpu_threads(threads, log=None if quick else _log):
+        run_verify(config, log=typer.echo)
 
 
 @app.command("show")

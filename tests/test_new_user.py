@@ -244,3 +244,49 @@ def test_the_default_amp_is_said_once_in_the_start_line_and_not_refused(tmp_path
     resumed = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
                       "--run-dir", tmp_path / "asked", "--epochs", "1", "--max-steps", "2", "--resume")
     assert resumed.exit_code == 0, resumed.output  # a run started with --amp bf16 resumes with the default
+
+
+# ---- threads ---------------------------------------------------------------------------------------------
+
+
+def test_a_run_says_how_many_threads_it_uses_and_takes_threads(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
+    args = ["train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
+            "--epochs", "1", "--max-steps", "1"]
+    result = _invoke(*args, "--run-dir", tmp_path / "default")
+    cores = len(os.sched_getaffinity(0))
+    assert (f"using {cores} CPU thread(s); this process may use {cores} core(s) (100% of the machine idle; --threads N to "
+            "choose)") in result.stderr.splitlines()
+    result = _invoke(*args, "--run-dir", tmp_path / "one", "--threads", "1")
+    assert f"using 1 CPU thread(s); this process may use {cores} core(s) (--threads)" in result.stderr.splitlines()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    result = _invoke(*args, "--run-dir", tmp_path / "env")
+    assert f"using 1 CPU thread(s); this process may use {cores} core(s) (OMP_NUM_THREADS)" in result.stderr.splitlines()
+    torch.set_num_threads(before)
+    assert torch.get_num_threads() == before  # the command restored what it found
+
+
+def test_threads_below_one_are_refused(tmp_path, teacher_ckpt):
+    result = _invoke("precompute-logits", "--data", "digits", "-o", tmp_path / "cache", "--teacher", "test_resnet",
+                     "--teacher-checkpoint", teacher_ckpt, "--threads", "0")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --threads 0; expected a positive number of CPU threads"
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("busy, local_ranks, idle", [(0.0, 1, 1.0), (0.5, 1, 0.5), (1.0, 1, 0.0), (3.0, 1, 0.0), (0.0, 2, 1.0)])
+def test_the_default_is_the_idle_usable_cores_shared_among_local_ranks(monkeypatch, busy, local_ranks, idle):
+    import os
+
+    from kdcache.cpu import default_threads
+
+    cores, machine = len(os.sched_getaffinity(0)), os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (busy * machine, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert default_threads() == max(1, round(max(1, cores // local_ranks) * idle))
