@@ -111,7 +111,7 @@ def precompute_logits(
     # A scheduler stops a job with SIGTERM: stop at the next block and release the claims, so others take the units at once.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with cpu_threads(threads, log=_log):
+    with cpu_threads(threads):
         result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
     _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
          f"epochs complete: {result.epochs_complete}")
@@ -222,7 +222,7 @@ def train_student(
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
         teacher_record=teacher_record, replay_path=replay_path,
     )
-    with cpu_threads(threads, log=_log):
+    with cpu_threads(threads):
         result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
     _log(f"{result.steps} steps in {result.wall_time_s:.1f}s ({result.images_per_s:.0f} images/s); final top-1 {top1}")
@@ -243,7 +243,7 @@ def quickstart(
 
     config = QuickstartConfig(out=out, teacher_epochs=teacher_epochs, cache_epochs=cache_epochs,
                               student_epochs=student_epochs, losses=tuple(x.strip() for x in losses.split(",") if x.strip()))
-    with cpu_threads(threads, log=_log):
+    with cpu_threads(threads):
         run(config, log=_log)
 
 
@@ -286,7 +286,7 @@ def verify(
         expect_digest=expect_digest, teacher_record=teacher_record,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
-    with cpu_threads(threads, log=None if quick else _log):
+    with cpu_threads(threads):
         run_verify(config, log=typer.echo)
 
 

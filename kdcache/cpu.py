@@ -40,10 +40,23 @@ def default_threads() -> int:
     return max(1, min(cores, round(cores * idle_share())))
 
 
+#: Why the current thread count was chosen, while :func:`cpu_threads` holds it (for :func:`thread_note`).
+_why: str | None = None
+
+
+def thread_note() -> str:
+    """How many CPU threads this process computes with, and why: for a command's opening line."""
+    import torch
+
+    note = f"{torch.get_num_threads()} CPU thread(s) of the {usable_cores()} core(s) this process may use"
+    return f"{note}: {_why}" if _why else note
+
+
 @contextlib.contextmanager
-def cpu_threads(threads: int | None = None, *, log=None):
+def cpu_threads(threads: int | None = None):
     """Run with ``threads`` intra-op threads (None: :func:`default_threads`, or ``OMP_NUM_THREADS`` when set),
-    say how many once, and restore torch's setting afterwards."""
+    and restore torch's setting afterwards; the command says how many (:func:`thread_note`) once it starts."""
+    global _why
     if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"--threads {threads}; expected a positive number of CPU threads")
     import torch  # deferred: the CLI imports this module before it knows the command
@@ -57,9 +70,9 @@ def cpu_threads(threads: int | None = None, *, log=None):
         count = default_threads()
         why = f"{100 * idle_share():.0f}% of the machine idle; --threads N to choose"
     torch.set_num_threads(count)
-    if log is not None:
-        log(f"using {count} CPU thread(s); this process may use {usable_cores()} core(s) ({why})")
+    _why, outer = why, _why
     try:
         yield count
     finally:
         torch.set_num_threads(before)
+        _why = outer

@@ -28,6 +28,7 @@ import torch
 from kdcache import __version__, distributed
 from kdcache.ahead import on_stream, run_ahead, wait_for
 from kdcache.augment import cache_spec, param_fields, resolve_spec, sample_view_params
+from kdcache.cpu import thread_note
 from kdcache.errors import (
     ChecksumError,
     ConfigError,
@@ -438,6 +439,7 @@ class UnitWork:
         if ranks.main:
             log(f"{self.already} unit(s) already committed, {len(pending)} to compute; "
                 f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
+            log(f"computing with {thread_note()}")
         self.start = time.perf_counter()
         self.bar = _Progress(self, bar=progress and ranks.main)
 

@@ -49,6 +49,7 @@ from kdcache.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from kdcache.cpu import thread_note
 from kdcache.errors import ConfigError, WriteError, describe_os_error
 from kdcache.losses import compute_loss
 from kdcache.record import TeacherRecord
@@ -395,7 +396,8 @@ class _Run:
             self.say(f"compile=True requested; not compiling on {self.device} (torch.compile is used on CUDA only)")
         self.say(
             f"training {config.model} with loss {config.loss.name!r} on {self.ranks.world}x{self.device.type} "
-            f"({'bf16 autocast' if self.amp == 'bf16' else 'float32'}): "
+            f"({'bf16 autocast' if self.amp == 'bf16' else 'float32'}"
+            + ("" if self.on_cuda else f", {thread_note()}") + "): "
             f"{self.batches_per_epoch} batches/epoch x {config.epochs} epochs"
             + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if resumed else "")
         )

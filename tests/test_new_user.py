@@ -237,7 +237,7 @@ def test_the_default_amp_is_said_once_in_the_start_line_and_not_refused(tmp_path
                      "--run-dir", run_dir, "--epochs", "1", "--max-steps", "1")
     assert result.exit_code == 0, result.output
     assert "requested" not in result.stderr
-    assert "training test_resnet with loss 'ce' on 1xcpu (float32): 5 batches/epoch x 1 epochs" in result.stderr
+    assert "training test_resnet with loss 'ce' on 1xcpu (float32, " in result.stderr
     asked = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
                     "--run-dir", tmp_path / "asked", "--epochs", "1", "--max-steps", "1", "--amp", "bf16")
     assert asked.stderr.count("amp='bf16' requested; running with amp='none' on cpu") == 1, asked.stderr
@@ -249,7 +249,7 @@ def test_the_default_amp_is_said_once_in_the_start_line_and_not_refused(tmp_path
 # ---- threads ---------------------------------------------------------------------------------------------
 
 
-def test_a_run_says_how_many_threads_it_uses_and_takes_threads(tmp_path, monkeypatch):
+def test_a_run_says_how_many_threads_it_uses_and_takes_threads(tmp_path, monkeypatch, precompute_argv):
     import os
 
     import torch
@@ -259,16 +259,19 @@ def test_a_run_says_how_many_threads_it_uses_and_takes_threads(tmp_path, monkeyp
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
     args = ["train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
             "--epochs", "1", "--max-steps", "1"]
-    result = _invoke(*args, "--run-dir", tmp_path / "default")
     cores = len(os.sched_getaffinity(0))
-    assert (f"using {cores} CPU thread(s); this process may use {cores} core(s) (100% of the machine idle; --threads N to "
-            "choose)") in result.stderr.splitlines()
+    of = f"CPU thread(s) of the {cores} core(s) this process may use"
+    result = _invoke(*args, "--run-dir", tmp_path / "default")
+    assert (f"training test_resnet with loss 'ce' on 1xcpu (float32, {cores} {of}: 100% of the machine idle; "
+            "--threads N to choose): 5 batches/epoch x 1 epochs") in result.stderr.splitlines()
     result = _invoke(*args, "--run-dir", tmp_path / "one", "--threads", "1")
-    assert f"using 1 CPU thread(s); this process may use {cores} core(s) (--threads)" in result.stderr.splitlines()
+    assert f"(float32, 1 {of}: --threads): " in result.stderr
+    result = _invoke(*precompute_argv(tmp_path / "cache", epochs=1), "--threads", "1")
+    assert result.stderr.splitlines().count(f"computing with 1 {of}: --threads") == 1, result.stderr
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     result = _invoke(*args, "--run-dir", tmp_path / "env")
-    assert f"using 1 CPU thread(s); this process may use {cores} core(s) (OMP_NUM_THREADS)" in result.stderr.splitlines()
+    assert f"(float32, 1 {of}: OMP_NUM_THREADS): " in result.stderr
     torch.set_num_threads(before)
     assert torch.get_num_threads() == before  # the command restored what it found
 
