@@ -259,7 +259,13 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         mkd_head_only=config.mkd_head_only, device=config.device, teacher_record=config.teacher_record,
         cache_recipe=recipe,
     )
-    result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
+    if config.teacher is not None:
+        teaching = f"online teacher {config.teacher.label}"
+    elif cache is not None:
+        teaching = f"cache {config.cache}" + (f" (records {config.teacher_record})" if config.teacher_record != "main" else "")
+    else:
+        teaching = f"no teacher, {config.data}"
+    result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log, teaching=teaching,
                    meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)
     if ranks.main and result.completed:
         export_model(Path(config.run_dir), spec=spec, class_names=class_names, size=size)

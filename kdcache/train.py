@@ -247,6 +247,7 @@ def train(
     teacher: torch.nn.Module | None = None,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    teaching: str | None = None,
 ) -> RunResult:
     """Train ``config.model`` on ``loader``'s batches (see the module docstring for the loader contract).
 
@@ -255,11 +256,12 @@ def train(
     MKD (required by loss ``mkd``; each pass must yield the same sequence for an exact resume).
     ``teacher``: a module run live on each batch's images (the online baseline); its logits
     replace the batch's records. ``log``: human-readable messages (rank 0 only). ``on_step``:
-    called with the global step after each step and its checkpoint, if any.
+    called with the global step after each step and its checkpoint, if any. ``teaching``: where the
+    targets come from (e.g. ``cache PATH``), named in the title of the run's plot.
     """
     ranks = _init_distributed(config.device)
     try:
-        return _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step)
+        return _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step, teaching)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
             raise
@@ -270,9 +272,10 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step) -> RunResult:
+def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step, teaching) -> RunResult:
     """The run, step by step: set up, restore or seed, then epochs of steps with evaluation, then the summary."""
     run = _Run(config, loader, ranks, meta_batches, log)
+    run.teaching = teaching
     run.open_run_dir()
     teacher = run.build(teacher)
     checkpoint = run.restore_or_seed()
@@ -315,6 +318,7 @@ class _Run:
         self.train_time = 0.0  # this process, training steps only (no evaluation)
         self.process_images = 0
         self.stopped = False
+        self.teaching: str | None = None  # where the targets come from, for the plot's title
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp == "bf16" else contextlib.nullcontext()
@@ -577,7 +581,8 @@ class _Run:
             self.runlog.close()
             if result.completed and self.process_images:  # a resumed, already finished run keeps its result.json
                 write_json(self.run_dir / RESULT_NAME, summary)
-            plot_run(self.run_dir / METRICS_NAME, self.run_dir / PLOT_NAME)
+            title = f"{self.run_dir.name}: {config.model}, loss {config.loss.name}" + (f", {self.teaching}" if self.teaching else "")
+            plot_run(self.run_dir / METRICS_NAME, self.run_dir / PLOT_NAME, title=title)
             top1 = self.final_top1
             accuracy = f"top-1 {100 * top1:.2f}% (best {100 * self.best_top1:.2f}%), " if top1 is not None else ""
             self.say(f"{'finished' if result.completed else 'stopped'} at step {step}: {accuracy}"

@@ -293,3 +293,21 @@ def test_the_default_is_the_idle_usable_cores_shared_among_local_ranks(monkeypat
     monkeypatch.setattr(os, "getloadavg", lambda: (busy * machine, 0.0, 0.0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
     assert default_threads() == max(1, round(max(1, cores // local_ranks) * idle))
+
+
+# ---- the run's plot names the run --------------------------------------------------------------------------
+
+
+def test_run_png_is_titled_with_the_run_its_loss_and_its_cache(small_cache, tmp_path, one_thread):
+    from PIL import Image
+
+    run_dir = tmp_path / "wttm-run"
+    assert _train(small_cache, run_dir, "--loss", "wttm", "--max-steps", "2").exit_code == 0
+    with Image.open(run_dir / "run.png") as png:
+        assert png.text["Title"] == f"wttm-run: test_resnet, loss wttm, cache {small_cache}"
+    plain = tmp_path / "plain"
+    result = _invoke("train-student", "--data", "digits:val", "--model", "test_resnet", "--loss", "ce", "--img-size", "16",
+                     "--run-dir", plain, "--epochs", "1", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    with Image.open(plain / "run.png") as png:
+        assert png.text["Title"] == "plain: test_resnet, loss ce, no teacher, digits:val"
