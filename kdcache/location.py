@@ -16,7 +16,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kdcache.errors import ChecksumError, FormatError, KdcacheError
+from kdcache.errors import ChecksumError, ConfigError, FormatError, KdcacheError
 
 
 def is_url(location: str) -> bool:
@@ -32,6 +32,16 @@ def is_archive(location: str) -> bool:
 
 
 # ---- atomic local writes ---------------------------------------------------------------------
+
+
+def refuse_file_in_the_way(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before anything is written, a folder to create whose path runs through a regular file."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"{what} '{folder}' cannot be made: '{path}' is a file")
+            return
 
 
 def fsync_dir(path: Path) -> None:

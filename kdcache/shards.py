@@ -16,11 +16,11 @@ from __future__ import annotations
 import io
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 
 from kdcache.errors import ConfigError, SourceError
+from kdcache.location import refuse_file_in_the_way
 from kdcache.sources import Sample, Source, decode_native, npy_bytes, stored_format
 
 #: Formats an image is stored in (see :func:`encode_image`).
@@ -137,9 +137,7 @@ def write_shards(
         if os.path.exists(path):
             raise ConfigError(f"shard file '{path}' already exists; write_shards never overwrites (remove it first)")
     folder = os.path.dirname(paths[0])
-    blocking = next((p for p in [folder, *map(str, Path(folder).parents)] if os.path.exists(p)), None)
-    if blocking is not None and not os.path.isdir(blocking):
-        raise ConfigError(f"shard folder '{folder}' cannot be made: '{blocking}' is a file")
+    refuse_file_in_the_way(folder, "shard folder")
     os.makedirs(folder, exist_ok=True)
     _write_classes(os.path.join(os.path.dirname(paths[0]), "classes.txt"), source.class_names)
 

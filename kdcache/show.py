@@ -32,6 +32,7 @@ from kdcache.augment import AugSpec, cache_spec, check_view_params, partner_posi
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import format_selection
 from kdcache.format import Cache, Manifest, open_cache
+from kdcache.location import refuse_file_in_the_way
 from kdcache.plan import check_block, read_block
 from kdcache.record import TeacherRecord
 from kdcache.replay import EncodedImages, replay_base, replay_block
@@ -98,6 +99,7 @@ class ShowConfig:
                 raise ConfigError(f"show {name} {value!r}; expected a non-empty string")
         if not str(self.output).lower().endswith(".png"):
             raise ConfigError(f"--out {self.output}: the picture is written as PNG; expected a path ending in .png")
+        refuse_file_in_the_way(Path(self.output).parent, "--out folder")
         if not _is_int(self.epoch) or self.epoch < 0:
             raise ConfigError(f"--epoch {self.epoch!r}; expected an epoch number (0 or more)")
         if not _is_int(self.count) or not 1 <= self.count <= MAX_ROWS:

@@ -58,11 +58,15 @@ def _commands(out: Path, cache: Path, teacher: Path) -> dict[str, tuple[int, obj
 
 #: Paths where a missing one (or an empty directory) is what the option wants: tried with the other kinds only.
 NEW_PATHS = {
-    "train-student --run-dir": (2, lambda out, p: ["train-student", "--data", "digits", "--model", "test_resnet", "--loss", "ce",
-                                                   "--img-size", "32", "--max-steps", "1", "--run-dir", p]),
-    "precompute-logits --output": (2, lambda out, p: ["precompute-logits", "--data", "digits", "--teacher", "test_resnet",
-                                                      "--teacher-checkpoint", out, "-o", p]),
-    "make-shards --output": (2, lambda out, p: ["make-shards", "--data", "digits", "-o", Path(p) / "s-%06d.tar"]),
+    "train-student --run-dir": (2, lambda teacher, cache, p: ["train-student", "--data", "digits", "--model", "test_resnet",
+                                                              "--loss", "ce", "--img-size", "32", "--max-steps", "1", "--run-dir", p]),
+    "precompute-logits --output": (2, lambda teacher, cache, p: ["precompute-logits", "--data", "digits", "--teacher", "test_resnet",
+                                                                 "--teacher-checkpoint", teacher, "-o", p]),
+    "make-shards --output": (2, lambda teacher, cache, p: ["make-shards", "--data", "digits", "-o", Path(p) / "s-%06d.tar"]),
+    "quickstart --out": (2, lambda teacher, cache, p: ["quickstart", "--out", p]),
+    "show --out": (2, lambda teacher, cache, p: ["show", cache, "--data", "digits", "--epoch", "0", "--out", Path(p) / "v.png"]),
+    "export OUT": (2, lambda teacher, cache, p: ["export", cache, p]),
+    "merge OUT": (2, lambda teacher, cache, p: ["merge", p, cache, cache]),
 }
 
 
@@ -90,11 +94,11 @@ def test_a_path_of_the_wrong_kind_is_one_error_line(command, kind, wrong_paths, 
 
 @pytest.mark.parametrize("kind", ("file", "empty"))
 @pytest.mark.parametrize("command", list(NEW_PATHS))
-def test_a_file_where_a_new_directory_goes_is_one_error_line(command, kind, wrong_paths, teacher_ckpt):
+def test_a_file_where_a_new_directory_goes_is_one_error_line(command, kind, wrong_paths, teacher_ckpt, small_cache):
     code, argv = NEW_PATHS[command]
     path = wrong_paths[kind]
     before = path.read_bytes()
-    result = CliRunner().invoke(app, [str(a) for a in argv(teacher_ckpt, str(path))])
+    result = CliRunner().invoke(app, [str(a) for a in argv(teacher_ckpt, small_cache, str(path))])
     line = _assert_one_error_line(result, code)
     assert str(path) in line
     assert path.read_bytes() == before
