@@ -133,12 +133,12 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, small_cac
 
 
 def test_an_mkd_run_stopped_mid_epoch_resumes_to_the_same_weights_and_temperatures(tmp_path, small_cache):
-    """MKD: 5 training blocks (20 steps of 64), block 5 held out; a meta update every 3 steps; stopped at 7."""
+    """MKD: 29 of 1,437 images held out (2%), 1,408 to train on (22 steps of 64); a meta update every 3 steps; stopped at 7."""
     common = dict(cache=str(small_cache), loss=LossConfig(name="mkd"), mkd_meta_every=3)
     messages = []
     whole = run(student(tmp_path / "whole", **common), log=messages.append)
-    assert whole.completed and whole.steps == 20
-    assert any("1 held-out block(s), 157 samples" in m for m in messages)
+    assert whole.completed and whole.steps == 22
+    assert any("MKD meta split: 29 of 1437 training images held out" in m for m in messages)
     run(student(tmp_path / "parts", max_steps=7, **common))
     assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["position"]["meta_batches"] == 3  # steps 0, 3, 6
     run(student(tmp_path / "parts", resume=True, **common))
@@ -146,7 +146,7 @@ def test_an_mkd_run_stopped_mid_epoch_resumes_to_the_same_weights_and_temperatur
     a, b = (load_checkpoint(tmp_path / name / CHECKPOINT_NAME)["parts"] for name in ("parts", "whole"))
     assert_same_weights(a["temps"], b["temps"])
     lines = read_metrics(tmp_path / "whole" / "metrics.jsonl")
-    assert [line["step"] for line in lines if line["kind"] == "meta"] == [1, 4, 7, 10, 13, 16, 19]
+    assert [line["step"] for line in lines if line["kind"] == "meta"] == [1, 4, 7, 10, 13, 16, 19, 22]
     last = [line for line in lines if line["kind"] == "train"][-1]
     assert last["teacher_temperature"] != 4.0 or last["student_temperature"] != 4.0  # the meta steps moved them
 
