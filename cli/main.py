@@ -89,7 +89,7 @@ def precompute_logits(
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Compute at most this many units, then stop (exit 7 if the cache is unfinished)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """Run the teacher once per augmentation epoch and store every view's teacher record.
 
@@ -203,7 +203,7 @@ def train_student(
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
     teacher_record: str = typer.Option("main", "--teacher-record", help="Whose records to distil: main (the cache's first teacher), an added teacher's name, or all (the mean over teachers)."),
     replay_path: Optional[str] = typer.Option(None, "--replay-path", help="pil, tensor or device (default: the cache's; without --cache, pil)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -236,7 +236,7 @@ def quickstart(
     cache_epochs: int = typer.Option(4, "--cache-epochs"),
     student_epochs: int = typer.Option(8, "--student-epochs"),
     losses: str = typer.Option("ce,kd,ttm,wttm,mkd", "--losses", help="Comma-separated losses to train students with."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """The main job end to end on digits: teacher, cache, students with each loss, verify, results table."""
     from kdcache.quickstart import QuickstartConfig, run_quickstart as run
@@ -275,7 +275,7 @@ def verify(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
     teacher_record: Optional[str] = typer.Option(None, "--teacher-record", help="Check one teacher's records (main, or an added teacher's name); default: every teacher's, replaying those --teacher made."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: one per core this process may use; OMP_NUM_THREADS when set)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
     from kdcache.verify import VerifyConfig, verify_cache as run_verify
