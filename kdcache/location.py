@@ -55,6 +55,16 @@ def is_archive(location: str) -> bool:
 # ---- atomic local writes ---------------------------------------------------------------------
 
 
+def refuse_file_in_the_way(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before anything is written, a folder to create whose path runs through a regular file."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"{what} '{folder}' cannot be made: '{path}' is a file")
+            return
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -28,6 +28,7 @@ import torch
 from kdcache import __version__, distributed
 from kdcache.ahead import on_stream, run_ahead, wait_for
 from kdcache.augment import cache_spec, param_fields, resolve_spec, sample_view_params
+from kdcache.cpu import thread_note
 from kdcache.errors import (
     ChecksumError,
     ConfigError,
@@ -152,12 +153,16 @@ def prepare_on_rank0(ranks, prepare, *, where: str) -> None:
         raise ConfigError(f"rank 0 could not prepare {where}: {message}")
 
 
-def resolve_k(topk: int | str, num_classes: int) -> int:
-    """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes (``full``: all of them)."""
+def resolve_k(topk: int | str, num_classes: int, *, log=None) -> int:
+    """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes: ``full``, or any k of at
+    least the class count, keeps all of them (``log`` says so)."""
     if topk == "full":
         return num_classes
-    if topk > num_classes:
-        raise ConfigError(f"--topk {topk} exceeds the teacher's {num_classes} classes; use --topk full to keep all logits")
+    if topk >= num_classes:
+        if log is not None and topk > num_classes:
+            log(f"--topk {topk} is more than the teacher's {num_classes} classes: storing all {num_classes} logits of "
+                "each view (as --topk full)")
+        return num_classes
     return int(topk)
 
 
@@ -384,7 +389,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
         raise MismatchError(
             f"data {config.data} has {source.num_classes} classes but the teacher has {teacher_info.num_classes}"
         )
-    resolve_k(config.topk, teacher_info.num_classes)
+    resolve_k(config.topk, teacher_info.num_classes, log=log if ranks.main else None)
     spec = resolve_spec(
         config.augmentation, output_size=teacher_info.input_size[-1], mean=teacher_info.mean, std=teacher_info.std,
         interpolation=teacher_info.interpolation,
@@ -445,6 +450,7 @@ class UnitWork:
         if ranks.main:
             log(f"{self.already} unit(s) already committed, {len(pending)} to compute; "
                 f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
+            log(f"computing with {thread_note()}")
         self.start = time.perf_counter()
         self.bar = _Progress(self, bar=progress and ranks.main)
 

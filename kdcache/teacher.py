@@ -32,6 +32,11 @@ KINDS = {"timm": True, "torchvision": True, "hf": False, "python": False, "torch
 HF_HUB = "hf-hub"
 
 
+def _not_a_file(path: str) -> str:
+    """Why ``path``, which a teacher option names as a file, is not one."""
+    return "is a directory; expected a file" if Path(path).is_dir() else "does not exist"
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """``(kind, target)`` of a ``--teacher`` spec; a bare name is ``("timm", name)``, ``hf-hub:ID`` is ``("timm", "hf-hub:ID")``."""
     kind, colon, target = spec.partition(":")
@@ -70,15 +75,17 @@ class TeacherConfig:
                 raise ConfigError(f"--teacher {self.model!r} names published weights; with --teacher-checkpoint give the "
                                   "architecture alone (e.g. resnet50 or torchvision:resnet50)")
             if kind == "hf" and not Path(target).is_dir() and not _hub_id(target):
-                raise ConfigError(f"teacher directory {target} does not exist (nor is it a Hub id ORG/NAME[@REVISION])")
+                raise ConfigError(f"teacher directory {target} " + ("is a file; hf: takes a Hugging Face model directory or a "
+                                                                      "Hub id ORG/NAME[@REVISION]" if Path(target).exists() else
+                                                                      "does not exist (nor is it a Hub id ORG/NAME[@REVISION])"))
             if kind in ("torchscript", "export") and not Path(target).is_file():
-                raise ConfigError(f"teacher file {target} does not exist")
+                raise ConfigError(f"teacher file {target} {_not_a_file(target)}")
             if kind == "python" and not all(target.rpartition(":")[::2]):
                 raise ConfigError(f"--teacher {self.model!r}; expected python:MODULE:FUNCTION")
         for name in ("checkpoint", "model_file"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
-                raise ConfigError(f"teacher {name.replace('_', ' ')} {value} does not exist")
+                raise ConfigError(f"teacher {name.replace('_', ' ')} {value} {_not_a_file(value)}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"teacher num_classes={self.num_classes}; expected a positive integer")
 
