@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from kdcache.cpu import cpu_threads
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdcache: an offline teacher-logit cache and a streaming student trainer.")
 
@@ -32,7 +34,9 @@ def handles_errors(func):
         try:
             return func(*args, **kwargs)
         except KdcacheError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            # One line, whatever the message quotes (a library's own error text may span several).
+            text = exc.brief or str(exc)
+            typer.echo("error: " + " ".join(line.strip() for line in text.splitlines() if line.strip()), err=True)
             if exc.units_computed is not None:  # precompute's last line, whatever stopped it
                 typer.echo(f"computed {exc.units_computed} unit(s)", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -64,10 +68,10 @@ def _teacher_config(teacher, checkpoint, teacher_file, num_classes):
 @app.command("precompute-logits")
 @handles_errors
 def precompute_logits(
-    data: str = typer.Option(..., "--data", help="Source: digits, fashion-mnist[:DIR], imagefolder:DIR, or tar shards."),
+    data: str = typer.Option(..., "--data", help="Source: digits, fashion-mnist[:DIR], imagefolder:DIR, tar shards, or parquet:PATH (local or a URL such as hf://datasets/...)."),
     output: str = typer.Option(..., "--output", "-o", help="Cache directory to create (or resume)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name, timm:NAME, torchvision:NAME, hf:DIR, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
-    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name or pretrained tag (resnet50.a1_in1k), hf-hub:ORG/NAME, torchvision:NAME[:WEIGHTS], hf:DIR or hf:ORG/NAME, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher (else its published weights are downloaded)."),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file", help="A TorchScript or torch.export file (or a pickled whole module) instead; its kind is detected."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Expected class count (checked)."),
     split: str = typer.Option("train", "--split"),
@@ -87,6 +91,7 @@ def precompute_logits(
     repair: bool = typer.Option(False, "--repair", help="With --resume: re-hash committed units, recompute damaged ones."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Compute at most this many units, then stop (exit 7 if the cache is unfinished)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """Run the teacher once per augmentation epoch and store every view's teacher record.
 
@@ -109,7 +114,8 @@ def precompute_logits(
     # A scheduler stops a job with SIGTERM: stop at the next block and release the claims, so others take the units at once.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
+    with cpu_threads(threads):
+        result = run(config, log=_log, progress=sys.stderr.isatty(), stop=stop)
     _log(f"{result.views} views in {result.seconds:.1f}s ({result.views_per_second:.0f} views/s); "
          f"epochs complete: {result.epochs_complete}")
     _log(f"computed {result.units_done} unit(s)")
@@ -122,7 +128,7 @@ def add_teacher(
     data: str = typer.Option(..., "--data", help="The source the cache was made from."),
     name: str = typer.Option(..., "--name", help="The teacher's record name (letters, digits, _ . -; not main or all)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec, as for precompute-logits (docs/cli.md)."),
-    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint", help="Weights file for a timm or torchvision --teacher (else its published weights are downloaded)."),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file", help="A TorchScript or torch.export file (or a pickled whole module) instead."),
     topk: Optional[str] = typer.Option(None, "--topk", help="Logits kept per view, or 'full' (default: the cache's k)."),
     epochs: Optional[str] = typer.Option(None, "--epochs", help="Epochs to score, e.g. 0,2-4 (default: every committed unit)."),
@@ -182,11 +188,11 @@ def train_student(
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers per rank."),
     block_size: int = typer.Option(256, "--block-size", help="Without --cache: samples per block."),
-    meta_blocks: int = typer.Option(1, "--meta-blocks", help="MKD: blocks held out as the meta split."),
+    meta_fraction: float = typer.Option(0.02, "--meta-fraction", help="MKD: share of the training samples held out as the meta split."),
     mkd_meta_every: int = typer.Option(10, "--mkd-meta-every", help="MKD: steps between temperature updates."),
     mkd_per_class: bool = typer.Option(False, "--mkd-per-class", help="MKD: one student temperature per class."),
     mkd_full_lookahead: bool = typer.Option(False, "--mkd-full-lookahead", help="MKD: look ahead in all weights, not the head only."),
-    amp: str = typer.Option("bf16", "--amp", help="bf16 (CUDA only) or none."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 autocast where the device has it: CUDA), bf16 or none."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (CUDA)."),
     device: str = typer.Option("auto", "--device"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir exactly."),
@@ -200,6 +206,7 @@ def train_student(
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse a cache whose content digest (kdcache info) is another."),
     teacher_record: str = typer.Option("main", "--teacher-record", help="Whose records to distil: main (the cache's first teacher), an added teacher's name, or all (the mean over teachers)."),
     replay_path: Optional[str] = typer.Option(None, "--replay-path", help="pil, tensor or device (default: the cache's; without --cache, pil)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """Train a student from a cache (or online with --teacher, or plainly with --loss ce)."""
     from kdcache.losses import LossConfig
@@ -212,13 +219,14 @@ def train_student(
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
         augmentation=augmentation, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, opt=opt, sched=sched, warmup_epochs=warmup_epochs, ema=ema, seed=seed,
-        num_workers=workers, block_size=block_size, meta_blocks=meta_blocks, mkd_meta_every=mkd_meta_every,
+        num_workers=workers, block_size=block_size, meta_fraction=meta_fraction, mkd_meta_every=mkd_meta_every,
         mkd_per_class=mkd_per_class, mkd_head_only=not mkd_full_lookahead, amp=amp, compile=compile_model,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every,
         verify_checksums=not no_verify_checksums, check_data=check_data and not no_data_check, expect_digest=expect_digest,
         teacher_record=teacher_record, replay_path=replay_path,
     )
-    result = run(config, log=_log)
+    with cpu_threads(threads):
+        result = run(config, log=_log)
     top1 = "n/a" if result.final_top1 is None else f"{100 * result.final_top1:.2f}%"
     _log(f"{result.steps} steps in {result.wall_time_s:.1f}s ({result.images_per_s:.0f} images/s); final top-1 {top1}")
 
@@ -231,13 +239,15 @@ def quickstart(
     cache_epochs: int = typer.Option(4, "--cache-epochs"),
     student_epochs: int = typer.Option(8, "--student-epochs"),
     losses: str = typer.Option("ce,kd,ttm,wttm,mkd", "--losses", help="Comma-separated losses to train students with."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """The main job end to end on digits: teacher, cache, students with each loss, verify, results table."""
     from kdcache.quickstart import QuickstartConfig, run_quickstart as run
 
     config = QuickstartConfig(out=out, teacher_epochs=teacher_epochs, cache_epochs=cache_epochs,
                               student_epochs=student_epochs, losses=tuple(x.strip() for x in losses.split(",") if x.strip()))
-    run(config, log=_log)
+    with cpu_threads(threads):
+        run(config, log=_log)
 
 
 @app.command("info")
@@ -258,7 +268,7 @@ def info(
 def verify(
     cache: str = typer.Argument(..., help="Cache path or URL."),
     data: Optional[str] = typer.Option(None, "--data", help="The source the cache was made from."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name, timm:NAME, torchvision:NAME, hf:DIR, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher spec: a timm name or pretrained tag (resnet50.a1_in1k), hf-hub:ORG/NAME, torchvision:NAME[:WEIGHTS], hf:DIR or hf:ORG/NAME, python:MODULE:FUNCTION, torchscript:FILE or export:FILE (docs/cli.md)."),
     teacher_checkpoint: Optional[str] = typer.Option(None, "--teacher-checkpoint"),
     teacher_file: Optional[str] = typer.Option(None, "--teacher-file"),
     views: int = typer.Option(64, "--views", help="Random views to re-run through the teacher."),
@@ -268,6 +278,7 @@ def verify(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Teacher batch size (default: the cache's)."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Fail at once unless the cache's content digest (kdcache info) is this one."),
     teacher_record: Optional[str] = typer.Option(None, "--teacher-record", help="Check one teacher's records (main, or an added teacher's name); default: every teacher's, replaying those --teacher made."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: the idle cores this process may use, at least 1; OMP_NUM_THREADS when set)."),
 ):
     """Check structure, checksums, dataset digests and replay fidelity; non-zero exit on any failure."""
     from kdcache.verify import VerifyConfig, verify_cache as run_verify
@@ -278,7 +289,8 @@ def verify(
         expect_digest=expect_digest, teacher_record=teacher_record,
         teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None) if has_teacher else None,
     )
-    run_verify(config, log=typer.echo)
+    with cpu_threads(threads):
+        run_verify(config, log=typer.echo)
 
 
 @app.command("show")

@@ -198,7 +198,7 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
     if not location.local:
         raise ConfigError(f"{config.cache}: kdcache add-teacher writes into a local cache directory, not a URL or an archive")
     if not location.path.is_dir():
-        raise FormatError(f"cache {config.cache} does not exist")
+        raise FormatError(f"cache {config.cache} " + ("is a file, not a cache directory" if location.path.exists() else "does not exist"))
     if (location.path / "kdcache-wds.json").is_file():
         raise ConfigError(f"{config.cache} is a webdataset export; add the teacher to the cache it was exported from, then export again")
     cache = Cache(config.cache)  # the stored parameters it replays are checked against the ledger

@@ -23,11 +23,15 @@ import torch
 
 from kdcache.errors import ConfigError, FormatError, WriteError, describe_os_error
 from kdcache.location import atomic_write_bytes
+from kdcache.runlog import METRICS_NAME
 
 #: File name of the (single, latest) checkpoint inside a run directory.
 CHECKPOINT_NAME = "checkpoint.pt"
 #: File name of the run's config (JSON) inside a run directory.
 CONFIG_NAME = "config.json"
+#: The files a run writes before its first checkpoint (its config, then its metrics); a run directory
+#: holding nothing else has nothing to resume.
+BEFORE_FIRST_CHECKPOINT = (CONFIG_NAME, METRICS_NAME)
 #: Bumped when the checkpoint layout changes incompatibly.
 CHECKPOINT_VERSION = 1
 
@@ -131,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume: bool, free_fields: tuple[str, ...] = (),
                   defaults: dict[str, Any] | None = None, unrecorded: tuple[str, ...] = (),
-                  explained: dict[str, str] | None = None) -> Path | None:
+                  explained: dict[str, str] | None = None, log=None) -> Path | None:
     """Check a run directory before anything is written to it; returns the checkpoint to resume from.
 
     A directory that does not exist or is empty (but for hidden temporary files) is a new run. An occupied one needs ``resume``
@@ -142,11 +146,22 @@ def check_run_dir(run_dir: str | os.PathLike, config: dict[str, Any], *, resume:
     ``explained``: fields that summarise others (such as a cache's recipe), each with what a difference in
     it means, said in the message; they are checked after every other field, so that a setting the
     user changed is named first.
-    Resuming a run that died before its first checkpoint returns None (it starts afresh).
+    A run that stopped before its first checkpoint left only its config and metrics: it has nothing to
+    resume from, so it is started again, with or without ``resume`` (``log`` says so); None.
     """
     run_dir = Path(run_dir)
-    if not (run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir())):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run dir {run_dir} is a file; --run-dir takes a directory (a new one, or a run's to --resume)")
+    if not run_dir.exists():
+        return None
+    names = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+    if not names:
         return None  # temporary files (".name.tmp-PID") of a run that died writing its first file do not count
+    if CONFIG_NAME in names and names <= set(BEFORE_FIRST_CHECKPOINT):
+        if log is not None:
+            log(f"run dir {run_dir}: the run there stopped before its first checkpoint, so there is nothing to resume; "
+                "starting it again")
+        return None
     if not resume:
         raise ConfigError(f"run dir {run_dir} exists; pass --resume to continue it or choose another --run-dir")
     saved_path = run_dir / CONFIG_NAME

@@ -13,6 +13,8 @@ class KdcacheError(Exception):
     exit_code = 2
     #: Set by ``kdcache.precompute`` on what it raises: the units this process computed before it stopped.
     units_computed: int | None = None
+    #: The CLI's line instead of the message, where the message was already shown (verify's report lists every problem).
+    brief: str | None = None
 
 
 class ConfigError(KdcacheError):

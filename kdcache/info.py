@@ -71,6 +71,7 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
             "mean": m.teacher.mean,
             "std": m.teacher.std,
             "interpolation": m.teacher.interpolation,
+            **({"repo": m.teacher.repo, "revision": m.teacher.revision} if m.teacher.repo else {}),
         },
         "dataset": {
             "kind": m.dataset.kind,
@@ -147,7 +148,8 @@ def format_info(info: dict) -> str:
         f"digest      {info['digest']}  (sha256 of the content: publish it with the cache)",
         f"teacher     {t['source']}:{t['name']}  {t['num_classes']} classes  input {'x'.join(map(str, t['input_size']))}  "
         f"{t['interpolation']}  mean {t['mean']} std {t['std']}",
-        f"            weights sha256 {t['weights_sha256']}",
+        f"            weights sha256 {t['weights_sha256']}"
+        + (f"\n            published {t['repo']} at revision {t['revision']}" if t.get("repo") else ""),
         f"dataset     {d['kind']} {d['uri']} ({d['split']}): {d['num_samples']} samples in {info['blocks']} blocks, digest {d['digest'][:16]}",
         f"augment     {a['name']}: crop {a['crop']}, flip {a['hflip']}, randaug n={a['randaug_n']}, erase {a['erase_prob']}, "
         f"mix {a['mix']}; output {a['output_size']}px; seed {info['seed']}",

@@ -91,7 +91,8 @@ def _block_positions(layout: BlockLayout, blocks: list[int]) -> np.ndarray:
 class _EpochPlan:
     """The epoch's windows: lists of (block, position) and how they are cut into global batches."""
 
-    def __init__(self, views: _Views, blocks: list[int], config: LoaderConfig, train_epoch: int, num_workers: int):
+    def __init__(self, views: _Views, blocks: list[int], config: LoaderConfig, train_epoch: int, num_workers: int,
+                 slots: np.ndarray | None = None):
         layout = views.layout
         # Blocks in a seeded order that keeps each unit's blocks together (units shuffled, then the
         # blocks inside each): a unit's records are read once per epoch, by one worker.
@@ -110,6 +111,8 @@ class _EpochPlan:
             for w in range(0, len(order), config.window_blocks):
                 members = _block_positions(layout, order[w : w + config.window_blocks])
                 members = members[_rng(config.seed, train_epoch, unit, w, 0x77696E).permutation(len(members))]
+                if slots is not None:  # some views of these blocks only (e.g. all but MKD's meta split)
+                    members = members[slots[members[:, 0] * layout.block_capacity + members[:, 1]]]
                 cut = len(members) - len(members) % batch
                 self.windows.append(members[:cut])
                 leftovers.append(members[cut:])
@@ -151,10 +154,11 @@ class _EpochPlan:
 class _EpochStream(IterableDataset):
     """One training epoch of one rank, as an IterableDataset that splits windows over workers."""
 
-    def __init__(self, views: _Views, config: LoaderConfig, ranks: Ranks, train_epoch: int, blocks: list[int], start_batch: int):
+    def __init__(self, views: _Views, config: LoaderConfig, ranks: Ranks, train_epoch: int, blocks: list[int], start_batch: int,
+                 slots: np.ndarray | None = None):
         self.views, self.config, self.ranks = views, config, ranks
         self.train_epoch, self.start_batch = train_epoch, start_batch
-        self.plan = _EpochPlan(views, blocks, config, train_epoch, config.num_workers)
+        self.plan = _EpochPlan(views, blocks, config, train_epoch, config.num_workers, slots)
 
     def __iter__(self):
         info = get_worker_info()
@@ -332,20 +336,21 @@ class ViewLoader:
 
     def __init__(self, *, source: Source, layout: BlockLayout, plan: dict, spec: AugSpec, num_classes: int,
                  config: LoaderConfig, ranks: Ranks, cache: Cache | None = None, cache_epochs: list[int] | None = None,
-                 blocks: list[int] | None = None, view_seed: int = 0):
+                 blocks: list[int] | None = None, view_seed: int = 0, slots: np.ndarray | None = None):
         if cache is not None and not cache_epochs:
             raise ConfigError(f"cache {cache.location} has no complete epoch to train from")
         self.views = _Views(layout=layout, plan=plan, spec=spec, num_classes=num_classes, cache=cache,
                             cache_epochs=list(cache_epochs or []), seed=view_seed, source=source)
         self.config, self.ranks = config, ranks
         self.blocks = list(range(layout.num_blocks)) if blocks is None else list(blocks)
-        self.batches_per_epoch = _EpochPlan(self.views, self.blocks, config, 0, config.num_workers).num_batches
+        self.slots = slots  # bool per slot of the layout (block * block_capacity + position): these views only
+        self.batches_per_epoch = _EpochPlan(self.views, self.blocks, config, 0, config.num_workers, slots).num_batches
         if self.batches_per_epoch == 0:
             raise ConfigError(f"batch size {config.batch_size} is larger than the {sum(layout.sizes[b] for b in self.blocks)} "
                               "training views per epoch")
 
     def epoch_batches(self, train_epoch: int, start_batch: int = 0):
-        stream = _EpochStream(self.views, self.config, self.ranks, train_epoch, self.blocks, start_batch)
+        stream = _EpochStream(self.views, self.config, self.ranks, train_epoch, self.blocks, start_batch, self.slots)
         if self.config.num_workers == 0:
             return iter(stream)
         return _unwrap_worker_errors(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,

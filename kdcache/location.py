@@ -16,11 +16,32 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kdcache.errors import ChecksumError, FormatError, KdcacheError
+from kdcache.errors import ChecksumError, ConfigError, FormatError, KdcacheError
 
 
 def is_url(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def url_filesystem(url: str, *, what: str = "URL"):
+    """``(fsspec filesystem, path)`` of a path or URL; a protocol whose package is missing is one line naming it.
+
+    http(s) comes with kdcache's own dependencies (aiohttp, requests); s3, gcs, hf and the others
+    need their fsspec package (s3fs, gcsfs, huggingface_hub...), which the message names.
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        protocol = url.split("://", 1)[0]
+        from fsspec.registry import known_implementations
+
+        known = known_implementations.get(protocol, {})
+        hint = known.get("err") or str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{what} {url}: {protocol}:// needs a package that is not installed: {hint}") from None
+    except ValueError as exc:  # fsspec's "Protocol not known"
+        raise ConfigError(f"{what} {url}: {exc}") from None
 
 
 def is_archive(location: str) -> bool:
@@ -32,6 +53,16 @@ def is_archive(location: str) -> bool:
 
 
 # ---- atomic local writes ---------------------------------------------------------------------
+
+
+def refuse_file_in_the_way(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before anything is written, a folder to create whose path runs through a regular file."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"{what} '{folder}' cannot be made: '{path}' is a file")
+            return
 
 
 def fsync_dir(path: Path) -> None:
@@ -79,9 +110,7 @@ class Location:
         if not self.remote:
             self.path = Path(self.raw.removeprefix("file://"))
         if self.remote and not self.archive:
-            import fsspec
-
-            self._fs, self.root = fsspec.core.url_to_fs(self.raw)
+            self._fs, self.root = url_filesystem(self.raw, what="cache")
             self.root = self.root.rstrip("/")
 
     @property
@@ -102,9 +131,7 @@ class Location:
 
         try:
             if self.remote:
-                import fsspec
-
-                fs, path = fsspec.core.url_to_fs(self.raw.rstrip("/"))
+                fs, path = url_filesystem(self.raw.rstrip("/"), what="cache")
                 return ZipFileSystem(fo=fs.open(path, "rb", block_size=self.ARCHIVE_BLOCK))
             return ZipFileSystem(fo=str(self.path))
         except zipfile.BadZipFile as exc:

@@ -28,6 +28,7 @@ import torch
 from kdcache import __version__, distributed
 from kdcache.ahead import on_stream, run_ahead, wait_for
 from kdcache.augment import cache_spec, param_fields, resolve_spec, sample_view_params
+from kdcache.cpu import thread_note
 from kdcache.errors import (
     ChecksumError,
     ConfigError,
@@ -176,12 +177,16 @@ def prepare_on_rank0(ranks, prepare, *, where: str) -> None:
         raise ConfigError(f"rank 0 could not prepare {where}: {message}")
 
 
-def resolve_k(topk: int | str, num_classes: int) -> int:
-    """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes (``full``: all of them)."""
+def resolve_k(topk: int | str, num_classes: int, *, log=None) -> int:
+    """The k that ``--topk`` asks for with a teacher of ``num_classes`` classes: ``full``, or any k of at
+    least the class count, keeps all of them (``log`` says so)."""
     if topk == "full":
         return num_classes
-    if topk > num_classes:
-        raise ConfigError(f"--topk {topk} exceeds the teacher's {num_classes} classes; use --topk full to keep all logits")
+    if topk >= num_classes:
+        if log is not None and topk > num_classes:
+            log(f"--topk {topk} is more than the teacher's {num_classes} classes: storing all {num_classes} logits of "
+                "each view (as --topk full)")
+        return num_classes
     return int(topk)
 
 
@@ -216,6 +221,16 @@ def build_manifest(config: PrecomputeConfig, source: Source, teacher_info, plan,
         compression=COMPRESSION,
         batch_size=config.batch_size,
     )
+
+
+def _recorded_teacher(config):
+    """The teacher of the cache a ``--resume`` extends (its Hub revision is the one to load), else None."""
+    if not config.resume or not (Path(config.output) / "zarr.json").is_file():
+        return None
+    try:
+        return read_manifest(Location(config.output)).teacher
+    except KdcacheError:  # damaged or of another format: _prepare_output names it
+        return None
 
 
 #: Views of epoch 0 (in block order) whose logits fit the tail code's basis when a cache is created.
@@ -426,7 +441,8 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
     ranks = distributed.init(device)
     source = open_source(config.data, split=config.split)
     teacher, teacher_info = load_teacher(
-        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names)
+        dataclasses.replace(config.teacher, device=str(device)), class_names=list(source.class_names), log=log,
+        pinned=_recorded_teacher(config),
     )
     if source.num_classes != teacher_info.num_classes:
         if source.shards() is not None:  # a label beyond the teacher's classes: name its sample
@@ -434,7 +450,7 @@ def precompute_logits(config: PrecomputeConfig, *, log=print, progress: bool = F
         raise MismatchError(
             f"data {config.data} has {source.num_classes} classes but the teacher has {teacher_info.num_classes}"
         )
-    resolve_k(config.topk, teacher_info.num_classes)
+    resolve_k(config.topk, teacher_info.num_classes, log=log if ranks.main else None)
     spec = resolve_spec(
         config.augmentation, output_size=teacher_info.input_size[-1], mean=teacher_info.mean, std=teacher_info.std,
         interpolation=teacher_info.interpolation,
@@ -495,6 +511,7 @@ class UnitWork:
         if ranks.main:
             log(f"{self.already} unit(s) already committed, {len(pending)} to compute; "
                 f"{ranks.world} rank(s) here, and any other job on this cache, share them through claims")
+            log(f"computing with {thread_note()}")
         self.start = time.perf_counter()
         self.bar = _Progress(self, bar=progress and ranks.main)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.errors import ConfigError
+from kdcache.location import refuse_file_in_the_way
 from kdcache.losses import LossConfig
 from kdcache.precompute import PrecomputeConfig, precompute_logits
 from kdcache.student import MODEL_NAME, StudentConfig, train_student
@@ -46,6 +47,7 @@ class QuickstartConfig:
         unknown = [name for name in self.losses if name not in LOSSES]
         if unknown:
             raise ConfigError(f"quickstart losses {unknown}; expected some of {', '.join(LOSSES)}")
+        refuse_file_in_the_way(self.out, "quickstart output")
         if Path(self.out).exists() and any(Path(self.out).iterdir()):
             raise ConfigError(f"quickstart output {self.out} exists and is not empty; remove it or pass --out NEW_DIR")
 

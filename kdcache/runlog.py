@@ -172,8 +172,12 @@ class StepMeter:
         return out
 
 
-def plot_run(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
-    """Plot loss vs step, validation top-1 vs epoch and (with MKD) temperatures vs step into a PNG."""
+def plot_run(metrics_path: str | os.PathLike, png_path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Plot loss vs step, validation top-1 vs epoch and (with MKD) temperatures vs step into a PNG.
+
+    ``title`` (the run, its loss and where its targets come from) heads the figure and is stored as
+    the PNG's ``Title`` text.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -215,7 +219,9 @@ def plot_run(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Pa
         ax.legend()
         ax.grid(alpha=0.3)
 
+    if title:
+        fig.suptitle(title)
     png_path = Path(png_path)
-    fig.savefig(png_path, dpi=100)
+    fig.savefig(png_path, dpi=100, metadata={"Title": title} if title else None)
     plt.close(fig)
     return png_path

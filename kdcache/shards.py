@@ -20,6 +20,7 @@ import re
 import numpy as np
 
 from kdcache.errors import ConfigError, SourceError
+from kdcache.location import refuse_file_in_the_way
 from kdcache.sources import Sample, Source, decode_native, npy_bytes, stored_format
 
 #: Formats an image is stored in (see :func:`encode_image`).
@@ -135,7 +136,9 @@ def write_shards(
     for path in paths:
         if os.path.exists(path):
             raise ConfigError(f"shard file '{path}' already exists; write_shards never overwrites (remove it first)")
-    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    folder = os.path.dirname(paths[0])
+    refuse_file_in_the_way(folder, "shard folder")
+    os.makedirs(folder, exist_ok=True)
     _write_classes(os.path.join(os.path.dirname(paths[0]), "classes.txt"), source.class_names)
 
     written: list[str] = []

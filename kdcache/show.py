@@ -32,6 +32,7 @@ from kdcache.augment import AugSpec, cache_spec, check_view_params, partner_posi
 from kdcache.errors import ConfigError, IncompleteCacheError, MismatchError
 from kdcache.format import format_selection
 from kdcache.format import Cache, Manifest, open_cache
+from kdcache.location import refuse_file_in_the_way
 from kdcache.plan import check_block, read_block
 from kdcache.record import stored_record
 from kdcache.replay import EncodedImages, replay_base, replay_block
@@ -98,6 +99,7 @@ class ShowConfig:
                 raise ConfigError(f"show {name} {value!r}; expected a non-empty string")
         if not str(self.output).lower().endswith(".png"):
             raise ConfigError(f"--out {self.output}: the picture is written as PNG; expected a path ending in .png")
+        refuse_file_in_the_way(Path(self.output).parent, "--out folder")
         if not _is_int(self.epoch) or self.epoch < 0:
             raise ConfigError(f"--epoch {self.epoch!r}; expected an epoch number (0 or more)")
         if not _is_int(self.count) or not 1 <= self.count <= MAX_ROWS:
@@ -290,7 +292,7 @@ def _live_teacher(config: ShowConfig, manifest: Manifest, views: list[ShownView]
     """Re-run the teacher on the views; sets each view's ``live`` probabilities of its stored classes."""
     from kdcache.teacher import load_teacher, teacher_logits
 
-    teacher, info = load_teacher(config.teacher)
+    teacher, info = load_teacher(config.teacher, pinned=manifest.teacher)
     if info.weights_sha256 != manifest.teacher.weights_sha256:
         raise MismatchError(
             f"teacher {config.teacher.label} has weights sha256 {info.weights_sha256[:16]}..., "
@@ -315,14 +317,17 @@ def _class_name(names: list[str], index: int) -> str:
 
 
 def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partner_key: str | None = None) -> str:
-    """The augmentation parameters of one view in words: crop box, flip, jitter, RandAugment ops, erasing, mixing."""
+    """The augmentation parameters of one view in words: crop box, flip, jitter, RandAugment ops, erasing, mixing.
+
+    Sizes are width x height, as the source image's size is given (and as PIL gives it).
+    """
     from timm.data.auto_augment import LEVEL_TO_ARG
 
     def col(name: str) -> float:
         return _column(manifest, params, name)
 
     top, left, height, width = (int(col(c)) for c in ("crop_top", "crop_left", "crop_height", "crop_width"))
-    parts = [f"crop top {top} left {left} {height}x{width}", "flipped" if col("flip") > 0.5 else "not flipped"]
+    parts = [f"crop top {top} left {left} {width}x{height}", "flipped" if col("flip") > 0.5 else "not flipped"]
     if spec.color_jitter > 0:
         parts.append("jitter b/c/s " + "/".join(_fmt(col(f"jitter_{c}")) for c in ("brightness", "contrast", "saturation")))
     if spec.randaug_n:
@@ -337,7 +342,7 @@ def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partn
     if spec.erase_prob > 0:
         if col("erase") > 0.5:
             e = [int(col(c)) for c in ("erase_top", "erase_left", "erase_height", "erase_width")]
-            parts.append(f"erased top {e[0]} left {e[1]} {e[2]}x{e[3]}")
+            parts.append(f"erased top {e[0]} left {e[1]} {e[3]}x{e[2]}")
         else:
             parts.append("not erased")
     if spec.mixes:
@@ -347,7 +352,7 @@ def describe_params(manifest: Manifest, spec: AugSpec, params: np.ndarray, partn
             parts.append(f"{spec.mix} with {partner_key or f'block position {partner}'}, lambda {lam:.3f}")
             if spec.mix == "cutmix":
                 top, left, bottom, right = (int(col(c)) for c in ("mix_top", "mix_left", "mix_bottom", "mix_right"))
-                parts.append(f"box top {top} left {left} {bottom - top}x{right - left}")
+                parts.append(f"box top {top} left {left} {right - left}x{bottom - top}")
         else:
             parts.append(f"not mixed ({spec.mix} skipped)")
     return ", ".join(parts)

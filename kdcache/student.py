@@ -4,7 +4,7 @@
 mismatch before the first step (the cache's content digest if one is expected, class count,
 dataset size, uncommitted units), builds the view loader (cached views and teacher records, the
 views replayed at the student's ``--img-size`` when it differs from the teacher's), the
-validation batches and, for MKD, a held-out meta split of whole blocks, then runs
+validation batches and, for MKD, a held-out meta split (a share of the samples), then runs
 :func:`kdcache.train.train`. Without a cache (``--loss ce``, or a live ``--teacher``) the views
 are drawn from an augmentation spec and the seed, exactly as precompute would draw them. The
 trained weights are exported as ``model.pt``, a checkpoint that ``precompute-logits --teacher``
@@ -70,11 +70,11 @@ class StudentConfig:
     num_workers: int = 0
     window_blocks: int = 4
     block_size: int = 256
-    meta_blocks: int = 1
+    meta_fraction: float = 0.02  # MKD: the share of the training samples held out as the meta split (docs/methods.md)
     mkd_meta_every: int = 10
     mkd_per_class: bool = False
     mkd_head_only: bool = True
-    amp: str = "bf16"
+    amp: str = "auto"
     compile: bool = False
     channels_last: bool = True
     device: str = "auto"
@@ -112,8 +112,9 @@ class StudentConfig:
                               "replaces them; give one of the two")
         if self.teacher_record == "all" and self.loss.name == "mkd":
             raise ConfigError("loss 'mkd' learns the temperatures of one teacher: train it with --teacher-record NAME, not all")
-        if self.meta_blocks < 1:
-            raise ConfigError(f"--meta-blocks {self.meta_blocks}; expected at least 1")
+        if not 0 < self.meta_fraction < 1:
+            raise ConfigError(f"--meta-fraction {self.meta_fraction}; expected a share of the training samples between 0 "
+                              "and 1, e.g. 0.02")
 
 
 def _check_cache_against_data(cache, source, config: StudentConfig) -> tuple[list[int], list[int]]:
@@ -134,6 +135,20 @@ class _Reiterable:
 
     def __iter__(self):
         return iter(self.factory())
+
+
+def meta_split(layout, blocks: list[int], fraction: float, *, seed: int) -> np.ndarray:
+    """MKD's held-out meta split: ``fraction`` of the samples of ``blocks`` (at least one), chosen by ``seed``
+    whatever the block size; a bool per slot of ``layout``, True where held out."""
+    slots = np.concatenate([np.arange(b * layout.block_capacity, b * layout.block_capacity + layout.sizes[b]) for b in blocks])
+    count = max(1, round(fraction * len(slots)))
+    if count >= len(slots):
+        raise ConfigError(f"--meta-fraction {fraction:g} holds out {count} of the {len(slots)} training samples and "
+                          "leaves none to train on")
+    chosen = np.random.default_rng([seed, 0x6D657461]).choice(slots, size=count, replace=False)
+    held_out = np.zeros(layout.num_slots, dtype=bool)
+    held_out[chosen] = True
+    return held_out
 
 
 class _MetaBatches:
@@ -204,14 +219,25 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
                                  replay_path=path, view_size=size)
     common = dict(source=source, layout=layout, plan=plan, spec=spec, num_classes=num_classes, ranks=ranks,
                   cache=cache, cache_epochs=cache_epochs, view_seed=config.seed)
+    slots = None
     if config.loss.name == "mkd":
-        if config.meta_blocks >= len(blocks):
-            raise ConfigError(f"--meta-blocks {config.meta_blocks} leaves no block to train on (the data has {len(blocks)})")
-        blocks, held_out = blocks[: -config.meta_blocks], blocks[-config.meta_blocks :]
-        meta_size = min(config.batch_size, sum(layout.sizes[b] for b in held_out))
-        meta_loader = ViewLoader(config=dataclasses.replace(loader_config, batch_size=meta_size), blocks=held_out, **common)
-        log(f"MKD meta split: {len(held_out)} held-out block(s), {sum(layout.sizes[b] for b in held_out)} samples")
-    loader = ViewLoader(config=loader_config, blocks=blocks, **common)
+        held_out = meta_split(layout, blocks, config.meta_fraction, seed=config.seed)
+        meta_size = min(config.batch_size, int(held_out.sum()))
+        meta_loader = ViewLoader(config=dataclasses.replace(loader_config, batch_size=meta_size), blocks=blocks,
+                                 slots=held_out, **common)
+        slots = ~held_out
+        total = sum(layout.sizes[b] for b in blocks)
+        log(f"MKD meta split: {int(held_out.sum())} of {total} training images held out "
+            f"({100 * held_out.sum() / total:.1f}%, --meta-fraction {config.meta_fraction:g}); the student trains on the "
+            f"other {total - int(held_out.sum())}")
+    views = sum(layout.sizes[b] for b in blocks) - (0 if slots is None else int((~slots).sum()))
+    batch_size = config.batch_size
+    if batch_size > views:  # take the views there are, as torch's DataLoader does with a short dataset
+        batch_size = views - views % ranks.world  # a multiple of the ranks, as a global batch must be
+        log(f"--batch-size {config.batch_size} is more than the {views} training views per epoch: training with "
+            f"batches of {batch_size} (set --batch-size {batch_size} or less to choose it)")
+        loader_config = dataclasses.replace(loader_config, batch_size=batch_size)
+    loader = ViewLoader(config=loader_config, blocks=blocks, slots=slots, **common)
     if cache is not None and config.epochs > len(cache_epochs):
         log(f"training for {config.epochs} epochs from {len(cache_epochs)} cached epochs: cycling through them")
     val_batches = None
@@ -223,14 +249,15 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
     teacher = None
     if config.teacher is not None:
         device = distributed.resolve_device(config.device, ranks)
-        teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
+        teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)),
+                                     pinned=None if cache is None else cache.manifest.teacher)
         if info.num_classes != num_classes:
             raise MismatchError(f"teacher has {info.num_classes} classes, the data {num_classes}")
         if cache is not None and info.weights_sha256 != cache.manifest.teacher.weights_sha256:
             log("note: the live teacher's weights differ from the teacher the cache was made with")
     train_config = TrainConfig(
         model=config.model, num_classes=num_classes, run_dir=config.run_dir, img_size=size,
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        epochs=config.epochs, batch_size=batch_size, lr=config.lr, weight_decay=config.weight_decay,
         opt=config.opt, sched=config.sched, warmup_epochs=config.warmup_epochs, ema=config.ema, amp=config.amp,
         channels_last=config.channels_last, compile=config.compile, loss=config.loss, seed=config.seed,
         resume=config.resume, checkpoint_every=config.checkpoint_every, log_every=config.log_every, eval_every=config.eval_every,
@@ -238,7 +265,13 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         mkd_head_only=config.mkd_head_only, device=config.device, teacher_record=config.teacher_record,
         cache_recipe=recipe, record_fidelity=fidelity,
     )
-    result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log,
+    if config.teacher is not None:
+        teaching = f"online teacher {config.teacher.label}"
+    elif cache is not None:
+        teaching = f"cache {config.cache}" + (f" (records {config.teacher_record})" if config.teacher_record != "main" else "")
+    else:
+        teaching = f"no teacher, {config.data}"
+    result = train(train_config, loader, val_batches=val_batches, teacher=teacher, log=log, teaching=teaching,
                    meta_batches=_MetaBatches(meta_loader) if meta_loader is not None else None)
     if ranks.main and result.completed:
         export_model(Path(config.run_dir), spec=spec, class_names=class_names, size=size)

@@ -1,5 +1,8 @@
 """Where a teacher comes from: one loader per kind of ``--teacher`` spec (docs/cli.md, "Teacher specs").
 
+Published weights downloaded by name (timm tags, ``hf-hub:``, torchvision weights enums,
+``hf:ORG/NAME``) are loaded by :mod:`kdcache.pretrained`, which builds on these loaders.
+
 Each loader returns a :class:`LoadedTeacher`: the module (a batch of normalised views in, logits
 out), what its weights are and their sha256, its class count, and its data config (input size,
 mean, std, interpolation, class names). The class count is always read from the weights or from a
@@ -44,6 +47,8 @@ class LoadedTeacher:
     weights_sha256: str
     num_classes: int
     meta: dict = field(default_factory=dict)  # input_size, mean, std, interpolation, class_names (as found)
+    repo: str | None = None  # where published weights come from: a Hub repository id, or torchvision's weights URL
+    revision: str | None = None  # the Hub commit they resolved to, or torchvision's weights enum
 
 
 # --- digests -------------------------------------------------------------------------------------
@@ -112,6 +117,11 @@ def load_state(path: str) -> dict:
         raise ConfigError(f"teacher checkpoint {path} cannot be read as a weights file ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"teacher checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    if "checkpoint_version" in state and isinstance(state.get("parts"), dict):  # kdcache.checkpoint's layout
+        model_pt = Path(path).parent / "model.pt"
+        raise ConfigError(f"teacher checkpoint {path} is a train-student checkpoint, kept to --resume the run; it lacks the "
+                          f"input size and normalisation a teacher needs. Use the run's {model_pt}, written when the run "
+                          + ("finished" if model_pt.is_file() else "finishes (resume the run to finish it)"))
     return state
 
 
@@ -123,12 +133,34 @@ def state_dict_of(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def describe_misfit(expected: dict, weights: dict, *, shown: int = 3) -> str:
+    """What keeps ``weights`` from loading into a model whose state dict is ``expected``: the first
+    ``shown`` missing keys, unexpected keys and differing shapes, each with how many there are."""
+
+    def listed(names: list[str], what: str) -> str:
+        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+        return f"{len(names)} {what} ({', '.join(names[:shown])}{more})"
+
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    def shape(tensor) -> str:
+        return "x".join(str(d) for d in tensor.shape) or "scalar"
+
+    shapes = [f"{k} {shape(weights[k])} (model: {shape(v)})" for k, v in expected.items()
+              if k in weights and isinstance(weights[k], torch.Tensor) and tuple(weights[k].shape) != tuple(v.shape)]
+    parts = [listed(names, what) for names, what in ((missing, "missing key(s)"), (unexpected, "unexpected key(s)"),
+                                                     (shapes, "shape(s) differ"))
+             if names]
+    return "; ".join(parts)
+
+
 def _load_strict(model: torch.nn.Module, weights: dict, checkpoint: str, what: str) -> None:
+    misfit = describe_misfit(model.state_dict(), weights)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise MismatchError(f"teacher checkpoint {checkpoint} does not fit {what}: {first}") from None
+        raise MismatchError(f"teacher checkpoint {checkpoint} does not fit {what}: "
+                            f"{misfit or str(exc).splitlines()[0]}") from None
 
 
 # --- timm and torchvision: an architecture name plus a checkpoint ---------------------------------
@@ -157,12 +189,15 @@ def load_timm(name: str, checkpoint: str) -> LoadedTeacher:
                          num_classes=num_classes, meta=cfg)
 
 
-def torchvision_data_config(name: str) -> dict:
-    """Input size, mean, std and interpolation from torchvision's weights metadata, else ImageNet's."""
+def torchvision_data_config(name: str, transforms=None) -> dict:
+    """Input size, mean, std and interpolation from torchvision's weights metadata, else ImageNet's.
+
+    ``transforms``: those of the weights in use (``weights.transforms()``); else the DEFAULT weights'.
+    """
     import torchvision
 
     try:
-        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        transforms = transforms or torchvision.models.get_model_weights(name).DEFAULT.transforms()
     except (ValueError, KeyError, AttributeError, TypeError):
         return dict(IMAGENET)
     size = transforms.crop_size

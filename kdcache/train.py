@@ -49,6 +49,7 @@ from kdcache.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from kdcache.cpu import thread_note
 from kdcache.errors import ConfigError, WriteError, describe_os_error
 from kdcache.losses import compute_loss
 from kdcache.record import TeacherRecord
@@ -246,6 +247,7 @@ def train(
     teacher: torch.nn.Module | None = None,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    teaching: str | None = None,
 ) -> RunResult:
     """Train ``config.model`` on ``loader``'s batches (see the module docstring for the loader contract).
 
@@ -254,11 +256,12 @@ def train(
     MKD (required by loss ``mkd``; each pass must yield the same sequence for an exact resume).
     ``teacher``: a module run live on each batch's images (the online baseline); its logits
     replace the batch's records. ``log``: human-readable messages (rank 0 only). ``on_step``:
-    called with the global step after each step and its checkpoint, if any.
+    called with the global step after each step and its checkpoint, if any. ``teaching``: where the
+    targets come from (e.g. ``cache PATH``), named in the title of the run's plot.
     """
     ranks = _init_distributed(config.device)
     try:
-        return _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step)
+        return _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step, teaching)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
             raise
@@ -269,9 +272,10 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step) -> RunResult:
+def _train(config, loader, ranks, val_batches, meta_batches, teacher, log, on_step, teaching) -> RunResult:
     """The run, step by step: set up, restore or seed, then epochs of steps with evaluation, then the summary."""
     run = _Run(config, loader, ranks, meta_batches, log)
+    run.teaching = teaching
     run.open_run_dir()
     teacher = run.build(teacher)
     checkpoint = run.restore_or_seed()
@@ -303,7 +307,7 @@ class _Run:
         self.log = log
         self.device = _resolve_device(config.device, ranks)
         self.on_cuda = self.device.type == "cuda"
-        self.amp = config.amp if self.on_cuda else "none"  # bf16 autocast on CUDA only; the effective value is logged
+        self.amp = "bf16" if self.on_cuda and config.amp != "none" else "none"  # bf16 autocast on CUDA only; logged
         self.use_compile = config.compile and self.on_cuda
         self.run_dir = Path(config.run_dir)
         self.total_steps = config.epochs * self.batches_per_epoch
@@ -314,6 +318,7 @@ class _Run:
         self.train_time = 0.0  # this process, training steps only (no evaluation)
         self.process_images = 0
         self.stopped = False
+        self.teaching: str | None = None  # where the targets come from, for the plot's title
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp == "bf16" else contextlib.nullcontext()
@@ -325,7 +330,7 @@ class _Run:
         config, ranks = self.config, self.ranks
         self.checkpoint_path = check_run_dir(self.run_dir, config.to_dict(), resume=config.resume,
                                              free_fields=RESUME_FREE_FIELDS, defaults=RESUME_DEFAULTS,
-                                             unrecorded=RESUME_UNRECORDED, explained=RESUME_EXPLAINED)
+                                             unrecorded=RESUME_UNRECORDED, explained=RESUME_EXPLAINED, log=self.say)
         if ranks.world > 1:
             dist.barrier()
         if ranks.main:
@@ -389,12 +394,14 @@ class _Run:
             total_steps=self.total_steps, resumed_step=position.step if resumed else None,
             img_size_passed_to_model=self.sized, online_teacher=online, loss=config.loss.name,
         )
-        if self.amp != config.amp:
+        if config.amp == "bf16" and self.amp != "bf16":  # asked for by name: say why it is not used
             self.say(f"amp={config.amp!r} requested; running with amp='none' on {self.device} (bf16 autocast is used on CUDA only)")
         if self.use_compile != config.compile:
             self.say(f"compile=True requested; not compiling on {self.device} (torch.compile is used on CUDA only)")
         self.say(
-            f"training {config.model} with loss {config.loss.name!r} on {self.ranks.world}x{self.device.type}: "
+            f"training {config.model} with loss {config.loss.name!r} on {self.ranks.world}x{self.device.type} "
+            f"({'bf16 autocast' if self.amp == 'bf16' else 'float32'}"
+            + ("" if self.on_cuda else f", {thread_note()}") + "): "
             f"{self.batches_per_epoch} batches/epoch x {config.epochs} epochs"
             + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if resumed else "")
         )
@@ -574,7 +581,8 @@ class _Run:
             self.runlog.close()
             if result.completed and self.process_images:  # a resumed, already finished run keeps its result.json
                 write_json(self.run_dir / RESULT_NAME, summary)
-            plot_run(self.run_dir / METRICS_NAME, self.run_dir / PLOT_NAME)
+            title = f"{self.run_dir.name}: {config.model}, loss {config.loss.name}" + (f", {self.teaching}" if self.teaching else "")
+            plot_run(self.run_dir / METRICS_NAME, self.run_dir / PLOT_NAME, title=title)
             top1 = self.final_top1
             accuracy = f"top-1 {100 * top1:.2f}% (best {100 * self.best_top1:.2f}%), " if top1 is not None else ""
             self.say(f"{'finished' if result.completed else 'stopped'} at step {step}: {accuracy}"

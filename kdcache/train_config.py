@@ -14,10 +14,10 @@ from kdcache.losses import LossConfig
 
 #: Learning-rate schedules (timm.scheduler.create_scheduler_v2 names) that step per update.
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "constant", "poly", "wsd", "rsqrt", "none")
-AMP_MODES = ("bf16", "none")
+AMP_MODES = ("auto", "bf16", "none")  # auto: bf16 autocast where the device has it (CUDA), else none
 DEVICES = ("auto", "cpu", "cuda")
 #: Fields that may differ between a run and its resumption (they do not change the weights).
-RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device",
+RESUME_FREE_FIELDS = ("resume", "log_every", "checkpoint_every", "eval_every", "max_steps", "compile", "device", "amp",
                       "record_fidelity")
 #: Fields a run's config.json lacks when it was written before they existed, and the value that run had.
 RESUME_DEFAULTS = {"teacher_record": "main"}
@@ -52,7 +52,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     ema: bool = False
     ema_decay: float = 0.9998
-    amp: str = "bf16"
+    amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
     loss: LossConfig = field(default_factory=lambda: LossConfig(name="ce"))

@@ -66,6 +66,7 @@ class VerifyReport:
     cache: str
     checks: list[tuple[str, str]] = field(default_factory=list)  # (check, outcome)
     failures: list[str] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)  # each failure's exit code, by its kind (docs/cli.md's table)
     near_ties: list[str] = field(default_factory=list)  # reported, not failures (see compare_records)
     views_checked: int = 0
     top1_agree: int = 0  # views whose recomputed top-1 class is the stored one
@@ -80,8 +81,22 @@ class VerifyReport:
     def add(self, check: str, outcome: str) -> None:
         self.checks.append((check, outcome))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, code: int = FormatError.exit_code) -> None:
+        """A problem, with the exit code of its kind: 3 the cache's files, 4 a mismatch, 5 a view that does not reproduce."""
         self.failures.append(message)
+        self.codes.append(code)
+
+    def error(self) -> VerifyError:
+        """The error that ends a failed verify: named by its first problem, with that problem's exit code; the CLI
+        prints a summary instead, since the report lists every problem."""
+        more = f" (and {len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+        error = VerifyError(f"{self.failures[0]}{more}")
+        error.exit_code = self.codes[0]
+        kinds = {FormatError.exit_code: "in the cache's files", MismatchError.exit_code: "of data or teacher that do not match",
+                 VerifyError.exit_code: "of views that do not reproduce their records"}
+        counts = ", ".join(f"{self.codes.count(code)} {kinds.get(code, 'other')}" for code in dict.fromkeys(self.codes))
+        error.brief = f"cache {self.cache} failed verification: {len(self.failures)} problem(s), listed above: {counts}"
+        return error
 
     def format(self) -> str:
         width = max([12] + [len(check) for check, _ in self.checks])  # an added teacher's checks carry its name
@@ -183,7 +198,7 @@ def _check_structure(cache: Cache, report: VerifyReport) -> None:
         try:
             array = cache._array(name)
         except KdcacheError as exc:
-            report.fail(str(exc))
+            report.fail(str(exc), exc.exit_code)
             continue
         expected = (m.epochs, m.blocks.num_slots, record_width(m, name))
         shape = (m.epochs if added and array.shape[0] <= m.epochs else array.shape[0], *array.shape[1:])
@@ -219,7 +234,7 @@ def _check_ledger(cache: Cache, report: VerifyReport) -> None:
                 cache.verify_unit(epoch, unit)  # with its epoch index, if any: the unit's own entry must agree with it
             except (ChecksumError, IncompleteCacheError) as exc:  # damage; a server that fails is an error, not damage
                 damaged += 1
-                report.fail(str(exc))
+                report.fail(str(exc), exc.exit_code)
     held = ""
     if cache.subset is not None:  # say what it holds
         held = (f" (a subset: epochs {format_selection(epochs)} of {m.epochs}, "
@@ -236,7 +251,7 @@ def _check_dataset(cache: Cache, source, plan, report: VerifyReport, data: str) 
         try:
             check_block(read_block(source, layout, block, plan["source_index"][where]), plan, where, what=f"data {data} block {block}")
         except (MismatchError, KdcacheError) as exc:
-            report.fail(str(exc))
+            report.fail(str(exc), exc.exit_code)
             report.add("dataset", "FAILED")
             return
     report.add("dataset", f"{cache.manifest.dataset.num_samples} sample digests match")
@@ -299,14 +314,15 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                 row = next((p for p in positions if p in differs), int(differs[0]))  # a picked view first
                 col = int(np.flatnonzero(drawn[row] != stored["params"][row])[0])
                 report.fail(f"view (epoch {epoch}, sample {plan['key'][where][row]}): stored parameter "
-                            f"{m.param_fields[col]} = {stored['params'][row, col]:.6g}, the spec and seed give {drawn[row, col]:.6g}")
+                            f"{m.param_fields[col]} = {stored['params'][row, col]:.6g}, the spec and seed give {drawn[row, col]:.6g}",
+                            VerifyError.exit_code)
                 bad += 1
                 continue  # parameters the spec cannot give are not replayed (they may not be replayable at all)
         try:  # without the re-draw (check_params off), parameters outside the spec's ranges are still never replayed
             check_view_params(spec, stored["params"], image_sizes=sizes, block_size=len(samples),
                               where=f"{cache.location}: epoch {epoch} block {block}")
         except FormatError as exc:
-            report.fail(str(exc))
+            report.fail(str(exc), exc.exit_code)
             bad += 1
             continue
         views = replay_block(spec, stored["params"], images, path=path, device=device, size=size)
@@ -336,7 +352,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
                 report.near_ties.append(f"{where_view}: {problem}")
             elif problem:
                 bad += 1
-                report.fail(f"{where_view}: {problem}")
+                report.fail(f"{where_view}: {problem}", VerifyError.exit_code)
     ties = f", {len(report.near_ties)} near-tie(s) (classes within fp16 rounding, not a failure)" if report.near_ties else ""
     agreement = ""
     if not same and report.views_checked:  # how far another path reproduces the teacher, as figures
@@ -377,23 +393,24 @@ def verify_cache(config: VerifyConfig, *, log=print) -> VerifyReport:
         source = open_source(config.data, split=m.dataset.split, **kwargs)
         if len(source) != m.dataset.num_samples:
             report.fail(f"data {config.data} has {len(source)} samples, the cache was made from {m.dataset.num_samples} "
-                        f"({m.dataset.uri})")
+                        f"({m.dataset.uri})", MismatchError.exit_code)
             report.add("dataset", "FAILED")
         else:
             _check_dataset(cache, source, plan, report, config.data)
         if config.views and report.ok:
             device = distributed.resolve_device("auto", distributed.ranks_from_env())
-            teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)))
+            teacher, info = load_teacher(dataclasses.replace(config.teacher, device=str(device)), pinned=[view.manifest.teacher for view in views])
             scored = [view for view in views if view.manifest.teacher.weights_sha256 == info.weights_sha256]
             if not scored:  # the views are re-scored anyway, so the report says how far the records are off
                 made = (f"{views[0].manifest.teacher.weights_sha256[:16]}..." if len(views) == 1 else
                         ", ".join(f"{_name(view)} {view.manifest.teacher.weights_sha256[:16]}..." for view in views))
                 report.fail(f"teacher weights differ: {config.teacher.label} has sha256 {info.weights_sha256[:16]}..., "
-                            f"the cache{' was' if len(views) == 1 else chr(39) + 's records were'} made with {made}")
+                            f"the cache{' was' if len(views) == 1 else chr(39) + 's records were'} made with {made}",
+                            MismatchError.exit_code)
                 scored = views
             for view in scored:  # every teacher whose records this teacher made
                 _check_replay(view, config, source, plan, report, teacher, device)
     log(report.format())
     if not report.ok:
-        raise VerifyError(f"{report.failures[0]}" + (f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""))
+        raise report.error()
     return report

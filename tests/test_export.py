@@ -208,8 +208,9 @@ def test_a_damaged_archive_member_is_reported_naming_epoch_and_unit(tmp_path, ex
     shutil.copy(exports / "all.zip", path)
     key = shard_key("values", 1, 2)
     flip_member_byte(path, key)
-    line = one_error_line(invoke("verify", path, "--quick"), 5)
-    assert f"{path}: epoch 1 unit 2 (blocks 4..5): file {key} is damaged in the archive" in line
+    result = invoke("verify", path, "--quick")
+    one_error_line(result, 3)
+    assert f"{path}: epoch 1 unit 2 (blocks 4..5): file {key} is damaged in the archive" in result.stdout
     with pytest.raises(ChecksumError, match=re.escape(f"epoch 1 unit 2 (blocks 4..5): file {key} is damaged")):
         open_cache(path).read_block(1, 4)
     open_cache(path).read_block(1, 2)  # the other units read as before
@@ -369,8 +370,9 @@ def test_a_cache_without_committed_units_has_nothing_to_export(tmp_path, small_c
     line = one_error_line(invoke("export", empty, tmp_path / "out"), 3)
     assert line == f"error: {empty}: no unit is committed; there is nothing to export"
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    line = one_error_line(invoke("verify", empty, "--quick"), 5)  # and verify does not take an empty cache for a subset
-    assert line == "error: no unit is committed"
+    result = invoke("verify", empty, "--quick")  # and verify does not take an empty cache for a subset
+    one_error_line(result, 3)
+    assert "FAILED       no unit is committed" in result.stdout
 
 
 # ---- the subset declaration ------------------------------------------------------------------------
@@ -447,8 +449,9 @@ def test_a_subset_missing_a_declared_unit_is_refused_naming_it(tmp_path, exports
     assert str(refused.value) == (f"cache {path}: epoch 1 unit 1 (blocks 2..3) is missing from this subset (it declares "
                                   f"epochs 0-1, blocks 0-3); export it again from {open_cache(path).subset.source}")
     assert not (tmp_path / "run").exists()
-    line = one_error_line(invoke("verify", path, "--quick"), 5)
-    assert line == "error: epoch 1 unit 1 (blocks 2..3) is not committed"
+    result = invoke("verify", path, "--quick")
+    one_error_line(result, 3)
+    assert "FAILED       epoch 1 unit 1 (blocks 2..3) is not committed" in result.stdout
 
 
 def test_precompute_refuses_to_resume_a_subset_naming_its_source(tmp_path, exports, make_config, small_cache):

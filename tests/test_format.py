@@ -218,7 +218,7 @@ MANIFEST_KEYS = {
 }
 NESTED_KEYS = {
     "teacher": {"name", "source", "checkpoint", "weights_sha256", "num_classes", "class_names", "input_size",
-                "interpolation", "mean", "std"},
+                "interpolation", "mean", "std"},  # + OPTIONAL_TEACHER_KEYS for published weights
     "dataset": {"kind", "uri", "split", "num_samples", "num_classes", "class_names", "digest", "shards"},
     "blocks": {"kind", "block_capacity", "blocks_per_unit", "sizes", "permutation_seed"},
     "dtypes": {"values", "indices", "tail", "params"},
@@ -232,6 +232,8 @@ NESTED_KEYS = {
                      "randaug_prob", "randaug_ops", "erase_prob", "erase_scale", "erase_ratio", "mix", "mix_alpha",
                      "mix_prob"},
 }
+#: Written only for a teacher with published weights (tests/test_pretrained.py makes such caches).
+OPTIONAL_TEACHER_KEYS = {"repo", "revision"}
 BASE_FIELDS = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]
 PRESET_FIELDS = {
     "none": BASE_FIELDS,
@@ -365,6 +367,17 @@ def test_missing_field_is_refused_by_name(manifest_dict, path):
         assert f"manifest.{path[0]}" in str(info.value)
 
 
+def test_published_weights_fields_round_trip_and_are_left_out_when_unset(manifest_dict):
+    assert not OPTIONAL_TEACHER_KEYS & set(manifest_dict["teacher"])
+    assert Manifest.from_dict(manifest_dict).to_dict() == manifest_dict
+    data = copy.deepcopy(manifest_dict)
+    data["teacher"].update(repo="timm/resnet50.a1_in1k", revision="0123456789abcdef0123456789abcdef01234567")
+    manifest = Manifest.from_dict(data)
+    assert (manifest.teacher.repo, manifest.teacher.revision) == ("timm/resnet50.a1_in1k", data["teacher"]["revision"])
+    assert set(manifest.to_dict()["teacher"]) == NESTED_KEYS["teacher"] | OPTIONAL_TEACHER_KEYS
+    assert manifest.to_dict() == data
+
+
 def test_unknown_field_is_refused_by_name(manifest_dict):
     data = copy.deepcopy(manifest_dict)
     data["teacher"]["weights_md5"] = "x"
@@ -392,6 +405,8 @@ WRONG_TYPES = [
     (("param_fields",), [1, 2], "param_fields"),
     (("teacher", "num_classes"), "7", "teacher.num_classes"),
     (("teacher", "num_classes"), None, "teacher.num_classes"),
+    (("teacher", "revision"), 7, "teacher.revision"),
+    (("teacher", "repo"), "", "teacher.repo"),
     (("replay",), "pil", "replay"),
     (("tail",), [1.0, 0.25], "tail"),
 ]

@@ -110,9 +110,10 @@ def test_a_flipped_byte_in_an_uploaded_unit_names_epoch_and_unit(store, small_ca
     data[len(data) // 2] ^= 0xFF
     store.pipe_file(f"{BUCKET}/damaged/{key}", bytes(data))
     result = CliRunner().invoke(app, ["verify", url, "--quick"])
-    assert result.exit_code == 5
-    (line,) = result.stderr.strip().splitlines()
-    assert line == (f"error: {url}: epoch 1 unit 2 (blocks 4..5): file {key} does not match its ledger checksum; "
+    assert result.exit_code == 3
+    assert result.stderr.strip() == f"error: cache {url} failed verification: 1 problem(s), listed above: 1 in the cache's files"
+    (line,) = [line.split("FAILED", 1)[1].strip() for line in result.stdout.splitlines() if line.strip().startswith("FAILED")]
+    assert line == (f"{url}: epoch 1 unit 2 (blocks 4..5): file {key} does not match its ledger checksum; "
                     "this copy is read-only (a URL or an archive): fetch a fresh copy, or tell whoever publishes "
                     "the cache (they can repair it with kdcache precompute-logits --resume --repair)")
     with pytest.raises(ChecksumError, match=r"epoch 1 unit 2 \(blocks 4\.\.5\)"):

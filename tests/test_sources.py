@@ -352,5 +352,5 @@ def test_malformed_specs():
         open_source("imagefolder:")
     with pytest.raises(ConfigError, match="names no shards"):
         open_source("webdataset:")
-    with pytest.raises(ConfigError, match="shard_sizes is for webdataset sources only"):
+    with pytest.raises(ConfigError, match="shard_sizes is for webdataset and parquet sources only"):
         open_source("digits", shard_sizes=[1])

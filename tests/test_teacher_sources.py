@@ -210,10 +210,10 @@ def test_an_export_with_a_fixed_batch_size_is_one_line(tmp_path):
     (["--teacher", "onnx:model.onnx"], "unknown kind 'onnx'"),
     (["--teacher", "hf:"], "names no hf teacher"),
     (["--teacher", "python:just_a_module"], "expected python:MODULE:FUNCTION"),
-    (["--teacher", "torchvision:resnet18"], "needs --teacher-checkpoint"),
+    (["--teacher", "torchvision:resnet18:NO_SUCH"], "resnet18 has no weights 'NO_SUCH'; expected one of DEFAULT, IMAGENET1K_V1"),
     (["--teacher", "torchvision:no_such_net", "--teacher-checkpoint", __file__], "not a torchvision model name"),
     (["--teacher", "export:missing.pt2"], "teacher file missing.pt2 does not exist"),
-], ids=["kind", "empty", "python-form", "no-checkpoint", "unknown-torchvision", "missing-export"])
+], ids=["kind", "empty", "python-form", "unknown-weights", "unknown-torchvision", "missing-export"])
 def test_a_bad_teacher_spec_is_one_line(tmp_path, teacher, named):
     assert named in one_error_line(precompute(tmp_path / "out", teacher), 2)
 

@@ -423,8 +423,9 @@ def test_verify_fails_naming_a_damaged_unit_of_an_added_teacher(two_teachers, tm
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF
     shard.write_bytes(bytes(data))
-    line = one_error_line(invoke("verify", path, "--quick"), 5)
-    assert "teachers/B: epoch 1 unit 2" in line and "values/c/1/2/0 does not match its ledger checksum" in line
+    result = invoke("verify", path, "--quick")
+    one_error_line(result, 3)
+    assert "teachers/B: epoch 1 unit 2" in result.stdout and "values/c/1/2/0 does not match its ledger checksum" in result.stdout
     assert invoke("verify", path, "--quick", "--teacher-record", "main").exit_code == 0
 
 
@@ -643,7 +644,7 @@ def test_epochs_added_to_the_cache_are_scored_by_running_add_teacher_again(two_t
     cache = open_cache(path)
     assert cache.teacher_records("B").complete_epochs() == [0, 1]
     verified = invoke("verify", path, "--quick")
-    assert verified.exit_code == 5 and re.search(r"ledger \[B\]\s+6 unit\(s\) committed, 3 missing", verified.output), verified.output
+    assert verified.exit_code == 3 and re.search(r"ledger \[B\]\s+6 unit\(s\) committed, 3 missing", verified.output), verified.output
     before = group_records(path)
     result = run_add_teacher(path, teacher_b)
     assert (result.units_done, result.units_skipped) == (3, 6)
@@ -655,7 +656,6 @@ def test_epochs_added_to_the_cache_are_scored_by_running_add_teacher_again(two_t
 @pytest.mark.parametrize("args, code, expected", [
     (["--topk", "many"], 2, "--topk 'many'"),
     (["--topk", "0"], 2, "--topk 0"),
-    (["--topk", "11"], 2, "exceeds the teacher's 10 classes"),
     (["--epochs", "5"], 2, "has epochs 0 to 1"),
     (["--epochs", "x"], 2, "is not a number or a range"),
     (["--batch-size", "0"], 2, "--batch-size 0"),

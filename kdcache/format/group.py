@@ -16,7 +16,7 @@ from typing import Any
 
 from kdcache.errors import ConfigError, FormatError
 from kdcache.location import Location
-from kdcache.format.manifest import Manifest, TeacherInfo, _build, _short
+from kdcache.format.manifest import Manifest, TeacherInfo, _build, _short, teacher_dict
 
 TEACHERS_DIR = "teachers"
 TEACHER_KEY = "kdcache_teacher"  # the group attribute
@@ -61,7 +61,9 @@ class TeacherGroup:
     command: str
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["teacher"] = teacher_dict(self.teacher)
+        return data
 
     def content(self) -> dict:
         """What the content digest covers: the attributes less their provenance (created, command)."""

@@ -288,7 +288,7 @@ def index_cache(location: str | Path, *, log=print) -> dict[str, list[int]]:
         raise ConfigError(f"{location}: kdcache index writes into a local cache directory, not a URL or an archive; "
                           "index the cache it came from, or export it (kdcache export writes the indexes)")
     if not where.path.is_dir():
-        raise FormatError(f"cache {location} does not exist")
+        raise FormatError(f"cache {location} " + ("is a file, not a cache directory" if where.path.exists() else "does not exist"))
     if (where.path / "kdcache-wds.json").is_file():
         raise ConfigError(f"{location} is a webdataset export: its index (kdcache-wds.json) already lists every shard")
     done = index_epochs(where.path, log=log)

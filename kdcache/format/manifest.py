@@ -62,6 +62,23 @@ class TeacherInfo:
     interpolation: str
     mean: list[float]
     std: list[float]
+    # Published weights (optional, written only when set): the Hub repository id (torchvision: the weights' URL)
+    # and the commit its revision resolved to (torchvision: the weights enum). docs/format.md, "The manifest".
+    repo: str | None = None
+    revision: str | None = None
+
+
+#: TeacherInfo fields written only when set, so that a manifest without them is byte for byte what it was.
+OPTIONAL_TEACHER_FIELDS = ("repo", "revision")
+
+
+def teacher_dict(info: TeacherInfo) -> dict:
+    """A teacher's manifest entry: its fields, less the optional ones that are not set."""
+    data = dataclasses.asdict(info)
+    for name in OPTIONAL_TEACHER_FIELDS:
+        if data[name] is None:
+            del data[name]
+    return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +148,9 @@ class Manifest:
     samples_sha256: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["teacher"] = teacher_dict(self.teacher)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "manifest") -> "Manifest":
@@ -165,6 +184,10 @@ class Manifest:
                             ("dataset.num_samples", self.dataset.num_samples)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, value, "a positive integer")
+        for name in OPTIONAL_TEACHER_FIELDS:
+            value = getattr(self.teacher, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                bad(f"teacher.{name}", value, "a non-empty string, or no such field")
         size = self.teacher.input_size
         if not isinstance(size, list) or len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
             bad("teacher.input_size", size, "[channels, height, width] as positive integers")

@@ -334,6 +334,9 @@ def open_cache(location: str | os.PathLike, *, verify_checksums: bool = True) ->
     loc = Location(location)
     if not loc.remote and not loc.path.exists():
         raise FormatError(f"cache {location} does not exist")
+    if loc.local and not loc.path.is_dir():
+        raise FormatError(f"cache {location} is a file, not a cache directory (a cache is a directory holding zarr.json, "
+                          "or a .zip archive of one)")
     from kdcache.format.wds import open_wds  # a webdataset export (kdcache export --format wds) holds its own index
 
     exported = open_wds(loc, verify_checksums=verify_checksums)

@@ -2,7 +2,7 @@
 
 A :class:`Source` is an indexable, read-only dataset of :class:`Sample` (key, label, the raw
 stored bytes of the image). :func:`open_source`, the one place that dispatches a spec string to
-its kind, opens one, and a source's ``uri`` reopens the same data. Four kinds:
+its kind, opens one, and a source's ``uri`` reopens the same data. Five kinds:
 
 - ``digits[:train|val]``: scikit-learn's 8x8 digits (shipped in its wheel). A fixed split: a
   ``numpy.random.RandomState(0)`` permutation of the 1,797 images (the legacy generator, whose
@@ -17,6 +17,10 @@ its kind, opens one, and a source's ``uri`` reopens the same data. Four kinds:
 - webdataset tar shards: ``webdataset:PATTERN`` or any ``.tar`` path, URL or brace pattern
   (``/data/shard-{000000..000009}.tar``), read by :class:`kdcache.sources.webdataset.WebDatasetSource`
   (see there). :meth:`Source.read_shard` streams one shard in one sequential read.
+- parquet as the Hugging Face Hub keeps datasets: ``parquet:PATH`` (a file, a directory or a
+  glob, local or an fsspec URL such as ``hf://datasets/ORG/NAME@REVISION/data/train-*.parquet``)
+  or any ``.parquet`` path, read by :class:`kdcache.sources.parquet.ParquetSource` (see there),
+  one block per row group.
 
 Digits and Fashion-MNIST store each image as NumPy ``.npy`` bytes of a uint8 array, exact and
 independent of any image codec; :func:`decode_image` reads those and anything Pillow reads.
@@ -37,6 +41,10 @@ Error policy (checked when a source is opened or its data first read, never with
 - an image whose body cannot be decoded (a truncated file): :class:`SourceError` naming the
   key when the sample is first decoded (:func:`decode_sample`); precompute stops there, keeps
   the units it committed and names the epoch and block;
+- a parquet file without an ``image`` or ``label`` column, or a row without image bytes or
+  label: :class:`SourceError` naming the file (and the key);
+- a URL whose fsspec protocol needs a package that is not installed (s3fs, gcsfs...):
+  :class:`ConfigError` naming the package;
 - an unknown spec, a bad split or an inconsistent ``num_classes`` / ``shard_sizes``:
   :class:`ConfigError` saying what is accepted.
 
@@ -77,18 +85,20 @@ from kdcache.sources.builtin import (
     FashionMnistSource,
     ImageFolderSource,
 )
+from kdcache.sources.parquet import ParquetSource
 from kdcache.sources.webdataset import WebDatasetSource
 
 __all__ = [
     "ACCEPTED_SPECS", "DEVICE_DECODABLE", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_FILE_EXTENSIONS", "SPLITS",
-    "DigitsSource", "FashionMnistSource", "ImageFolderSource", "ImageHeader", "Sample", "Source", "WebDatasetSource",
+    "DigitsSource", "FashionMnistSource", "ImageFolderSource", "ImageHeader", "ParquetSource", "Sample", "Source", "WebDatasetSource",
     "check_image_header", "check_num_classes", "decode_image", "decode_native", "decode_on_device", "decode_sample",
     "image_header", "npy_bytes", "open_source", "stored_format",
 ]
 
 ACCEPTED_SPECS = (
     "digits[:train|val], fashion-mnist[:DIR][:train|val], imagefolder:DIR, "
-    "webdataset:PATTERN, or a .tar path/URL/brace pattern such as /data/shard-{000000..000009}.tar"
+    "webdataset:PATTERN, or a .tar path/URL/brace pattern such as /data/shard-{000000..000009}.tar, "
+    "parquet:PATH (a file, directory or glob; local or a URL such as hf://datasets/ORG/NAME/...) or a .parquet path"
 )
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -119,7 +129,8 @@ def open_source(
 ) -> Source:
     """Open a source from a spec string (see the module docstring); a ``:train|:val`` suffix overrides ``split``.
 
-    ``shard_sizes`` (webdataset only) skips the scan of shard sizes, e.g. with sizes a cache recorded.
+    ``shard_sizes`` (webdataset and parquet) skips the scan of shard sizes (webdataset) or checks the
+    footers' block sizes against them (parquet), e.g. with sizes a cache recorded.
     """
     spec = spec.strip() if isinstance(spec, str) else spec
     if not isinstance(spec, str) or not spec:
@@ -133,8 +144,15 @@ def open_source(
         if not pattern:
             raise ConfigError(f"source spec {spec!r} names no shards; expected webdataset:PATTERN")
         return WebDatasetSource(pattern, split=split, num_classes=num_classes, shard_sizes=shard_sizes)
+    bare_parquet = kind not in ("digits", "fashion-mnist", "imagefolder") and _split_suffix(spec)[0].lower().endswith(".parquet")
+    if kind == "parquet" or bare_parquet:
+        path = rest if kind == "parquet" else spec
+        path, chosen = _split_suffix(path)
+        if not path:
+            raise ConfigError(f"source spec {spec!r} names no files; expected parquet:PATH (a file, directory or glob)")
+        return ParquetSource(path, split=chosen or split, num_classes=num_classes, shard_sizes=shard_sizes)
     if shard_sizes is not None:
-        raise ConfigError(f"shard_sizes is for webdataset sources only, but the spec is {spec!r}")
+        raise ConfigError(f"shard_sizes is for webdataset and parquet sources only, but the spec is {spec!r}")
     if kind == "digits":
         _, chosen = _split_suffix(rest)
         if rest and chosen is None:

@@ -256,7 +256,7 @@ def _check_split(split: str, kind: str) -> None:
 
 
 class Source(abc.ABC):
-    """An indexable dataset of samples. Concrete kinds: digits, fashion-mnist, imagefolder, webdataset.
+    """An indexable dataset of samples. Concrete kinds: digits, fashion-mnist, imagefolder, webdataset, parquet.
 
     Attributes: ``kind``, ``uri`` (reopens the same data with :func:`open_source`), ``split``,
     ``num_classes``, ``class_names``.
@@ -276,16 +276,16 @@ class Source(abc.ABC):
         """The samples at these global positions, in the order given (repeats allowed)."""
 
     def shards(self) -> list[tuple[str, int]] | None:
-        """``[(shard_url, n_samples), ...]`` for tar-sharded sources, else None."""
+        """``[(shard_url, n_samples), ...]`` for sources read block by block (tar shards, parquet row groups), else None."""
         return None
 
     def read_shard(self, shard_index: int) -> list[Sample]:
-        """All samples of one tar shard (webdataset sources only)."""
+        """All samples of one tar shard or parquet row group (webdataset and parquet sources only)."""
         return list(self.iter_shard(shard_index))
 
     def iter_shard(self, shard_index: int) -> Iterator[Sample]:
-        """Stream the samples of one tar shard (webdataset sources only)."""
-        raise ConfigError(f"{self.kind} source '{self.uri}' has no tar shards; only webdataset sources do")
+        """Stream the samples of one tar shard or parquet row group (webdataset and parquet sources only)."""
+        raise ConfigError(f"{self.kind} source '{self.uri}' has no tar shards or parquet row groups; only webdataset and parquet sources do")
 
     def iter_samples(self, *, chunk_size: int = 256) -> Iterator[Sample]:
         """Every sample in position order (webdataset sources stream shard by shard)."""

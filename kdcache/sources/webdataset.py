@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from kdcache.errors import ConfigError, SourceError
+from kdcache.hub import explain_hf_url
+from kdcache.location import url_filesystem
 from kdcache.sources.base import Sample, Source, check_num_classes
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "npy")
@@ -97,7 +99,9 @@ class WebDatasetSource(Source):
         self.split = split
         self.urls = list(braceexpand.braceexpand(self.pattern))
         for url in self.urls:
-            if not _is_url(url) and not os.path.isfile(url):
+            if _is_url(url):
+                url_filesystem(url, what="webdataset shard")  # a protocol whose package is missing: one line
+            elif not os.path.isfile(url):
                 raise SourceError(f"webdataset shard '{url}' does not exist")
         self._sizes: list[int] | None = None
         if shard_sizes is not None:
@@ -251,6 +255,7 @@ def _tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             if key is not None:
                 yield key, members
     except FileNotFoundError:
+        explain_hf_url(url, f"webdataset shard '{url}'")  # a gated or unknown Hub repository, said as such
         raise SourceError(f"webdataset shard '{url}' does not exist") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exn:
         raise SourceError(f"webdataset shard '{url}': cannot read tar ({type(exn).__name__}: {exn})") from None
