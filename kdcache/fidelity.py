@@ -52,7 +52,7 @@ def record_fidelity(records: dict, manifest, loss: LossConfig) -> dict | None:
     else:
         reads = {"bucket": "the tail as one bucket", "uniform": "the tail spread evenly",
                  "estimated": "the tail as one bucket (the cache has no tail code or sampled classes)"}[loss.tail]
-    return {"temperature": temperature, "k": k, "tail_mass": quantiles, "reads": reads,
+    return {"temperature": temperature, "k": k, "tail_classes": classes - k, "tail_mass": quantiles, "reads": reads,
             "kept": bool(record.spec.rank or record.samples), "warn": bool(not estimated and quantiles[1] > WARN_TAIL_MASS)}
 
 
@@ -63,8 +63,12 @@ def describe(fidelity: dict, loss: LossConfig) -> str:
             f"mass (5-95%: {100 * low:.0f}-{100 * high:.0f}%) lies outside the stored top {fidelity['k']}; "
             f"loss {loss.name!r} reads {fidelity['reads']}")
     if fidelity["warn"]:
-        fix = ("train with --tail estimated, which reads them" if fidelity.get("kept") else
-               "make the cache with a tail code (precompute-logits --tail-rank 16) or with --topk full")
+        if fidelity.get("kept"):
+            fix = "train with --tail estimated, which reads them"
+        elif fidelity.get("tail_classes", 0) > 32:
+            fix = "make the cache with a tail code (precompute-logits --tail-rank 16) or with --topk full"
+        else:
+            fix = f"make the cache with --topk full (every logit: {fidelity['tail_classes']} more per view)"
         line = ("warning: " + line + ", so its gradient is far from the full-logit one (docs/methods.md, 'What a record "
                 f"keeps'): {fix}")
     return line

@@ -239,12 +239,18 @@ def view_uniforms(seed: int, epoch: int, sample_ids) -> np.ndarray:
                      for i in sample_ids], dtype=np.float64)
 
 
+#: The tail code's coordinates are whole numbers in [-CODE_LEVELS, CODE_LEVELS]: exact in fp16, and few bits to compress.
+CODE_LEVELS = 127
+
+
 def fit_tail_basis(logits: torch.Tensor, rank: int) -> torch.Tensor:
     """The tail code's basis from a calibration set of teacher logits ``[N, C]``: float32 ``[rank + 1, C]``.
 
-    Row 0 is the mean of the views' centred logits (each view less its own mean), rows 1 to rank
-    their principal directions (float64 SVD on the CPU, each direction's largest entry made
-    positive, so the basis is a function of the logits alone).
+    Row 0 is the mean of the views' centred logits (each view less its own mean). Rows 1 to rank
+    are their principal directions (float64 SVD on the CPU, each direction's largest entry made
+    positive), each scaled by its step: the largest coordinate seen along it, divided by
+    :data:`CODE_LEVELS`. A view's code is then its coordinates in steps, rounded to whole numbers
+    (:func:`tail_code`), and the basis is a function of the logits alone.
     """
     centred = logits.double().cpu()
     centred = centred - centred.mean(-1, keepdim=True)
@@ -252,15 +258,18 @@ def fit_tail_basis(logits: torch.Tensor, rank: int) -> torch.Tensor:
     if rank > min(centred.shape):
         raise ValueError(f"a rank-{rank} tail code needs at least {rank} calibration views and classes; got {tuple(centred.shape)}")
     directions = torch.linalg.svd(centred - mean, full_matrices=False).Vh[:rank]
-    flip = directions.gather(-1, directions.abs().argmax(-1, keepdim=True)).sign()
-    return torch.cat([mean.unsqueeze(0), directions * flip], dim=0).float()
+    directions = directions * directions.gather(-1, directions.abs().argmax(-1, keepdim=True)).sign()
+    steps = ((centred - mean) @ directions.T).abs().amax(0).clamp_min(1e-12) / CODE_LEVELS
+    return torch.cat([mean.unsqueeze(0), directions * steps.unsqueeze(-1)], dim=0).float()
 
 
 def tail_code(logits: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Each view's coordinates on the basis's directions: ``[B, rank]`` float32."""
+    """Each view's code ``[B, rank]``: its coordinates along the basis's rows, in steps, rounded and clipped to whole numbers."""
     basis = basis.float().to(logits.device)
+    rows = basis[1:]
     centred = logits.float() - logits.float().mean(-1, keepdim=True)
-    return (centred - basis[0]) @ basis[1:].T
+    steps = (centred - basis[0]) @ rows.T / rows.square().sum(-1)
+    return steps.round().clamp(-CODE_LEVELS, CODE_LEVELS)
 
 
 def make_records(logits: torch.Tensor, k: int, spec: TailSpec = V1_TAIL, *, uniforms=None, basis=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

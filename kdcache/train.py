@@ -51,6 +51,7 @@ from kdcache.checkpoint import (
 )
 from kdcache.cpu import thread_note
 from kdcache.errors import ConfigError, WriteError, describe_os_error
+from kdcache.fidelity import describe as describe_fidelity
 from kdcache.losses import compute_loss
 from kdcache.record import TeacherRecord
 from kdcache.runlog import METRICS_NAME, PLOT_NAME, RESULT_NAME, Progress, RunLog, StepMeter, plot_run, write_json
@@ -405,6 +406,8 @@ class _Run:
             f"{self.batches_per_epoch} batches/epoch x {config.epochs} epochs"
             + (f", resuming at step {position.step} (epoch {position.epoch}, batch {position.batch})" if resumed else "")
         )
+        if config.record_fidelity is not None:  # what the loss reads of the cache's records (kdcache.fidelity), once
+            self.say(describe_fidelity(config.record_fidelity, config.loss))
         self.progress = Progress(self.log, total=self.stop_step, initial=position.step, enabled=self.ranks.main)
         self.say = self.progress.say  # beside the bar on a terminal, never over it
         self.meta_stream = _cycle_from(self.meta_batches, position.meta_batches) if self.is_mkd else None

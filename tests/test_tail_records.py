@@ -203,6 +203,43 @@ def test_a_cache_with_a_tail_code_and_sampled_classes_is_made_verified_and_train
                                           tail="estimated")).all()
 
 
+def test_every_container_and_command_carries_a_version_2_record(tmp_path, precompute_argv, teacher_ckpt, one_thread):
+    """add-teacher, verify, export (zip and wds), merge, show and the digest on a cache with a code and sampled classes."""
+    from kdcache.batches import teacher_records
+
+    out = tmp_path / "cache"
+    runner = CliRunner()
+    assert runner.invoke(app, precompute_argv(out, topk=2, epochs=1) + ["--tail-rank", "3", "--tail-samples", "2"]).exit_code == 0
+    teacher = ["--data", "digits", "--teacher", "test_resnet", "--teacher-checkpoint", str(teacher_ckpt)]
+    added = runner.invoke(app, ["add-teacher", str(out), *teacher, "--name", "t2", "--topk", "2"])
+    assert added.exit_code == 0, added.output
+    digest = open_cache(out).digest()
+    for container, fmt in (("cache.zip", "zip"), ("copy", "zarr"), ("wds", "wds")):
+        target = tmp_path / container
+        exported = runner.invoke(app, ["export", str(out), str(target), "--format", fmt] + (["--data", "digits"] if fmt == "wds" else []))
+        assert exported.exit_code == 0, exported.output
+        copy = open_cache(target)
+        assert copy.manifest.tail == open_cache(out).manifest.tail and copy.manifest.format_version == 2
+        if fmt != "wds":  # a webdataset export has a digest of its own (docs/format.md)
+            assert copy.digest() == digest
+        main = teacher_records(target, epoch=0, block=1)
+        assert main.samples == 2 and main.spec.rank == 3
+        assert torch.equal(main.sampled_indices, teacher_records(out, epoch=0, block=1).sampled_indices)
+    for part, blocks in (("part1", "0-1"), ("part2", "2-5")):
+        assert runner.invoke(app, ["export", str(out), str(tmp_path / part), "--blocks", blocks]).exit_code == 0
+    merged = runner.invoke(app, ["merge", str(tmp_path / "merged"), str(tmp_path / "part1"), str(tmp_path / "part2")])
+    assert merged.exit_code == 0, merged.output
+    assert open_cache(tmp_path / "merged").digest() == digest
+    verified = runner.invoke(app, ["verify", str(tmp_path / "cache.zip"), *teacher, "--views", "16"])
+    assert verified.exit_code == 0 and "replay [t2]" in verified.output, verified.output
+    shown = runner.invoke(app, ["show", str(out), "--data", "digits", "--epoch", "0", "--out", str(tmp_path / "views.png")])
+    assert shown.exit_code == 0 and (tmp_path / "views.png").stat().st_size > 0, shown.output
+    trained = runner.invoke(app, ["train-student", "--cache", str(tmp_path / "wds"), "--data", "digits", "--model", "test_resnet",
+                                  "--loss", "kd", "--teacher-record", "all", "--epochs", "1", "--max-steps", "1",
+                                  "--batch-size", "64", "--run-dir", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+
+
 def test_a_tail_code_edited_in_a_cache_fails_verify(tmp_path, precompute_argv, teacher_ckpt, one_thread):
     out = tmp_path / "cache"
     assert CliRunner().invoke(app, precompute_argv(out, topk=2, epochs=1) + ["--tail-rank", "3"]).exit_code == 0
@@ -277,7 +314,7 @@ def test_train_student_says_once_what_the_loss_reads_and_records_it(tmp_path, on
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "teacher records at the loss's temperature T = 4" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "outside the stored top 3" in lines[0]
-    assert "reads the tail as one bucket (the cache has no tail code" in lines[0] and "--tail-rank 16" in lines[0]
+    assert "reads the tail as one bucket (the cache has no tail code" in lines[0] and "--topk full (every logit: 7 more" in lines[0]
     recorded = json.loads((run / "config.json").read_text())["record_fidelity"]
     assert recorded["temperature"] == 4.0 and recorded["warn"] and 0.2 < recorded["tail_mass"][1] < 1
 
@@ -305,3 +342,11 @@ def test_the_fidelity_of_a_coded_record_read_as_a_bucket_points_to_the_estimated
     assert bucket["warn"] and "--tail estimated" in describe(bucket, LossConfig(name="ttm", tail="bucket"))
     assert not estimated["warn"] and estimated["reads"] == "the tail from its rank-7 tail code"
     assert record_fidelity(records, Manifest(), LossConfig(name="ce")) is None
+
+    class V1Manifest(Manifest):
+        tail = TailSpec().to_json()
+
+    plain = make_records(logits[:64], 5)
+    v1 = record_fidelity({"values": plain[0].numpy(), "indices": plain[1].numpy(), "tail": plain[2].numpy()},
+                         V1Manifest(), LossConfig(name="ttm"))
+    assert v1["warn"] and "--tail-rank 16" in describe(v1, LossConfig(name="ttm"))
