@@ -137,6 +137,44 @@ def small_cache(tmp_path_factory, make_config) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory):
+    """``trained_teacher(seed=0) -> (checkpoint, top-1 on digits:val)``: test_resnet trained 6 epochs on digits at
+    32x32 with loss ce (how teachers are made), once per seed for the whole session. Treat as read-only."""
+    from kdcache.losses import LossConfig
+    from kdcache.student import StudentConfig, train_student
+
+    root = tmp_path_factory.mktemp("trained-teachers")
+    made: dict[int, tuple[Path, float]] = {}
+
+    def make(seed: int = 0) -> tuple[Path, float]:
+        if seed not in made:
+            run_dir = root / f"s{seed}"
+            with single_thread():
+                result = train_student(StudentConfig(
+                    data="digits", model="test_resnet", run_dir=str(run_dir), loss=LossConfig(name="ce"), img_size=32,
+                    epochs=6, seed=seed, val_data="digits:val", batch_size=64, lr=3e-3, weight_decay=0.01, amp="none",
+                    device="cpu", log_every=100,
+                ), log=lambda message: None)
+            made[seed] = run_dir / "model.pt", result.final_top1
+        return made[seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_cache(tmp_path_factory, trained_teacher) -> Path:
+    """A 2-epoch top-5 cache of digits (blocks of 256, 2 per unit) by ``trained_teacher(0)``. Treat as read-only."""
+    from kdcache.precompute import PrecomputeConfig
+    from kdcache.teacher import TeacherConfig
+
+    path = tmp_path_factory.mktemp("trained-cache") / "cache"
+    checkpoint, _ = trained_teacher(0)
+    run_precompute(PrecomputeConfig(data="digits", output=str(path), epochs=2, topk=5, block_size=256, blocks_per_unit=2,
+                                    teacher=TeacherConfig(model="test_resnet", checkpoint=str(checkpoint))))
+    return path
+
+
 @pytest.fixture
 def cache_copy(small_cache, tmp_path, helpers):
     """A private copy of small_cache, and its file hashes (to check that a refusal changes nothing)."""

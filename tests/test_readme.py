@@ -33,6 +33,17 @@ def test_ci_then_checks_debians_data_and_a_fresh_clone():
     assert "python .ci/fresh-clone" in later
 
 
+def test_ci_runs_every_test_that_readmes_command_leaves_out():
+    """README's command deselects the tests marked slow, and nothing else; CI runs exactly those next."""
+    _, test_command = _commands()
+    pytest_command = test_command.split(" && ")[1]
+    assert re.findall(r' -m ("[^"]*"|\S+)', pytest_command) == ["pytest", '"not slow"']  # one marker expression
+    assert " -k " not in pytest_command and "--deselect" not in pytest_command and "--ignore" not in pytest_command
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    later = lines[lines.index(test_command) + 1:]
+    assert pytest_command.replace(' -m "not slow"', " -m slow") in later
+
+
 def test_fresh_clone_reads_the_commands_out_of_readme():
     loader = importlib.machinery.SourceFileLoader("fresh_clone", str(ROOT / ".ci" / "fresh-clone"))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))

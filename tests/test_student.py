@@ -254,31 +254,26 @@ LOSSES = ("ce", "kd", "ttm", "wttm", "mkd")
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory, helpers):
-    """A teacher trained with loss ce (how teachers are made), a 2-epoch top-5 cache of it, and a
-    student per loss trained 3 epochs from that cache; top-1 on digits:val of each."""
+def learned(tmp_path_factory, trained_teacher, trained_cache):
+    """A teacher trained with loss ce (how teachers are made), a 2-epoch top-5 cache of it (both shared by the session),
+    and a student per loss trained 3 epochs from that cache; top-1 on digits:val of each."""
     from kdcache.loader import eval_batches
-    from kdcache.precompute import PrecomputeConfig
     from kdcache.sources import open_source
     from kdcache.train import evaluate
 
     root = tmp_path_factory.mktemp("learn")
     common = dict(val_data="digits:val", batch_size=64, log_every=100)
+    _, teacher_top1 = trained_teacher(0)
     with single_thread():  # for the module fixture (the one_thread fixture covers the tests)
-        teacher = run(student(root / "teacher", loss=LossConfig(name="ce"), img_size=32, epochs=6, **common))
-        helpers.run_precompute(PrecomputeConfig(
-            data="digits", output=str(root / "cache"), epochs=2, topk=5, block_size=256, blocks_per_unit=2,
-            teacher=TeacherConfig(model="test_resnet", checkpoint=str(root / "teacher" / "model.pt")),
-        ))
-        top1 = {"teacher": teacher.final_top1}
+        top1 = {"teacher": teacher_top1}
         for loss in LOSSES:
-            result = run(student(root / loss, loss=LossConfig(name=loss), cache=str(root / "cache"), epochs=3, **common))
+            result = run(student(root / loss, loss=LossConfig(name=loss), cache=str(trained_cache), epochs=3, **common))
             top1[loss] = result.final_top1
         import timm
 
         torch.manual_seed(0)
         untrained = timm.create_model("test_resnet", pretrained=False, num_classes=10)
-        spec = cache_spec(open_cache(root / "cache").manifest)
+        spec = cache_spec(open_cache(trained_cache).manifest)
         val = eval_batches(open_source("digits:val"), spec, batch_size=256, num_classes=10)
         top1["untrained"] = evaluate(untrained, val, device=torch.device("cpu"))
     print("digits:val top-1:", json.dumps({k: round(v, 4) for k, v in top1.items()}))

@@ -355,26 +355,20 @@ def test_an_unfinished_teacher_is_refused_before_training(cache_copy, teacher_b,
 
 
 @pytest.fixture(scope="module")
-def learned_from_two(tmp_path_factory, helpers):
-    """Two teachers trained with loss ce (other seeds), a 2-epoch cache of the first with the second added as B, and a
-    student trained 3 epochs with KD from main, from B and from all; top-1 on digits:val of each."""
+def learned_from_two(tmp_path_factory, trained_teacher, trained_cache):
+    """Two teachers trained with loss ce (seeds 0 and 1), a 2-epoch cache of the first (both shared by the session) with
+    the second added as B, and a student trained 3 epochs with KD from main, from B and from all; top-1 on digits:val of
+    each."""
     from kdcache.losses import LossConfig
-    from kdcache.precompute import PrecomputeConfig
     from kdcache.student import StudentConfig, train_student
 
     root = tmp_path_factory.mktemp("learn-two")
     common = dict(data="digits", model="test_resnet", val_data="digits:val", batch_size=64, log_every=100, lr=3e-3,
                   weight_decay=0.01, amp="none", device="cpu")
-    top1 = {}
-    with single_thread():
-        for name, seed in (("A", 0), ("B", 1)):
-            made = train_student(StudentConfig(run_dir=str(root / name), loss=LossConfig(name="ce"), img_size=32, epochs=6,
-                                               seed=seed, **common), log=quiet)
-            top1[f"teacher {name}"] = made.final_top1
-        helpers.run_precompute(PrecomputeConfig(
-            data="digits", output=str(root / "cache"), epochs=2, topk=5, block_size=256, blocks_per_unit=2,
-            teacher=TeacherConfig(model="test_resnet", checkpoint=str(root / "A" / "model.pt"))))
-    run_add_teacher(root / "cache", root / "B" / "model.pt")
+    (_, top1_a), (checkpoint_b, top1_b) = trained_teacher(0), trained_teacher(1)
+    top1 = {"teacher A": top1_a, "teacher B": top1_b}
+    shutil.copytree(trained_cache, root / "cache")
+    run_add_teacher(root / "cache", checkpoint_b)
     with single_thread():
         for record in ("main", "B", "all"):
             result = train_student(StudentConfig(run_dir=str(root / f"student-{record}"), loss=LossConfig(name="kd"),
