@@ -417,11 +417,14 @@ def coded_tail_log_mass(record: "TeacherRecord", beta) -> torch.Tensor:
     beta = torch.as_tensor(beta, dtype=torch.float32, device=values.device)
     if beta.dim() == 2:
         beta = beta.squeeze(-1)
-    shape = record.shape_logits().scatter(-1, record.indices.long(), float("-inf"))
-    shape = shape - shape.max(-1, keepdim=True).values  # the code's logits are known up to a shift per view
+    top = torch.zeros_like(values[:, :1].expand(-1, record.num_classes), dtype=torch.bool).scatter(-1, record.indices.long(), True)
+    shape = record.shape_logits().masked_fill(top, float("-inf"))
+    shape = (shape - shape.max(-1, keepdim=True).values).masked_fill(top, 0.0)  # known up to a shift per view
+    outside = torch.zeros_like(shape).masked_fill(top, float("-inf"))  # added after the product: finite gradients in beta
 
     def code_mass(b) -> torch.Tensor:  # b: a number, or one per view
-        return torch.logsumexp(torch.as_tensor(b, dtype=torch.float32, device=shape.device).reshape(-1, 1) * shape, dim=-1)
+        b = torch.as_tensor(b, dtype=torch.float32, device=shape.device).reshape(-1, 1)
+        return torch.logsumexp(b * shape + outside, dim=-1)
 
     xs, ys = _anchors(values, tail, spec, n)
     residuals = [torch.zeros_like(ys[0])] + [y - code_mass(x) for x, y in zip(xs[1:], ys[1:])]

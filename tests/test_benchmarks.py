@@ -49,6 +49,17 @@ def test_tail_benchmark_prints_its_table():
 
 
 @pytest.mark.slow
+def test_records_benchmark_prints_the_frontier_and_plots_it(tmp_path):
+    out = run("records.py", "--quick", "--plot", str(tmp_path / "records.png"), "--json", str(tmp_path / "records.json"))
+    assert "Batch weight-gradient error, student init" in out and "| synthetic (C=100) | full fp16 |" in out
+    rows = json.loads((tmp_path / "records.json").read_text())
+    full = next(r for r in rows if r["kind"] == "full fp16")
+    bucket = next(r for r in rows if r["kind"] == "top-10 bucket")
+    assert full["batch kd4/init"] < 1e-3 < bucket["batch kd4/init"] and bucket["bytes"] < full["bytes"]
+    assert (tmp_path / "records.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_accuracy_study_runs_every_method_at_reduced_size(tmp_path):
     out = run("accuracy.py", "--quick", "--out", str(tmp_path / "study"))
     table = out.split("\nmethod")[1].split("\n\n")[0].splitlines()[1:]

@@ -160,6 +160,15 @@ def test_the_tail_code_carries_a_low_rank_teachers_tail():
                                         tail="bucket") - want).abs().max()
         assert coded_error < 0.02 * want.abs().max() and coded_error < bucket_error / 5, (temperature, coded_error, bucket_error)
 
+    def temperature_grads(record, tail):  # MKD's meta-parameters, through the code's shape and tail mass
+        t_t, t_s = torch.tensor(4.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+        kl = distillation_kl(student, record, teacher_temperature=t_t, student_temperature=t_s, tail=tail).mean()
+        return torch.stack(torch.autograd.grad(kl, [t_t, t_s]))
+
+    want = temperature_grads(full, "bucket")
+    got = temperature_grads(coded, "estimated")
+    assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=0.02), (got, want)
+
 
 def test_three_anchors_rebuild_the_tail_mass_between_them_better_than_two():
     logits = teacher_logits(views=64, classes=200)
