@@ -65,8 +65,8 @@ def describe(fidelity: dict, loss: LossConfig) -> str:
     if fidelity["warn"]:
         if fidelity.get("kept"):
             fix = "train with --tail estimated, which reads them"
-        elif fidelity.get("tail_classes", 0) > 32:
-            fix = "make the cache with a tail code (precompute-logits --tail-rank 16) or with --topk full"
+        elif fidelity.get("tail_classes", 0) > 40:
+            fix = "make the cache with a tail code (precompute-logits --tail-rank 20) or with --topk full"
         else:
             fix = f"make the cache with --topk full (every logit: {fidelity['tail_classes']} more per view)"
         line = ("warning: " + line + ", so its gradient is far from the full-logit one (docs/methods.md, 'What a record "

@@ -113,7 +113,7 @@ class TailSpec:
 
 
 #: The record kept by default (docs/format.md, "Teacher record"; chosen on benchmarks/records.py's frontier).
-DEFAULT_TAIL = TailSpec(betas=(1.0, 0.5, 0.25), rank=16)
+DEFAULT_TAIL = TailSpec(betas=(1.0, 0.5, 0.25), rank=20)
 #: The format-v1 record: top k and a two-anchor summary, nothing sampled.
 V1_TAIL = TailSpec()
 

@@ -623,7 +623,7 @@ def test_a_damaged_plan_is_named(kind, file, tmp_path, small_cache, make_config,
     assert detected and helpers.tree_hashes(out) == before
 
 
-@pytest.mark.parametrize("kind", ["deleted", "truncated", "format_version 2", "format_version missing"])
+@pytest.mark.parametrize("kind", ["deleted", "truncated", "format_version 3", "format_version missing"])
 def test_a_damaged_manifest_or_unknown_format_version_is_refused_by_every_command(kind, tmp_path, small_cache,
                                                                                 precompute_argv, helpers):
     out = copy_cache(small_cache, tmp_path / "cache")
@@ -637,8 +637,8 @@ def test_a_damaged_manifest_or_unknown_format_version_is_refused_by_every_comman
     else:
         data = json.loads(root.read_text())
         manifest = data["attributes"]["kdcache"]
-        if kind == "format_version 2":
-            manifest["format_version"] = 2
+        if kind == "format_version 3":
+            manifest["format_version"] = 3
         else:
             del manifest["format_version"]
         root.write_text(json.dumps(data))

@@ -358,4 +358,4 @@ def test_the_fidelity_of_a_coded_record_read_as_a_bucket_points_to_the_estimated
     plain = make_records(logits[:64], 5)
     v1 = record_fidelity({"values": plain[0].numpy(), "indices": plain[1].numpy(), "tail": plain[2].numpy()},
                          V1Manifest(), LossConfig(name="ttm"))
-    assert v1["warn"] and "--tail-rank 16" in describe(v1, LossConfig(name="ttm"))
+    assert v1["warn"] and "--tail-rank 20" in describe(v1, LossConfig(name="ttm"))

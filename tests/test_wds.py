@@ -118,13 +118,22 @@ def test_verify_with_the_teacher_verify_quick_and_info_take_the_export(exported,
     assert info["epochs_complete"] == [0, 1] and info["units_committed"] == 6 and info["views_committed"] == 2 * 1437
 
 
+def failed_verification(result) -> str:
+    """A verify that found damaged or missing files: exit 3, one error line counting them, and the report's FAILED line."""
+    line = one_error_line(result, 3)
+    assert "failed verification" in line and "in the cache's files" in line, line
+    failed = [row for row in result.stdout.splitlines() if row.strip().startswith("FAILED")]
+    assert len(failed) == 1, result.stdout
+    return failed[0]
+
+
 def test_a_flipped_byte_in_a_shard_is_named(export_copy):
     shard = export_copy / shard_name(1, 2)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     expected = "epoch 1 unit 2 (blocks 4..5), shard e000001-u000002.tar does not match its sha256 in kdcache-wds.json"
-    assert expected in one_error_line(invoke("verify", export_copy, "--quick"), 5)
+    assert expected in failed_verification(invoke("verify", export_copy, "--quick"))
     with pytest.raises(ChecksumError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         open_cache(export_copy).read_block(1, 5)
     assert open_cache(export_copy).read_block(1, 3)["values"].shape == (256, 5)  # the other units read as before
@@ -133,7 +142,7 @@ def test_a_flipped_byte_in_a_shard_is_named(export_copy):
 def test_a_missing_shard_is_named_locally_and_over_http(export_copy, serve_directory):
     (export_copy / shard_name(0, 1)).unlink()
     expected = "epoch 0 unit 1 (blocks 2..3), shard e000000-u000001.tar is missing"
-    assert expected in one_error_line(invoke("verify", export_copy, "--quick"), 5)
+    assert expected in failed_verification(invoke("verify", export_copy, "--quick"))
     url = serve_directory(export_copy.parent) + "/" + export_copy.name
     with pytest.raises(IncompleteCacheError, match=r"epoch 0 unit 1 \(blocks 2\.\.3\), shard e000000-u000001\.tar is missing"):
         open_cache(url).read_block(0, 3)
