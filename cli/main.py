@@ -30,7 +30,6 @@ def handles_errors(func):
     def wrapper(*args, **kwargs):
         from kdcache.errors import KdcacheError
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             return func(*args, **kwargs)
         except KdcacheError as exc:
