@@ -5,7 +5,8 @@
 For each record kind and size (top k, sampled tail classes s, tail code rank r, quantised full
 logits) this prints the compressed bytes per view of its record arrays (the cache's own codec,
 blosc zstd 9 with byte shuffle, in chunks of 1024 views), and the error of each loss against the
-teacher's float32 logits:
+teacher's full record (every logit, in fp16, as ``--topk full`` stores it; fp16 itself costs far less,
+docs/methods.md):
 
 - KD at T in {1, 2, 4, 8}; TTM and WTTM at gamma in {0.1, 0.25, 0.5, 0.8};
 - MKD: the gradient of the KD term for the teacher's and the student's temperature at T in {1, 4};
