@@ -40,8 +40,8 @@ Steps (each resumable: a finished step is skipped when run again), all under ``-
 ``all`` runs the four in order::
 
     apt-get install -y dataset-fashion-mnist
-    python benchmarks/tuples.py all --out /work/data/tuples           # about 25 min on 2 CPU cores
-    python benchmarks/tuples.py tail --out /work/data/tuples          # the quantiles again
+    python benchmarks/tuples.py all --out data/tuples           # about 25 min on 2 CPU cores
+    python benchmarks/tuples.py tail --out data/tuples          # the quantiles again
     python benchmarks/tuples.py all --quick --out /tmp/tuples-quick   # digits, tiny sizes (CI)
 """
 
@@ -365,7 +365,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("steps", choices=("data", "teacher", "reference", "tail", "all"),
                         help="which step to run (all: the four in order; finished steps are skipped)")
-    parser.add_argument("--out", default="/work/data/tuples", help="where the shards, runs and reference go")
+    parser.add_argument("--out", default="data/tuples", help="where the shards, runs and reference go")
     parser.add_argument("--source", default="fashion-mnist", choices=SOURCES, help="where the items come from")
     parser.add_argument("--train-per-class", type=int, default=40, help="train triples per class (pairs: 10x as many)")
     parser.add_argument("--val-per-class", type=int, default=10, help="val triples per class (pairs: 10x as many)")
