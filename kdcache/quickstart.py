@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.errors import ConfigError
+from kdcache.format import open_cache
 from kdcache.location import refuse_file_in_the_way
 from kdcache.losses import LossConfig
 from kdcache.precompute import PrecomputeConfig, precompute_logits
@@ -81,6 +82,11 @@ def run_quickstart(config: QuickstartConfig, *, log=print) -> list[dict]:
     ), log=log)
     rows.append({"run": "precompute", "loss": "-", "top1": None, "seconds": time.perf_counter() - start,
                  "images_per_s": made.views_per_second})
+    manifest = open_cache(cache).manifest
+    if manifest.k < manifest.teacher.num_classes:
+        log(f"the cache keeps the top {manifest.k} of {manifest.teacher.num_classes} logits on purpose, to show a partial "
+            "record at work: each student's start says how much of the teacher's mass that leaves out (--topk full "
+            "keeps every logit)")
 
     for index, name in enumerate(config.losses):
         start = step(f"3/5 student {config.student_model} from the cache, loss {name} ({index + 1}/{len(config.losses)})")
