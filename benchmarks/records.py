@@ -258,7 +258,8 @@ def main() -> None:
     if args.reference:
         logits = torch.from_numpy(np.load(args.reference / "logits.npy")).float()
         features = torch.from_numpy(np.load(args.reference / "features.npy")).float()
-        data.append((f"triples teacher (C={logits.shape[1]})", logits, features))
+        name = args.reference.name.removeprefix("reference-") + " teacher"  # benchmarks/tuples.py: reference-triples, -pairs
+        data.append((f"{name} (C={logits.shape[1]})", logits, features))
     for classes in ((100,) if args.quick else (1000,)):
         logits = torch.from_numpy(synthetic_logits(2 * views, classes, seed=7)[0])
         features = torch.randn(len(logits), 64, generator=torch.Generator().manual_seed(1))
