@@ -41,10 +41,10 @@ def record_fidelity(records: dict, manifest, loss: LossConfig) -> dict | None:
     if k >= classes:
         return {"temperature": temperature, "k": k, "tail_mass": [0.0, 0.0, 0.0], "reads": "every logit", "kept": True,
                 "warn": False}
-    tail = record.tail_log_mass(1.0 / temperature)
-    mass = (tail - torch.logsumexp(torch.cat([record.values.float() / temperature, tail.unsqueeze(-1)], -1), -1)).exp()
+    mass = record.log_probs(temperature)[:, -1].exp()
     quantiles = [float(q) for q in torch.quantile(mass.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))]
-    estimated = loss.tail == "estimated" and (record.spec.rank or record.samples)
+    kept = bool(record.spec.rank or record.samples)
+    estimated = loss.tail == "estimated" and kept
     if estimated:
         parts = [f"its rank-{record.spec.rank} tail code" if record.spec.rank else "",
                  f"{record.samples} sampled tail classes" if record.samples else ""]
@@ -53,7 +53,7 @@ def record_fidelity(records: dict, manifest, loss: LossConfig) -> dict | None:
         reads = {"bucket": "the tail as one bucket", "uniform": "the tail spread evenly",
                  "estimated": "the tail as one bucket (the cache has no tail code or sampled classes)"}[loss.tail]
     return {"temperature": temperature, "k": k, "tail_classes": classes - k, "tail_mass": quantiles, "reads": reads,
-            "kept": bool(record.spec.rank or record.samples), "warn": bool(not estimated and quantiles[1] > WARN_TAIL_MASS)}
+            "kept": kept, "warn": bool(not estimated and quantiles[1] > WARN_TAIL_MASS)}
 
 
 def describe(fidelity: dict, loss: LossConfig) -> str:

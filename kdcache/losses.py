@@ -164,14 +164,13 @@ def estimated_teacher(record: TeacherRecord, teacher_temperature) -> tuple[torch
     if t.dim() == 1:
         raise ConfigError(f"teacher_temperature is per-class ({record.num_classes},), which needs full records; "
                           f"these have k={record.k} of C={record.num_classes} (store them with --topk full)")
-    beta = 1.0 / t
     top = record.values.float()
-    log_z = torch.logsumexp(torch.cat([beta * top, record.tail_log_mass(beta.expand(top.shape[0])).unsqueeze(-1)], dim=-1),
-                            dim=-1, keepdim=True)
+    log_p_top = record.log_probs(t)[:, : record.k]  # the record's own normaliser, through its tail code where it has one
     if not record.samples:
-        return record.indices.long(), beta * top - log_z, torch.zeros_like(top)
+        return record.indices.long(), log_p_top, torch.zeros_like(top)
+    log_z = top[:, :1] / t - log_p_top[:, :1]
     classes = torch.cat([record.indices.long(), record.sampled_indices.long()], dim=-1)
-    log_p = beta * torch.cat([top, record.sampled_values.float()], dim=-1) - log_z
+    log_p = torch.cat([log_p_top, record.sampled_values.float() / t - log_z], dim=-1)
     log_w = torch.cat([torch.zeros_like(top), record.log_weights()], dim=-1)
     return classes, log_p, log_w
 

@@ -64,7 +64,7 @@ from kdcache.format import (
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
-from kdcache.record import DEFAULT_TAIL, V1_TAIL, TailSpec, encode_basis, fit_tail_basis, make_records, tail_basis_of, \
+from kdcache.record import DEFAULT_TAIL, V1_TAIL, TailSpec, encode_basis, fit_tail_basis, make_records, record_basis, \
     tail_spec_of, view_uniforms
 from kdcache.replay import EncodedImages, PendingViews, replay_fingerprint, replay_pending
 from kdcache.sources import Source, decode_sample, open_source
@@ -496,6 +496,7 @@ class UnitWork:
         self.manifest = self.writer.manifest
         self.cache = cache if cache is not None else Cache(config.output, verify_checksums=False)
         self.layout = self.manifest.blocks
+        self._plan = None  # read on the first block that draws sampled tail classes
         # One snapshot for every rank (rank 0's): it orders the work; the claims decide who does what.
         committed = distributed.broadcast_object(sorted(self.cache.ledger))
         if planned is None:
@@ -521,12 +522,11 @@ class UnitWork:
         spec = tail_spec_of(manifest.tail)
         uniforms = None
         if spec.samples:
-            if getattr(self, "_plan", None) is None:
+            if self._plan is None:
                 self._plan = self.cache.samples()
             members = self._plan["source_index"][self.layout.block_slots(block)]
             uniforms = view_uniforms(manifest.seed, epoch, members)
-        basis = tail_basis_of(manifest.tail, manifest.teacher.num_classes)
-        return make_records(logits, manifest.k, spec, uniforms=uniforms, basis=basis)
+        return make_records(logits, manifest.k, spec, uniforms=uniforms, basis=record_basis(manifest))
 
     def _committed(self, epoch: int, unit: int) -> bool:
         return (self.writer.path / ledger_key(epoch, unit)).exists()

@@ -182,12 +182,13 @@ class TeacherRecord:
         return basis[0] + self.tail[:, -self.spec.rank:].float() @ basis[1:]
 
     def log_probs(self, temperature) -> torch.Tensor:
-        """Tempered teacher log-probabilities over the k stored classes and the tail bucket: ``[B, k+1]``."""
-        return teacher_log_probs(self.values, self.tail, self.num_classes, temperature, self.spec)
+        """Tempered teacher log-probabilities over the k stored classes and the tail bucket: ``[B, k+1]``
+        (the tail's mass from :meth:`tail_log_mass`, through the tail code where the record has one)."""
+        return _bucket_log_probs(self.values, temperature, self.tail_log_mass)
 
     def dense_log_probs(self, temperature) -> torch.Tensor:
         """Tempered teacher log-probabilities over all C classes, tail spread evenly: ``[B, C]``."""
-        return dense_log_probs(self.values, self.indices, self.tail, self.num_classes, temperature, self.spec)
+        return _spread(self.log_probs(temperature), self.indices, self.num_classes)
 
     def tail_log_mass(self, beta) -> torch.Tensor:
         """``log sum_{c in tail} exp(beta * v_c)`` per view: ``[B]`` (through the tail code where the record has one)."""
@@ -225,12 +226,16 @@ def _decoded_basis(encoded: str, rank: int, num_classes: int) -> torch.Tensor:
     return tail_basis_of({"rank": rank, "basis": encoded}, num_classes)
 
 
+def record_basis(manifest) -> torch.Tensor | None:
+    """The tail code's basis of a manifest (``tail``, ``teacher.num_classes``), decoded once per manifest; None without a code."""
+    rank = int(manifest.tail.get("rank", 0))
+    return _decoded_basis(manifest.tail["basis"], rank, manifest.teacher.num_classes) if rank else None
+
+
 def stored_record(values, indices, tail, manifest) -> TeacherRecord:
     """The teacher records of stored rows (numpy or tensors) of a cache with this manifest (its ``tail``, ``k``, classes)."""
-    spec = tail_spec_of(manifest.tail)
-    num_classes = manifest.teacher.num_classes
-    basis = _decoded_basis(manifest.tail["basis"], spec.rank, num_classes) if spec.rank else None
-    return TeacherRecord.from_stored(values, indices, tail, num_classes, spec, k=manifest.k, basis=basis)
+    return TeacherRecord.from_stored(values, indices, tail, manifest.teacher.num_classes, tail_spec_of(manifest.tail),
+                                     k=manifest.k, basis=record_basis(manifest))
 
 
 def view_uniforms(seed: int, epoch: int, sample_ids) -> np.ndarray:
@@ -438,13 +443,17 @@ def teacher_log_probs(values: torch.Tensor, tail: torch.Tensor, num_classes: int
     ``temperature`` is a float or a tensor broadcastable to ``[B, 1]``. With k = C the last
     column is -inf (the tail is empty) and the first k equal ``log_softmax(v / T)`` exactly.
     """
+    return _bucket_log_probs(values, temperature, lambda beta: tail_log_mass(values, tail, num_classes, beta, spec))
+
+
+def _bucket_log_probs(values: torch.Tensor, temperature, log_tail_mass) -> torch.Tensor:
+    """``[B, k+1]``: the stored classes at ``temperature`` and the tail bucket, ``log_tail_mass(beta)`` ``[B]``, normalised."""
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=values.device)
     if temperature.dim() == 1:
         temperature = temperature.unsqueeze(-1)
     scaled = values.float() / temperature
     beta = (1.0 / temperature).expand(values.shape[0], 1).squeeze(-1)
-    tail_mass = tail_log_mass(values, tail, num_classes, beta, spec).unsqueeze(-1)
-    joint = torch.cat([scaled, tail_mass], dim=-1)
+    joint = torch.cat([scaled, log_tail_mass(beta).unsqueeze(-1)], dim=-1)
     return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
 
@@ -452,9 +461,13 @@ def dense_log_probs(
     values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, num_classes: int, temperature, spec: TailSpec = V1_TAIL
 ) -> torch.Tensor:
     """A full ``[B, C]`` log-distribution: stored classes exact, the tail mass spread evenly over the rest."""
-    bucket = teacher_log_probs(values, tail, num_classes, temperature, spec)
-    k = values.shape[-1]
+    return _spread(teacher_log_probs(values, tail, num_classes, temperature, spec), indices, num_classes)
+
+
+def _spread(bucket: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, C]`` from ``[B, k+1]`` bucket log-probabilities: the k stored classes in place, the tail's mass spread evenly."""
+    k = indices.shape[-1]
     n = num_classes - k
     spread = bucket[:, -1:] - (math.log(n) if n else 0.0)
-    dense = spread.expand(values.shape[0], num_classes).clone()
+    dense = spread.expand(bucket.shape[0], num_classes).clone()
     return dense.scatter(-1, indices.long(), bucket[:, :k])

@@ -27,7 +27,7 @@ from kdcache.format import format_selection
 from kdcache.format import ALL, MAIN, RECORD_ARRAYS, Cache, TeacherRecords, open_cache, record_width
 from kdcache.format.digest import check_digest_option, require_digest
 from kdcache.plan import check_block, dataset_digest, read_block
-from kdcache.record import make_records, tail_basis_of, tail_spec_of, view_uniforms
+from kdcache.record import make_records, record_basis, tail_spec_of, view_uniforms
 from kdcache.replay import PATHS, EncodedImages, replay_block
 from kdcache.sources import decode_sample, open_source
 from kdcache.teacher import TeacherConfig, load_teacher, teacher_logits, to_channels_last
@@ -335,7 +335,7 @@ def _check_replay(cache: Cache, config: VerifyConfig, source, plan, report: Veri
         tail_spec = tail_spec_of(m.tail)
         uniforms = view_uniforms(m.seed, epoch, members) if tail_spec.samples else None
         values, indices, tails = make_records(logits, m.k, tail_spec, uniforms=uniforms,
-                                              basis=tail_basis_of(m.tail, m.teacher.num_classes))
+                                              basis=record_basis(m))
         k = m.k
         for position in positions:
             record = {name: stored[name][position][:k] for name in ("values", "indices")}
