@@ -28,6 +28,7 @@ code's basis is fitted on the first half of the views and evaluated on the secon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from logits import synthetic_logits  # noqa: E402
 
 from kdcache.losses import distillation_kl, log_power_sum
-from kdcache.record import TAIL_BETAS, TailSpec, TeacherRecord, fit_tail_basis, make_records
+from kdcache.record import DEFAULT_TAIL, TAIL_BETAS, TailSpec, TeacherRecord, fit_tail_basis, make_records
 
 SETTINGS = [("kd", 1.0), ("kd", 2.0), ("kd", 4.0), ("kd", 8.0),
             ("ttm", 0.1), ("ttm", 0.25), ("ttm", 0.5), ("ttm", 0.8),
@@ -67,16 +68,24 @@ class Kind:
 
 
 def kinds(num_classes: int, quick: bool) -> list[Kind]:
+    """The record kinds of the frontier. ``code rR`` is the plain projection in 127 levels (the first
+    version-2 default was r20); ``weighted code rR`` the default's fit (weights at T = 2, 5% floor, 31
+    levels); the default record itself is marked."""
     anchors = (1.0, 0.5, 0.25)
     out = [Kind("full fp16", num_classes), Kind("top-10 bucket", 10), Kind("top-10 uniform", 10, tail="uniform"),
            Kind("quantised 8-bit", num_classes, bits=8), Kind("quantised 4-bit", num_classes, bits=4)]
     samples = (5, 10) if quick else (5, 10, 20)
-    ranks = (8,) if quick else (4, 8, 16, 20, 24)
+    ranks = (8,) if quick else (8, 16, 20, 24)
+    weighted = (8,) if quick else (16, 24, 32, 40, 48)
     for s in samples:
         out.append(Kind(f"top-10 + {s} sampled", 10, TailSpec(betas=anchors, samples=s), "estimated"))
     for r in ranks:
-        if r < num_classes - 10:
+        if 2 * r < num_classes - 10:
             out.append(Kind(f"top-10 + code r{r}", 10, TailSpec(betas=anchors, rank=r), "estimated"))
+    for r in weighted:
+        if 2 * r < num_classes - 10:
+            name = f"top-10 + weighted code r{r}" + (" (default)" if r == DEFAULT_TAIL.rank else "")
+            out.append(Kind(name, 10, dataclasses.replace(DEFAULT_TAIL, rank=r), "estimated"))
     for r, s in ((8, 10), (16, 5)) if not quick else ((8, 5),):
         out.append(Kind(f"top-10 + code r{r} + {s} sampled", 10, TailSpec(betas=anchors, rank=r, samples=s), "estimated"))
     return out
@@ -119,7 +128,7 @@ def build(kind: Kind, logits: torch.Tensor, basis: torch.Tensor | None, draw: in
         record = TeacherRecord.from_logits(approx, num_classes)
         return record, approx, [packed, np.zeros((len(logits), 2), np.float16)]
     uniforms = np.random.default_rng(1000 + draw).random(len(logits)) if kind.spec.samples else None
-    spec_basis = basis[: kind.spec.rank + 1] if kind.spec.rank else None
+    spec_basis = basis if kind.spec.rank else None
     values, indices, tail = make_records(logits, kind.k, kind.spec, uniforms=uniforms, basis=spec_basis)
     spec = kind.spec.for_classes(kind.k, num_classes)
     record = TeacherRecord.from_stored(values, indices, tail, num_classes, spec, k=kind.k, basis=spec_basis)
@@ -167,8 +176,10 @@ def evaluate(name: str, logits: torch.Tensor, features: torch.Tensor, kind_list,
     """Every kind against the float32 logits' full record, on ``views`` views after the calibration half."""
     num_classes = logits.shape[-1]
     half = len(logits) // 2
-    ranks = [k.spec.rank for k in kind_list if k.spec.rank]
-    basis = fit_tail_basis(logits[:half], max(ranks)) if ranks else None
+    bases: dict[tuple[int, int], torch.Tensor] = {}  # (rank, levels) -> basis, fitted once on the calibration half
+    for kind in kind_list:
+        if kind.spec.rank and (kind.spec.rank, kind.spec.code_levels) not in bases:
+            bases[kind.spec.rank, kind.spec.code_levels] = fit_tail_basis(logits[:half], kind.spec.rank, kind.spec.code_levels)
     test, feats = logits[half : half + views], features[half : half + views]
     torch.manual_seed(0)
     fit = torch.linalg.lstsq(feats, test - test.mean(-1, keepdim=True)).solution  # the teacher's own head, where the features are its
@@ -177,6 +188,7 @@ def evaluate(name: str, logits: torch.Tensor, features: torch.Tensor, kind_list,
     rows = []
     for kind in kind_list:
         n_draws = draws if kind.random else 1
+        basis = bases.get((kind.spec.rank, kind.spec.code_levels))
         built = [build(kind, test, basis, d) for d in range(n_draws)]
         row = {"data": name, "kind": kind.name, "C": num_classes, "bytes": compressed_bytes(built[0][2])}
         for student_name, weights in students.items():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from kdcache.losses import LossConfig
-from kdcache.record import stored_record
+from kdcache.record import MIN_CODED_TAIL, stored_record
 
 #: Above this median tail mass a record without a tail code or sampled classes earns a warning.
 WARN_TAIL_MASS = 0.2
@@ -65,8 +65,8 @@ def describe(fidelity: dict, loss: LossConfig) -> str:
     if fidelity["warn"]:
         if fidelity.get("kept"):
             fix = "train with --tail estimated, which reads them"
-        elif fidelity.get("tail_classes", 0) > 40:
-            fix = "make the cache with a tail code (precompute-logits --tail-rank 20) or with --topk full"
+        elif fidelity.get("tail_classes", 0) > MIN_CODED_TAIL:
+            fix = "make the cache with precompute-logits' default record (it has a tail code) or with --topk full"
         else:
             fix = f"make the cache with --topk full (every logit: {fidelity['tail_classes']} more per view)"
         line = ("warning: " + line + ", so its gradient is far from the full-logit one (docs/methods.md, 'What a record "

@@ -64,7 +64,7 @@ from kdcache.format import (
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
-from kdcache.record import DEFAULT_TAIL, V1_TAIL, TailSpec, encode_basis, fit_tail_basis, make_records, record_basis, \
+from kdcache.record import DEFAULT_TAIL, MIN_CODED_TAIL, V1_TAIL, TailSpec, encode_basis, fit_tail_basis, make_records, record_basis, \
     tail_spec_of, view_uniforms
 from kdcache.replay import EncodedImages, PendingViews, replay_fingerprint, replay_pending
 from kdcache.sources import Source, decode_sample, open_source
@@ -117,11 +117,17 @@ class PrecomputeConfig:
                 raise ConfigError(f"{name} {value!r}; expected a whole number >= 0")
 
     def tail_spec(self, k: int, num_classes: int) -> TailSpec:
-        """The record this run asks for: the default's, with --tail-rank and --tail-samples applied."""
+        """The record this run asks for: the default's, with --tail-rank and --tail-samples applied.
+
+        The default code has rank 40 where the tail has over 80 classes, half the tail (rounded
+        down, less one) where it has 41 to 80, and none below.
+        """
         if self.tail_rank == 0 and self.tail_samples in (None, 0):
             return V1_TAIL
         spec = dataclasses.replace(DEFAULT_TAIL, **{name: value for name, value in
                                                     (("rank", self.tail_rank), ("samples", self.tail_samples)) if value is not None})
+        if self.tail_rank is None and MIN_CODED_TAIL < num_classes - k <= 2 * spec.rank:
+            spec = dataclasses.replace(spec, rank=(num_classes - k - 1) // 2)  # the default rank, fitted to a smaller tail
         if self.tail_rank and num_classes - k <= 2 * self.tail_rank:
             raise ConfigError(f"--tail-rank {self.tail_rank} needs more than {2 * self.tail_rank} classes outside the top {k}; "
                               f"the teacher has {num_classes - k}: use --tail-rank 0 or --topk full")
@@ -261,7 +267,7 @@ def calibrate_tail(config, source, teacher, manifest: Manifest, plan, device, lo
         raise ConfigError(f"--tail-rank {spec.rank} needs more than {spec.rank} views to fit its basis; the data has "
                           f"{len(logits)}: use a smaller --tail-rank (or 0)")
     log(f"tail code: rank {spec.rank}, basis fitted on the teacher's logits of {len(logits)} view(s) of epoch 0")
-    tail = dict(manifest.tail, basis=encode_basis(fit_tail_basis(logits, spec.rank)))
+    tail = dict(manifest.tail, basis=encode_basis(fit_tail_basis(logits, spec.rank, spec.code_levels)))
     return dataclasses.replace(manifest, tail=tail)
 
 

@@ -46,6 +46,9 @@ import torch
 
 #: Inverse temperatures at which the tail log-mass is stored exactly (format v1).
 TAIL_BETAS: tuple[float, float] = (1.0, 0.25)
+#: (code_levels, code_beta, code_floor) of the first version-2 caches, whose manifests do not name them:
+#: whole-number coordinates in [-127, 127], the plain projection of all C logits.
+CODE_FIT_V2_0 = (127, 0.0, 0.0)
 #: Temperatures over which the reconstruction error is measured and documented.
 TEMPERATURE_RANGE: tuple[float, float] = (0.5, 10.0)
 #: The stream of the counter-based generator that draws a view's sampled tail classes
@@ -59,8 +62,14 @@ class TailSpec:
 
     ``betas``: the inverse temperatures where the tail summary stores L exactly; ``samples``:
     the tail classes drawn per view (0: none, the format-v1 record); ``proposal_beta`` and
-    ``uniform_share``: the draw's inclusion probabilities (module docstring). Manifests hold it
-    as ``tail``: ``{"betas", "temperature_range", "samples", "proposal_beta", "uniform_share"}``.
+    ``uniform_share``: the draw's inclusion probabilities (module docstring); ``rank``: the tail
+    code's coordinates per view, each a whole number in ``[-code_levels, code_levels]``, fitted by
+    least squares over the tail classes weighted by ``(1 - code_floor) * softmax(code_beta * v)``
+    plus ``code_floor`` spread evenly (:func:`tail_code`; ``code_beta`` 0: the plain projection of
+    all C logits, as the first version-2 caches were written). Manifests hold it as ``tail``:
+    ``{"betas", "temperature_range", "samples", "proposal_beta", "uniform_share", "rank",
+    "code_levels", "code_beta", "code_floor"}``, each field only where it is used and the code's
+    only where they differ from the first version-2 caches' (127, 0, 0).
     """
 
     betas: tuple[float, ...] = TAIL_BETAS
@@ -68,6 +77,9 @@ class TailSpec:
     proposal_beta: float = 0.25
     uniform_share: float = 0.1
     rank: int = 0
+    code_levels: int = 127
+    code_beta: float = 0.0
+    code_floor: float = 0.0
     temperature_range: tuple[float, float] = field(default=TEMPERATURE_RANGE)
 
     def __post_init__(self) -> None:
@@ -83,6 +95,12 @@ class TailSpec:
             raise ValueError(f"tail proposal_beta {self.proposal_beta!r}: expected a number >= 0")
         if not 0.0 <= self.uniform_share <= 1.0:
             raise ValueError(f"tail uniform_share {self.uniform_share!r}: expected a number in [0, 1]")
+        if isinstance(self.code_levels, bool) or not isinstance(self.code_levels, int) or not 1 <= self.code_levels <= 2048:
+            raise ValueError(f"tail code_levels {self.code_levels!r}: expected a whole number in [1, 2048] (exact in fp16)")
+        if not (self.code_beta >= 0 and math.isfinite(self.code_beta)):
+            raise ValueError(f"tail code_beta {self.code_beta!r}: expected a number >= 0")
+        if not 0.0 <= self.code_floor <= 1.0 or (self.code_beta and not self.code_floor > 0):
+            raise ValueError(f"tail code_floor {self.code_floor!r}: expected a number in [0, 1], above 0 with a code_beta")
 
     @property
     def width(self) -> int:
@@ -95,6 +113,8 @@ class TailSpec:
             out.update(samples=self.samples, proposal_beta=self.proposal_beta, uniform_share=self.uniform_share)
         if self.rank:
             out.update(rank=self.rank)
+            if (self.code_levels, self.code_beta, self.code_floor) != CODE_FIT_V2_0:
+                out.update(code_levels=self.code_levels, code_beta=self.code_beta, code_floor=self.code_floor)
         return out
 
     @classmethod
@@ -102,7 +122,9 @@ class TailSpec:
         """The spec a manifest's ``tail`` describes (a format-v1 ``tail`` has no samples)."""
         return cls(betas=tuple(data["betas"]), samples=int(data.get("samples", 0)),
                    proposal_beta=float(data.get("proposal_beta", 0.25)), uniform_share=float(data.get("uniform_share", 0.1)),
-                   rank=int(data.get("rank", 0)),
+                   rank=int(data.get("rank", 0)), code_levels=int(data.get("code_levels", CODE_FIT_V2_0[0])),
+                   code_beta=float(data.get("code_beta", CODE_FIT_V2_0[1])),
+                   code_floor=float(data.get("code_floor", CODE_FIT_V2_0[2])),
                    temperature_range=tuple(data.get("temperature_range", TEMPERATURE_RANGE)))
 
     def for_classes(self, k: int, num_classes: int) -> "TailSpec":
@@ -112,8 +134,11 @@ class TailSpec:
         return self
 
 
-#: The record kept by default (docs/format.md, "Teacher record"; chosen on benchmarks/records.py's frontier).
-DEFAULT_TAIL = TailSpec(betas=(1.0, 0.5, 0.25), rank=20)
+#: The fewest tail classes (C - k) a default record gives a tail code (below, top k and the summary alone).
+MIN_CODED_TAIL = 40
+#: The record kept by default (docs/format.md, "Teacher record"; chosen on benchmarks/records.py's frontier):
+#: three anchors and a rank-40 code in 31 levels a side, fitted with the tail's weights at T = 2 and a 5% floor.
+DEFAULT_TAIL = TailSpec(betas=(1.0, 0.5, 0.25), rank=40, code_levels=31, code_beta=0.5, code_floor=0.05)
 #: The format-v1 record: top k and a two-anchor summary, nothing sampled.
 V1_TAIL = TailSpec()
 
@@ -244,18 +269,16 @@ def view_uniforms(seed: int, epoch: int, sample_ids) -> np.ndarray:
                      for i in sample_ids], dtype=np.float64)
 
 
-#: The tail code's coordinates are whole numbers in [-CODE_LEVELS, CODE_LEVELS]: exact in fp16, and few bits to compress.
-CODE_LEVELS = 127
 
 
-def fit_tail_basis(logits: torch.Tensor, rank: int) -> torch.Tensor:
+def fit_tail_basis(logits: torch.Tensor, rank: int, levels: int = CODE_FIT_V2_0[0]) -> torch.Tensor:
     """The tail code's basis from a calibration set of teacher logits ``[N, C]``: float32 ``[rank + 1, C]``.
 
     Row 0 is the mean of the views' centred logits (each view less its own mean). Rows 1 to rank
     are their principal directions (float64 SVD on the CPU, each direction's largest entry made
     positive), each scaled by its step: the largest coordinate seen along it, divided by
-    :data:`CODE_LEVELS`. A view's code is then its coordinates in steps, rounded to whole numbers
-    (:func:`tail_code`), and the basis is a function of the logits alone.
+    ``levels``. A view's code is then its coordinates in steps, rounded to whole numbers in
+    ``[-levels, levels]`` (:func:`tail_code`), and the basis is a function of the logits alone.
     """
     centred = logits.double().cpu()
     centred = centred - centred.mean(-1, keepdim=True)
@@ -264,17 +287,48 @@ def fit_tail_basis(logits: torch.Tensor, rank: int) -> torch.Tensor:
         raise ValueError(f"a rank-{rank} tail code needs at least {rank} calibration views and classes; got {tuple(centred.shape)}")
     directions = torch.linalg.svd(centred - mean, full_matrices=False).Vh[:rank]
     directions = directions * directions.gather(-1, directions.abs().argmax(-1, keepdim=True)).sign()
-    steps = ((centred - mean) @ directions.T).abs().amax(0).clamp_min(1e-12) / CODE_LEVELS
+    steps = ((centred - mean) @ directions.T).abs().amax(0).clamp_min(1e-12) / levels
     return torch.cat([mean.unsqueeze(0), directions * steps.unsqueeze(-1)], dim=0).float()
 
 
-def tail_code(logits: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Each view's code ``[B, rank]``: its coordinates along the basis's rows, in steps, rounded and clipped to whole numbers."""
+#: Elements of one chunk of the weighted fit's ``[views, rank + 1, C]`` product (float64: 128 MiB).
+_FIT_CHUNK = 1 << 24
+
+
+def tail_code(logits: torch.Tensor, basis: torch.Tensor, spec: TailSpec | None = None, top: torch.Tensor | None = None) -> torch.Tensor:
+    """Each view's code ``[B, rank]``: its coordinates along the basis's rows, in steps, rounded and clipped to whole numbers.
+
+    With ``spec.code_beta`` 0 (and without a spec) they are the plain projection of the view's
+    centred logits on the rows. Otherwise they are the weighted least-squares fit, with a free
+    shift, of the logits outside the top k (``top``: their indices ``[B, k]``), each tail class
+    weighted by ``(1 - code_floor) * softmax_tail(code_beta * v)_c + code_floor / (C - k)``: the
+    stored top k need no code, and the tail's largest classes carry its tempered mass. Decoding is
+    the same either way (:meth:`TeacherRecord.shape_logits`); the fit is solved in float64.
+    """
+    levels = spec.code_levels if spec is not None else CODE_FIT_V2_0[0]
     basis = basis.float().to(logits.device)
     rows = basis[1:]
     centred = logits.float() - logits.float().mean(-1, keepdim=True)
-    steps = (centred - basis[0]) @ rows.T / rows.square().sum(-1)
-    return steps.round().clamp(-CODE_LEVELS, CODE_LEVELS)
+    if spec is None or not spec.code_beta:
+        steps = (centred - basis[0]) @ rows.T / rows.square().sum(-1)
+        return steps.round().clamp(-levels, levels)
+    if top is None:
+        raise ValueError("a weighted tail code needs the view's top-k indices")
+    in_tail = torch.ones_like(centred, dtype=torch.bool).scatter(-1, top.long(), False)
+    n = in_tail.sum(-1, keepdim=True).double()
+    soft = torch.softmax((spec.code_beta * logits.double()).masked_fill(~in_tail, float("-inf")), dim=-1)
+    weights = ((1.0 - spec.code_floor) * soft + spec.code_floor / n) * in_tail
+    design = torch.cat([torch.ones_like(rows[:1]), rows], dim=0).double()  # [rank + 2, C]: a free shift, then the rows
+    target = (centred - basis[0]).double()
+    chunk = max(1, _FIT_CHUNK // design.numel())
+    solved = []
+    for start in range(0, len(centred), chunk):
+        w = weights[start : start + chunk]
+        weighted = design.unsqueeze(0) * w.unsqueeze(1)  # [b, rank + 2, C]
+        gram = weighted @ design.T
+        ridge = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(len(design), dtype=gram.dtype, device=gram.device)
+        solved.append(torch.linalg.solve(gram + ridge, (weighted @ target[start : start + chunk].unsqueeze(-1)).squeeze(-1)))
+    return torch.cat(solved)[:, 1:].float().round().clamp(-levels, levels)
 
 
 def make_records(logits: torch.Tensor, k: int, spec: TailSpec = V1_TAIL, *, uniforms=None, basis=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -310,7 +364,7 @@ def make_records(logits: torch.Tensor, k: int, spec: TailSpec = V1_TAIL, *, unif
     if spec.rank:
         if basis is None or tuple(basis.shape) != (spec.rank + 1, num_classes):
             raise ValueError(f"a rank-{spec.rank} tail code needs a basis of shape ({spec.rank + 1}, {num_classes})")
-        tail16 = torch.cat([tail16, tail_code(logits, basis).to(torch.float16)], dim=-1)
+        tail16 = torch.cat([tail16, tail_code(logits, basis, spec, indices[:, :k]).to(torch.float16)], dim=-1)
     return values16, indices, tail16
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,72 @@ def test_a_cache_made_before_claims_takes_another_teacher(old_cache, helpers, ma
                                "--views", "16", "--teacher-record", "B"]):
         verified = CliRunner().invoke(app, ["verify", str(old_cache), *args])
         assert verified.exit_code == 0, verified.output
+
+
+# ``tests/data/v2-2026-12/cache``: the first version-2 layout, whose tail code is the plain
+# projection of all C logits in 127 levels (its manifest names no code fit). Made by kdcache 0.1.0
+# at that layout from ``digits:val`` with the v1 fixture's ``teacher.pt``: light augmentation, seed
+# 3, top-2 and a rank-3 tail code, 2 epochs, blocks of 64, 2 blocks a unit.
+V2_FIXTURE = Path(__file__).resolve().parent / "data" / "v2-2026-12"
+V2_PRECOMPUTE = ["precompute-logits", "--data", "digits:val", "--teacher", "test_resnet", "--teacher-checkpoint",
+                 str(FIXTURE / "teacher.pt"), "--augmentation", "light", "--seed", "3", "--topk", "2", "--block-size", "64",
+                 "--blocks-per-unit", "2", "--batch-size", "64"]
+
+
+@pytest.fixture
+def first_v2_cache(tmp_path) -> Path:
+    path = tmp_path / "cache-v2"
+    shutil.copytree(V2_FIXTURE / "cache", path)
+    return path
+
+
+def test_a_first_version_2_cache_opens_with_its_projection_code(first_v2_cache):
+    from kdcache.record import CODE_FIT_V2_0, stored_record, tail_spec_of
+
+    cache = open_cache(first_v2_cache)
+    spec = tail_spec_of(cache.manifest.tail)
+    assert cache.manifest.format_version == 2 and spec.rank == 3
+    assert (spec.code_levels, spec.code_beta, spec.code_floor) == CODE_FIT_V2_0
+    records = cache.read_unit(0, 0)
+    record = stored_record(records["values"], records["indices"], records["tail"], cache.manifest)
+    assert record.shape_logits().shape == (len(records["values"]), 10) and float(record.tail[:, -3:].abs().max()) <= 127
+    result = CliRunner().invoke(app, ["verify", str(first_v2_cache), "--quick"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_first_version_2_cache_verifies_against_its_teacher_and_a_wrong_fit_fails(first_v2_cache, one_thread):
+    verify = ["verify", str(first_v2_cache), "--data", "digits:val", "--teacher", "test_resnet", "--teacher-checkpoint",
+              str(FIXTURE / "teacher.pt"), "--views", "128"]
+    result = CliRunner().invoke(app, verify)
+    assert result.exit_code == 0 and "128 view(s)" in result.output, result.output
+    # the same records read as if they had been fitted with today's weights: verify must see the difference
+    zarr_json = first_v2_cache / "zarr.json"
+    data = json.loads(zarr_json.read_text())
+    data["attributes"]["kdcache"]["tail"].update(code_levels=31, code_beta=0.5, code_floor=0.05)
+    zarr_json.write_text(json.dumps(data))
+    wrong = CliRunner().invoke(app, verify)
+    assert wrong.exit_code != 0 and "tail code differs" in wrong.output, wrong.output
+
+
+def test_a_first_version_2_cache_trains_and_resumes_with_its_own_code(first_v2_cache, helpers, one_thread, tmp_path):
+    from kdcache.record import stored_record
+
+    before = helpers.tree_hashes(first_v2_cache)
+    result = CliRunner().invoke(app, [*V2_PRECOMPUTE, "--epochs", "3", "--output", str(first_v2_cache), "--resume"])
+    assert result.exit_code == 0, result.output
+    after = helpers.tree_hashes(first_v2_cache)
+    kept = [name for name in before if name.split("/")[0] in ("values", "indices", "tail", "params") and not name.endswith("zarr.json")]
+    assert kept and all(after[name] == before[name] for name in kept)  # the old units are untouched
+    cache = open_cache(first_v2_cache)
+    assert cache.complete_epochs() == [0, 1, 2] and "code_beta" not in cache.manifest.tail
+    verified = CliRunner().invoke(app, ["verify", str(first_v2_cache), "--data", "digits:val", "--teacher", "test_resnet",
+                                        "--teacher-checkpoint", str(FIXTURE / "teacher.pt"), "--views", "1080"])
+    assert verified.exit_code == 0 and "1080 view(s)" in verified.output, verified.output  # every view, the new epoch's too
+    records = cache.read_unit(2, 0)
+    assert stored_record(records["values"], records["indices"], records["tail"], cache.manifest).spec.code_beta == 0.0
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(app, ["train-student", "--data", "digits:val", "--cache", str(first_v2_cache), "--model",
+                                       "test_resnet", "--run-dir", str(run), "--epochs", "1", "--batch-size", "64",
+                                       "--loss", "kd", "--temperature", "4"])
+    assert trained.exit_code == 0, trained.output
+    assert "rank-3 tail code" in (run / "config.json").read_text()

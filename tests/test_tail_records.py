@@ -8,6 +8,7 @@ version-2 cache is made, verified and trained from, and a version-1 cache still 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -22,7 +23,7 @@ from kdcache.errors import FormatError
 from kdcache.format import Manifest, open_cache, read_manifest
 from kdcache.location import Location
 from kdcache.losses import distillation_kl, log_power_sum
-from kdcache.record import (TAIL_BETAS, TailSpec, TeacherRecord, encode_basis, fit_tail_basis, make_records,
+from kdcache.record import (CODE_FIT_V2_0, DEFAULT_TAIL, TAIL_BETAS, TailSpec, TeacherRecord, encode_basis, fit_tail_basis, make_records,
                             tail_log_mass, view_uniforms)
 from kdcache_cli.main import app
 
@@ -170,6 +171,57 @@ def test_the_tail_code_carries_a_low_rank_teachers_tail():
     assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=0.02), (got, want)
 
 
+def _structured_teacher(views: int, classes: int, rank: int, seed: int) -> torch.Tensor:
+    """A low-rank teacher with a little full-rank noise: its tail has structure a code carries, and a rest it does not."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(views, rank, generator=g) @ (torch.randn(rank, classes, generator=g) * 1.5) \
+        + 0.3 * torch.randn(views, classes, generator=g)
+
+
+def test_the_weighted_code_fits_the_tails_largest_classes_better_than_the_projection():
+    logits = _structured_teacher(800, 300, 24, seed=5)
+    spec = TailSpec(betas=(1.0, 0.5, 0.25), rank=12, code_levels=31, code_beta=0.5, code_floor=0.05)
+    plain = dataclasses.replace(spec, code_levels=CODE_FIT_V2_0[0], code_beta=0.0, code_floor=0.0)
+    basis = fit_tail_basis(logits[:400], spec.rank, spec.code_levels)
+    test, k = logits[400:656], 10
+    full = TeacherRecord.from_logits(test, 300)
+    weighted = TeacherRecord.from_logits(test, k, spec, basis=basis)
+    projected = TeacherRecord.from_logits(test, k, plain, basis=fit_tail_basis(logits[:400], spec.rank))
+    codes = weighted.tail[:, -spec.rank:].float()
+    assert codes.abs().max() <= 31 and torch.equal(codes, codes.round())
+    student = 0.5 * test + torch.randn(test.shape, generator=torch.Generator().manual_seed(6))
+
+    def gradient_error(record, temperature):  # the KD term's logit gradient against every logit's, relative
+        def grad(r, tail):
+            z = student.clone().requires_grad_(True)
+            distillation_kl(z, r, teacher_temperature=temperature, student_temperature=temperature, tail=tail).sum().backward()
+            return z.grad
+        want = grad(full, "bucket")
+        return float((grad(record, "estimated") - want).norm() / want.norm())
+
+    for temperature in (1.0, 2.0, 4.0):
+        w, p = gradient_error(weighted, temperature), gradient_error(projected, temperature)
+        assert w < 0.9 * p, (temperature, w, p)
+
+
+def test_a_weighted_code_is_named_in_the_manifest_and_a_first_version_2_tail_reads_as_the_projection():
+    assert DEFAULT_TAIL.code_beta > 0 and TailSpec.from_json(DEFAULT_TAIL.to_json()) == DEFAULT_TAIL
+    assert {"code_levels", "code_beta", "code_floor"} <= set(DEFAULT_TAIL.to_json())
+    first = {"betas": [1.0, 0.5, 0.25], "temperature_range": [0.5, 10.0], "rank": 20}  # as the first version-2 caches wrote it
+    spec = TailSpec.from_json(first)
+    assert (spec.code_levels, spec.code_beta, spec.code_floor) == CODE_FIT_V2_0 and spec.to_json() == first
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"code_levels": 0}, "code_levels 0"), ({"code_levels": 4096}, "code_levels 4096"),
+    ({"code_beta": -1.0}, "code_beta -1.0"), ({"code_beta": 0.5, "code_floor": 0.0}, "above 0 with a code_beta"),
+    ({"code_floor": 1.5}, "code_floor 1.5"),
+])
+def test_a_tail_spec_refuses_a_code_fit_out_of_range(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TailSpec(betas=(1.0, 0.5), rank=4, **fields)
+
+
 def test_three_anchors_rebuild_the_tail_mass_between_them_better_than_two():
     logits = teacher_logits(views=64, classes=200)
     two = make_records(logits, 10)
@@ -287,6 +339,9 @@ def _manifest_dict(path: Path) -> dict:
     (lambda m: m["tail"].update(samples=2), "nothing sampled or coded in a format-version-1 cache"),
     (lambda m: m.update(format_version=2) or m["tail"].update(rank=2, basis="AAAA"), "tail.basis"),
     (lambda m: m.update(format_version=2) or m["tail"].update(samples=-1), "tail.samples"),
+    (lambda m: m.update(format_version=2) or m["tail"].update(code_levels=0), "tail.code_levels"),
+    (lambda m: m.update(format_version=2) or m["tail"].update(code_beta=-0.5), "tail.code_beta"),
+    (lambda m: m.update(format_version=2) or m["tail"].update(code_beta=0.5, code_floor=0.0), "tail.code_floor"),
 ])
 def test_a_manifest_whose_tail_fields_disagree_is_refused_naming_the_field(edit, field):
     data = _manifest_dict(FIXTURE / "cache")
@@ -358,4 +413,4 @@ def test_the_fidelity_of_a_coded_record_read_as_a_bucket_points_to_the_estimated
     plain = make_records(logits[:64], 5)
     v1 = record_fidelity({"values": plain[0].numpy(), "indices": plain[1].numpy(), "tail": plain[2].numpy()},
                          V1Manifest(), LossConfig(name="ttm"))
-    assert v1["warn"] and "--tail-rank 20" in describe(v1, LossConfig(name="ttm"))
+    assert v1["warn"] and "default record (it has a tail code)" in describe(v1, LossConfig(name="ttm"))

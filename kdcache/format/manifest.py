@@ -22,7 +22,7 @@ FORMAT_VERSION = 2
 #: more (sampled tail classes, a tail code, other anchors) makes it version 2.
 READ_VERSIONS = (1, 2)
 #: The ``tail`` fields of a version-2 manifest beyond version 1's ``betas`` and ``temperature_range``.
-TAIL_FIELDS_V2 = ("samples", "proposal_beta", "uniform_share", "rank", "basis")
+TAIL_FIELDS_V2 = ("samples", "proposal_beta", "uniform_share", "rank", "basis", "code_levels", "code_beta", "code_floor")
 MANIFEST_KEY = "kdcache"
 SUBSET_KEY = "kdcache_subset"  # optional root attribute: what `kdcache export` kept (docs/format.md)
 RECORD_ARRAYS = ("values", "indices", "tail", "params")
@@ -249,6 +249,14 @@ class Manifest:
                 bad("tail.proposal_beta", tail.get("proposal_beta"), "a number >= 0")
             if not (_is_number(tail.get("uniform_share")) and 0 <= tail["uniform_share"] <= 1):
                 bad("tail.uniform_share", tail.get("uniform_share"), "a number in [0, 1]")
+        if "code_levels" in tail and not (isinstance(tail["code_levels"], int) and not isinstance(tail["code_levels"], bool)
+                                          and 1 <= tail["code_levels"] <= 2048):
+            bad("tail.code_levels", tail["code_levels"], "a whole number in [1, 2048]")
+        if "code_beta" in tail and not (_is_number(tail["code_beta"]) and tail["code_beta"] >= 0):
+            bad("tail.code_beta", tail["code_beta"], "a number >= 0")
+        if "code_floor" in tail and not (_is_number(tail["code_floor"]) and 0 <= tail["code_floor"] <= 1
+                                         and (tail["code_floor"] > 0 or not tail.get("code_beta"))):
+            bad("tail.code_floor", tail["code_floor"], "a number in [0, 1], above 0 with a code_beta")
         if tail.get("rank", 0):
             expected = (tail["rank"] + 1) * self.teacher.num_classes * 4
             if not isinstance(tail.get("basis"), str) or len(tail["basis"]) != 4 * ((expected + 2) // 3):
