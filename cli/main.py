@@ -79,7 +79,7 @@ def precompute_logits(
     from_epoch: int = typer.Option(0, "--from-epoch", help="Compute only epochs from this one on (one job's share; see merge)."),
     seed: int = typer.Option(0, "--seed"),
     topk: str = typer.Option("10", "--topk", help="Logits kept per view, or 'full'."),
-    tail_rank: Optional[int] = typer.Option(None, "--tail-rank", help="Coordinates of the tail code per view (default 20 where the tail has over 40 classes, else 0; on --resume the cache's)."),
+    tail_rank: Optional[int] = typer.Option(None, "--tail-rank", help="Coordinates of the tail code per view (default 40 where the tail has over 80 classes, half the tail where it has 41 to 80, else 0; on --resume the cache's)."),
     tail_samples: Optional[int] = typer.Option(None, "--tail-samples", help="Tail classes sampled per view, for an unbiased estimate (default 0; on --resume the cache's)."),
     block_size: int = typer.Option(1024, "--block-size", help="Samples per block (indexable sources)."),
     blocks_per_unit: int = typer.Option(64, "--blocks-per-unit", help="Blocks per shard file and unit of work."),

@@ -12,10 +12,13 @@ import numpy as np
 import torch
 
 from kdcache.losses import LossConfig
-from kdcache.record import MIN_CODED_TAIL, stored_record
+from kdcache.record import MIN_CODED_TAIL, checked_shape_error, stored_record
 
 #: Above this median tail mass a record without a tail code or sampled classes earns a warning.
 WARN_TAIL_MASS = 0.2
+#: Above this much misplaced mass (the median tail mass times the code's shape error on the calibration views)
+#: a tail code earns a warning: the teacher's tail is not as low-rank as the code's rank.
+WARN_CODE_TV = 0.1
 
 
 def loss_temperature(loss: LossConfig) -> float | None:
@@ -52,8 +55,13 @@ def record_fidelity(records: dict, manifest, loss: LossConfig) -> dict | None:
     else:
         reads = {"bucket": "the tail as one bucket", "uniform": "the tail spread evenly",
                  "estimated": "the tail as one bucket (the cache has no tail code or sampled classes)"}[loss.tail]
-    return {"temperature": temperature, "k": k, "tail_classes": classes - k, "tail_mass": quantiles, "reads": reads,
-            "kept": kept, "warn": bool(not estimated and quantiles[1] > WARN_TAIL_MASS)}
+    out = {"temperature": temperature, "k": k, "tail_classes": classes - k, "tail_mass": quantiles, "reads": reads,
+           "kept": kept, "warn": bool(not estimated and quantiles[1] > WARN_TAIL_MASS)}
+    shape_error = checked_shape_error(manifest.tail, temperature) if estimated and record.spec.rank else None
+    if shape_error is not None:  # measured when the cache was made: how well the code shapes this teacher's tail
+        out.update(code_shape_error=shape_error, misplaced=quantiles[1] * shape_error)
+        out["warn"] = out["warn"] or out["misplaced"] > WARN_CODE_TV
+    return out
 
 
 def describe(fidelity: dict, loss: LossConfig) -> str:
@@ -62,6 +70,12 @@ def describe(fidelity: dict, loss: LossConfig) -> str:
     line = (f"teacher records at the loss's temperature T = {fidelity['temperature']:g}: {100 * median:.0f}% of the teacher's "
             f"mass (5-95%: {100 * low:.0f}-{100 * high:.0f}%) lies outside the stored top {fidelity['k']}; "
             f"loss {loss.name!r} reads {fidelity['reads']}")
+    if "misplaced" in fidelity:
+        line += (f", whose shape of the tail is off by {100 * fidelity['code_shape_error']:.0f}% (total variation, median "
+                 f"over the views the cache was calibrated on): about {100 * fidelity['misplaced']:.0f}% of the target misplaced")
+    if fidelity["warn"] and "misplaced" in fidelity:
+        return ("warning: " + line + "; this teacher's tail is less low-rank than the code (docs/methods.md, 'What a record "
+                "keeps'): make the cache with a larger --tail-rank, or with --topk full")
     if fidelity["warn"]:
         if fidelity.get("kept"):
             fix = "train with --tail estimated, which reads them"

@@ -331,6 +331,45 @@ def tail_code(logits: torch.Tensor, basis: torch.Tensor, spec: TailSpec | None =
     return torch.cat(solved)[:, 1:].float().round().clamp(-levels, levels)
 
 
+#: Temperatures at which precompute measures, on its calibration views, how well the code shapes the tail.
+CODE_CHECK_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+
+
+def code_shape_error(logits: torch.Tensor, record: "TeacherRecord", temperatures=CODE_CHECK_TEMPERATURES) -> list[float]:
+    """How far the code's tail shape is from the teacher's: per temperature, the median over views of the
+    total-variation distance between ``softmax_tail(v / T)`` and ``softmax_tail(code logits / T)``.
+
+    ``logits`` are the float32 logits the coded ``record`` was made from. 0 is a perfect shape, 1 a
+    disjoint one; the target the loss reads is off by about the tail's mass times this.
+    """
+    in_tail = torch.ones_like(logits, dtype=torch.bool).scatter(-1, record.indices.long().to(logits.device), False)
+    shape = record.shape_logits().to(logits.device)
+    errors = []
+    for t in temperatures:
+        true = torch.softmax((logits.float() / t).masked_fill(~in_tail, float("-inf")), dim=-1)
+        coded = torch.softmax((shape / t).masked_fill(~in_tail, float("-inf")), dim=-1)
+        errors.append(float((0.5 * (true - coded).abs().sum(-1)).median()))
+    return errors
+
+
+def code_check(logits: torch.Tensor, k: int, spec: TailSpec, basis: torch.Tensor) -> dict:
+    """The manifest's ``tail.code_check`` for calibration ``logits``: :func:`code_shape_error` at
+    :data:`CODE_CHECK_TEMPERATURES`, rounded to 4 decimals, and the number of views it is over."""
+    record = TeacherRecord.from_logits(logits, k, spec, basis=basis)
+    return {"temperatures": list(CODE_CHECK_TEMPERATURES), "shape_tv_median": [round(e, 4) for e in code_shape_error(logits, record)],
+            "views": len(logits)}
+
+
+def checked_shape_error(tail: dict, temperature: float) -> float | None:
+    """The calibration's shape error at ``temperature`` (linear in log T between the measured ones, the nearest
+    outside them), or None where the manifest has no ``code_check``."""
+    check = tail.get("code_check")
+    if not check:
+        return None
+    xs = np.log(np.asarray(check["temperatures"], dtype=np.float64))
+    return float(np.interp(math.log(temperature), xs, np.asarray(check["shape_tv_median"], dtype=np.float64)))
+
+
 def make_records(logits: torch.Tensor, k: int, spec: TailSpec = V1_TAIL, *, uniforms=None, basis=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split teacher logits ``[B, C]`` into (values fp16 [B,k+s], indices int64 [B,k+s], tail fp16 [B,width]).
 

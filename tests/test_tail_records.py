@@ -23,7 +23,7 @@ from kdcache.errors import FormatError
 from kdcache.format import Manifest, open_cache, read_manifest
 from kdcache.location import Location
 from kdcache.losses import distillation_kl, log_power_sum
-from kdcache.record import (CODE_FIT_V2_0, DEFAULT_TAIL, TAIL_BETAS, TailSpec, TeacherRecord, encode_basis, fit_tail_basis, make_records,
+from kdcache.record import (CODE_FIT_V2_0, DEFAULT_TAIL, TAIL_BETAS, TailSpec, checked_shape_error, code_check, TeacherRecord, encode_basis, fit_tail_basis, make_records,
                             tail_log_mass, view_uniforms)
 from kdcache_cli.main import app
 
@@ -342,6 +342,10 @@ def _manifest_dict(path: Path) -> dict:
     (lambda m: m.update(format_version=2) or m["tail"].update(code_levels=0), "tail.code_levels"),
     (lambda m: m.update(format_version=2) or m["tail"].update(code_beta=-0.5), "tail.code_beta"),
     (lambda m: m.update(format_version=2) or m["tail"].update(code_beta=0.5, code_floor=0.0), "tail.code_floor"),
+    (lambda m: m.update(format_version=2) or m["tail"].update(code_check={"temperatures": [4.0], "shape_tv_median": [1.5]}),
+     "tail.code_check"),
+    (lambda m: m.update(format_version=2) or m["tail"].update(code_check={"temperatures": [4.0, 8.0], "shape_tv_median": [0.1]}),
+     "tail.code_check"),
 ])
 def test_a_manifest_whose_tail_fields_disagree_is_refused_naming_the_field(edit, field):
     data = _manifest_dict(FIXTURE / "cache")
@@ -414,3 +418,50 @@ def test_the_fidelity_of_a_coded_record_read_as_a_bucket_points_to_the_estimated
     v1 = record_fidelity({"values": plain[0].numpy(), "indices": plain[1].numpy(), "tail": plain[2].numpy()},
                          V1Manifest(), LossConfig(name="ttm"))
     assert v1["warn"] and "default record (it has a tail code)" in describe(v1, LossConfig(name="ttm"))
+
+
+def test_the_code_check_tells_a_low_rank_tail_from_one_the_code_cannot_hold():
+    spec = dataclasses.replace(DEFAULT_TAIL, rank=8)
+    low = _structured_teacher(900, 200, 6, seed=11)  # rank 6 plus a little noise: the code holds its tail
+    noise = torch.randn(900, 200, generator=torch.Generator().manual_seed(12)) * 3  # a tail of noise: nothing to hold
+    checks = {}
+    for name, logits in (("low", low), ("noise", noise)):
+        basis = fit_tail_basis(logits[:600], spec.rank, spec.code_levels)
+        checks[name] = code_check(logits[600:], 10, spec, basis)
+    assert checks["low"]["temperatures"] == [1.0, 2.0, 4.0, 8.0] and checks["low"]["views"] == 300
+    assert max(checks["low"]["shape_tv_median"]) < 0.2 < min(checks["noise"]["shape_tv_median"][:2])
+    assert all(a < b for a, b in zip(checks["low"]["shape_tv_median"], checks["noise"]["shape_tv_median"]))
+    tail = {"code_check": {"temperatures": [1.0, 4.0], "shape_tv_median": [0.1, 0.3], "views": 5}}
+    assert checked_shape_error(tail, 2.0) == pytest.approx(0.2) and checked_shape_error(tail, 16.0) == pytest.approx(0.3)
+    assert checked_shape_error({}, 2.0) is None
+
+
+def test_train_student_warns_where_the_calibration_says_the_code_misplaces_the_target():
+    from kdcache.fidelity import describe, record_fidelity
+    from kdcache.losses import LossConfig
+
+    logits = _structured_teacher(400, 120, 40, seed=13)
+    spec = dataclasses.replace(DEFAULT_TAIL, rank=4)
+    basis = fit_tail_basis(logits[:300], spec.rank, spec.code_levels)
+    values, indices, tail = make_records(logits[300:364], 5, spec, basis=basis)
+    records = {"values": values.numpy(), "indices": indices.numpy(), "tail": tail.numpy()}
+
+    class Teacher:
+        num_classes = 120
+
+    def manifest(error):
+        class Manifest:
+            k, teacher = 5, Teacher()
+            tail = dict(spec.to_json(), basis=encode_basis(basis),
+                        code_check={"temperatures": [1.0, 2.0, 4.0, 8.0], "shape_tv_median": [error] * 4, "views": 300})
+        return Manifest()
+
+    loss = LossConfig(name="kd", temperature=4.0)
+    good, bad = record_fidelity(records, manifest(0.01), loss), record_fidelity(records, manifest(0.6), loss)
+    assert not good["warn"] and good["misplaced"] == pytest.approx(0.01 * good["tail_mass"][1])
+    assert "off by 1%" in describe(good, loss) and not describe(good, loss).startswith("warning")
+    assert bad["warn"] and bad["misplaced"] > 0.1
+    line = describe(bad, loss)
+    assert line.startswith("warning:") and "larger --tail-rank" in line and "off by 60%" in line
+    # read as a bucket, the code's check does not apply: the usual advice stands
+    assert "misplaced" not in record_fidelity(records, manifest(0.6), LossConfig(name="kd", temperature=4.0, tail="bucket"))

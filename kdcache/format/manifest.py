@@ -22,7 +22,7 @@ FORMAT_VERSION = 2
 #: more (sampled tail classes, a tail code, other anchors) makes it version 2.
 READ_VERSIONS = (1, 2)
 #: The ``tail`` fields of a version-2 manifest beyond version 1's ``betas`` and ``temperature_range``.
-TAIL_FIELDS_V2 = ("samples", "proposal_beta", "uniform_share", "rank", "basis", "code_levels", "code_beta", "code_floor")
+TAIL_FIELDS_V2 = ("samples", "proposal_beta", "uniform_share", "rank", "basis", "code_levels", "code_beta", "code_floor", "code_check")
 MANIFEST_KEY = "kdcache"
 SUBSET_KEY = "kdcache_subset"  # optional root attribute: what `kdcache export` kept (docs/format.md)
 RECORD_ARRAYS = ("values", "indices", "tail", "params")
@@ -257,6 +257,13 @@ class Manifest:
         if "code_floor" in tail and not (_is_number(tail["code_floor"]) and 0 <= tail["code_floor"] <= 1
                                          and (tail["code_floor"] > 0 or not tail.get("code_beta"))):
             bad("tail.code_floor", tail["code_floor"], "a number in [0, 1], above 0 with a code_beta")
+        if "code_check" in tail:
+            check = tail["code_check"]
+            if not (isinstance(check, dict) and isinstance(check.get("temperatures"), list) and check["temperatures"]
+                    and isinstance(check.get("shape_tv_median"), list) and len(check["shape_tv_median"]) == len(check["temperatures"])
+                    and all(_is_number(t) and t > 0 for t in check["temperatures"])
+                    and all(_is_number(e) and 0 <= e <= 1 for e in check["shape_tv_median"])):
+                bad("tail.code_check", _short(check), "'temperatures' (> 0) and as many 'shape_tv_median' in [0, 1]")
         if tail.get("rank", 0):
             expected = (tail["rank"] + 1) * self.teacher.num_classes * 4
             if not isinstance(tail.get("basis"), str) or len(tail["basis"]) != 4 * ((expected + 2) // 3):
