@@ -291,6 +291,9 @@ def fit_tail_basis(logits: torch.Tensor, rank: int, levels: int = CODE_FIT_V2_0[
     return torch.cat([mean.unsqueeze(0), directions * steps.unsqueeze(-1)], dim=0).float()
 
 
+#: The weighted code's numbers are clipped only here (fp16 holds every whole number up to 2048, and
+#: larger ones to 1 part in 2048).
+CODE_MAX = 32768.0
 #: Elements of one chunk of the weighted fit's ``[views, rank + 1, C]`` product (float64: 128 MiB).
 _FIT_CHUNK = 1 << 24
 
@@ -304,6 +307,12 @@ def tail_code(logits: torch.Tensor, basis: torch.Tensor, spec: TailSpec | None =
     weighted by ``(1 - code_floor) * softmax_tail(code_beta * v)_c + code_floor / (C - k)``: the
     stored top k need no code, and the tail's largest classes carry its tempered mass. Decoding is
     the same either way (:meth:`TeacherRecord.shape_logits`); the fit is solved in float64.
+
+    The projection's numbers are clipped to ``[-levels, levels]`` (as the first version-2 caches
+    were); the weighted fit's only to ``[-CODE_MAX, CODE_MAX]``: the calibration views' largest
+    coordinate along each row is ``levels`` steps, and a later view beyond it (a larger-scale view
+    than any the calibration saw) keeps its larger number, exact in fp16 up to 2048 and within
+    fp16's rounding above, rather than a clipped and wrong tail.
     """
     levels = spec.code_levels if spec is not None else CODE_FIT_V2_0[0]
     basis = basis.float().to(logits.device)
@@ -328,7 +337,7 @@ def tail_code(logits: torch.Tensor, basis: torch.Tensor, spec: TailSpec | None =
         gram = weighted @ design.T
         ridge = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(len(design), dtype=gram.dtype, device=gram.device)
         solved.append(torch.linalg.solve(gram + ridge, (weighted @ target[start : start + chunk].unsqueeze(-1)).squeeze(-1)))
-    return torch.cat(solved)[:, 1:].float().round().clamp(-levels, levels)
+    return torch.cat(solved)[:, 1:].float().round().clamp(-CODE_MAX, CODE_MAX)  # no clip at levels: a rare larger view keeps its code
 
 
 #: Temperatures at which precompute measures, on its calibration views, how well the code shapes the tail.

@@ -188,7 +188,18 @@ def test_the_weighted_code_fits_the_tails_largest_classes_better_than_the_projec
     weighted = TeacherRecord.from_logits(test, k, spec, basis=basis)
     projected = TeacherRecord.from_logits(test, k, plain, basis=fit_tail_basis(logits[:400], spec.rank))
     codes = weighted.tail[:, -spec.rank:].float()
-    assert codes.abs().max() <= 31 and torch.equal(codes, codes.round())
+    assert torch.equal(codes, codes.round()) and codes.abs().max() > 5  # whole numbers, and steps fine enough to use many
+    # a view at three times the scale of any calibration view keeps its code (unclipped), so its tail's shape
+    # is off by about three times as much as the view's own, not by the clipped coordinates
+    def shape_error(record, logits):
+        in_tail = torch.ones_like(logits, dtype=torch.bool).scatter(-1, record.indices.long(), False)
+        off = (record.shape_logits() - logits).masked_fill(~in_tail, 0.0)
+        off = (off - off.sum(-1, keepdim=True) / in_tail.sum(-1, keepdim=True)).masked_fill(~in_tail, 0.0)
+        return off.square().sum(-1).div(in_tail.sum(-1)).sqrt()
+
+    big = TeacherRecord.from_logits(3 * test[:8], k, spec, basis=basis)
+    assert big.tail[:, -spec.rank:].abs().max() > 31
+    assert (shape_error(big, 3 * test[:8]) < 4 * shape_error(weighted, test)[:8]).all()
     student = 0.5 * test + torch.randn(test.shape, generator=torch.Generator().manual_seed(6))
 
     def gradient_error(record, temperature):  # the KD term's logit gradient against every logit's, relative
