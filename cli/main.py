@@ -136,6 +136,8 @@ def add_teacher(
     repair: bool = typer.Option(False, "--repair", help="Re-hash the teacher's committed units first, and score the damaged ones again."),
     lease: float = typer.Option(120.0, "--lease", help="Seconds another machine's claim on a unit stays valid unrenewed."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Score at most this many units, then stop (exit 7 if units are left)."),
+    tail_rank: Optional[int] = typer.Option(None, "--tail-rank", help="Coordinates of the teacher's tail code per view, as for precompute-logits (default: the default record's for this teacher's classes and k, whatever the cache's record; on a run that joins, the group's)."),
+    tail_samples: Optional[int] = typer.Option(None, "--tail-samples", help="Tail classes sampled per view, as for precompute-logits (default 0; on a run that joins, the group's)."),
 ):
     """Score a cache's existing views with another teacher, under teachers/NAME/, leaving the first teacher's records alone.
 
@@ -147,7 +149,7 @@ def add_teacher(
     config = AddTeacherConfig(
         cache=cache, data=data, name=name, teacher=_teacher_config(teacher, teacher_checkpoint, teacher_file, None),
         topk=None if topk is None else _topk(topk), epochs=epochs, batch_size=batch_size, workers=workers, repair=repair,
-        lease_seconds=lease, max_units=max_units, command=_command_line(),
+        lease_seconds=lease, max_units=max_units, tail_rank=tail_rank, tail_samples=tail_samples, command=_command_line(),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -46,14 +46,18 @@ from kdcache.format import (
 )
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
+from kdcache.format.manifest import first_difference, record_format_version, _short
 from kdcache.location import Location
 from kdcache.plan import check_block, read_block
 from kdcache.precompute import (
     BlockPreparer,
     PrecomputeResult,
     UnitWork,
+    calibrate_tail,
+    check_tail_options,
     drop_malformed_ledger_entries,
     prepare_on_rank0,
+    record_tail_spec,
     repair_units,
     resolve_k,
 )
@@ -75,10 +79,13 @@ class AddTeacherConfig:
     repair: bool = False  # re-hash its committed units first; the damaged ones are scored again
     max_units: int | None = None
     lease_seconds: float = DEFAULT_LEASE
+    tail_rank: int | None = None  # the tail code's rank (None: the default record, or the group's when it exists)
+    tail_samples: int | None = None  # tail classes sampled per view (None: the default record, or the group's)
     command: str = ""
 
     def __post_init__(self) -> None:
         check_teacher_name(self.name)
+        check_tail_options(self.tail_rank, self.tail_samples)
         if self.epochs is not None:
             parse_selection(self.epochs, "--epochs")
         if self.max_units is not None and self.max_units < 0:
@@ -98,6 +105,15 @@ class AddTeacherConfig:
     @property
     def output(self) -> str:
         return str(Path(self.cache) / group_dir(self.name))
+
+    @property
+    def tail_asked(self) -> bool:
+        return self.tail_rank is not None or self.tail_samples is not None
+
+    def tail(self, k: int, num_classes: int) -> dict | None:
+        """The group's ``tail`` this run asks for (before its basis is fitted): None for the format-version-1 record."""
+        tail = record_tail_spec(self.tail_rank, self.tail_samples, k, num_classes).to_json()
+        return tail if record_format_version(tail) > 1 else None
 
     def finishing_command(self) -> str:
         """The command that finishes the teacher's records: this one again (it resumes)."""
@@ -129,12 +145,29 @@ def _group_for(config: AddTeacherConfig, cache: Cache, info, batch_size: int, de
         replay.update(device=fingerprint["device"], decoder=fingerprint["decoder"])
     if torch.device(device).type == "cuda":
         replay["teacher_channels_last"] = True  # this teacher runs channels-last here, whatever the root's did
+    k = resolve_k(config.topk if config.topk is not None else m.k, info.num_classes)
     return TeacherGroup(
-        name=config.name, teacher=info, k=resolve_k(config.topk if config.topk is not None else m.k, info.num_classes),
+        name=config.name, teacher=info, k=k,
         dtypes={a: m.dtypes[a] for a in TEACHER_ARRAYS}, compression={a: COMPRESSION[a] for a in TEACHER_ARRAYS},
         replay=replay, size=int(info.input_size[-1]), mean=[float(v) for v in info.mean], std=[float(v) for v in info.std],
         batch_size=batch_size, tool_version=__version__, created=now_iso(), command=config.command or " ".join(sys.argv),
+        tail=config.tail(k, info.num_classes),
     )
+
+
+def _check_same_record(config: AddTeacherConfig, existing: TeacherGroup) -> None:
+    """A run that asks for a record (--tail-rank, --tail-samples) joins a group only where it has that record."""
+    if not config.tail_asked:  # the record the group was made with, whatever the default is now
+        return
+    made = {n: v for n, v in (existing.tail or {"betas": [1.0, 0.25]}).items() if n not in ("basis", "temperature_range")}
+    asked = {n: v for n, v in (config.tail(existing.k, existing.teacher.num_classes) or {"betas": [1.0, 0.25]}).items()
+             if n not in ("basis", "temperature_range")}
+    found = first_difference("tail", made, asked)
+    if found is not None:
+        name, old, new = found
+        raise MismatchError(f"{config.cache}: the teacher records {config.name!r} were made with {name} {_short(old)}, "
+                            f"this run asks for {_short(new)}; run it without --tail-rank and --tail-samples to keep "
+                            "its record, or choose another --name for this teacher")
 
 
 def _check_same_teacher(config: AddTeacherConfig, existing: TeacherGroup, wanted: TeacherGroup) -> None:
@@ -156,12 +189,24 @@ def _check_same_teacher(config: AddTeacherConfig, existing: TeacherGroup, wanted
                                 f"this teacher has {shown(new)}; choose another --name for this teacher")
 
 
-def _prepare_group(config: AddTeacherConfig, cache: Cache, group: TeacherGroup, log) -> None:
-    """Rank 0: create the group, or check that the existing one was made by this teacher (joining it)."""
+def _fit_basis(config: AddTeacherConfig, cache: Cache, group: TeacherGroup, source, teacher, device, log) -> TeacherGroup:
+    """The group with its tail code's basis, fitted as precompute fits the root's (kdcache.precompute.calibrate_tail) on
+    this teacher's logits of the first views of epoch 0, replayed at its size and normalised as it expects."""
+    if group.tail is None or not group.tail.get("rank"):
+        return group
+    finish = dataclasses.replace(cache_spec(cache.manifest), mean=tuple(group.mean), std=tuple(group.std))
+    fitted = calibrate_tail(config, source, teacher, group.records_manifest(cache.manifest), cache.samples(), device, log,
+                            size=group.size, finish=finish)
+    return dataclasses.replace(group, tail=fitted.tail)
+
+
+def _prepare_group(config: AddTeacherConfig, cache: Cache, group: TeacherGroup, log, *, fit=lambda group: group) -> None:
+    """Rank 0: create the group (``fit`` gives it its tail code's basis), or check that the existing one was made by
+    this teacher with the record this run asks for (joining it)."""
     path = Path(config.cache)
     if not (path / group_dir(config.name) / "zarr.json").exists():
         try:
-            GroupWriter.create(path, group, log=log)
+            GroupWriter.create(path, fit(group), log=log)
             log(f"created the teacher records {config.name!r} in {config.cache}")
             return
         except CreatedElsewhere:
@@ -171,6 +216,7 @@ def _prepare_group(config: AddTeacherConfig, cache: Cache, group: TeacherGroup, 
     _check_same_teacher(config, existing, dataclasses.replace(
         group, k=existing.k if config.topk is None else group.k,
         batch_size=existing.batch_size if config.batch_size is None else group.batch_size))
+    _check_same_record(config, existing)
     log(f"joining the teacher records {config.name!r} of {config.cache}")
 
 
@@ -235,7 +281,7 @@ def add_teacher(config: AddTeacherConfig, *, log=print, progress: bool = False,
 
     def prepare() -> None:
         try:
-            _prepare_group(config, cache, group, log)
+            _prepare_group(config, cache, group, log, fit=lambda made: _fit_basis(config, cache, made, source, teacher, device, log))
             if config.repair:
                 _repair_group(config, log)
         except OSError as exc:

@@ -64,10 +64,21 @@ def record_fidelity(records: dict, manifest, loss: LossConfig) -> dict | None:
     return out
 
 
-def describe(fidelity: dict, loss: LossConfig) -> str:
-    """The log line: the tail mass at the loss's temperature and what the loss reads, a warning where that is far off."""
+def teachers_fidelity(block: dict, manifests: dict, loss: LossConfig) -> dict | None:
+    """:func:`record_fidelity` of every teacher of a block read with all their records (``block["teachers"]``, in the
+    order of ``manifests``: record name -> the manifest its records are read with): ``{"teachers": {name: ...}}``,
+    or None for ``ce``. Each teacher's records are read with their own tail spec and basis."""
+    found = {name: record_fidelity(records, manifest, loss) for (name, manifest), records in zip(manifests.items(), block["teachers"])}
+    return None if all(f is None for f in found.values()) else {"teachers": found}
+
+
+def describe(fidelity: dict, loss: LossConfig, *, name: str | None = None) -> str:
+    """The log line: the tail mass at the loss's temperature and what the loss reads, a warning where that is far off
+    (one line per teacher for :func:`teachers_fidelity`'s)."""
+    if "teachers" in fidelity:
+        return "\n".join(describe(one, loss, name=teacher) for teacher, one in fidelity["teachers"].items())
     low, median, high = fidelity["tail_mass"]
-    line = (f"teacher records at the loss's temperature T = {fidelity['temperature']:g}: {100 * median:.0f}% of the teacher's "
+    line = (f"teacher records{'' if name is None else f' {name}'} at the loss's temperature T = {fidelity['temperature']:g}: {100 * median:.0f}% of the teacher's "
             f"mass (5-95%: {100 * low:.0f}-{100 * high:.0f}%) lies outside the stored top {fidelity['k']}; "
             f"loss {loss.name!r} reads {fidelity['reads']}")
     if "misplaced" in fidelity:

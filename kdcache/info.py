@@ -23,6 +23,7 @@ def _added_teachers(cache, root_units: int) -> list[dict]:
         views = sum(entry.views for entry in records.ledger.values())
         found.append({
             "name": name, "teacher": t.name, "source": t.source, "weights_sha256": t.weights_sha256, "k": records.group.k,
+            "tail": {key: value for key, value in records.manifest.tail.items() if key != "basis"},  # its own record's
             "size": records.group.size, "mean": records.group.mean, "std": records.group.std,
             "units_held": len(records.ledger), "units_committed_by_root": root_units,
             "epochs_complete": records.complete_epochs(), "size_bytes": size[0], "files": size[1],
@@ -99,7 +100,7 @@ def cache_info(location: str, *, cache: Cache | None = None) -> dict:
     }
 
 
-def _tail_words(tail: dict) -> str:
+def tail_words(tail: dict) -> str:
     """What a record keeps of its tail, in words."""
     words = [f"tail summary at T = {', '.join(f'{1 / b:g}' for b in tail['betas'])}"]
     if tail.get("rank"):
@@ -153,7 +154,7 @@ def format_info(info: dict) -> str:
         f"dataset     {d['kind']} {d['uri']} ({d['split']}): {d['num_samples']} samples in {info['blocks']} blocks, digest {d['digest'][:16]}",
         f"augment     {a['name']}: crop {a['crop']}, flip {a['hflip']}, randaug n={a['randaug_n']}, erase {a['erase_prob']}, "
         f"mix {a['mix']}; output {a['output_size']}px; seed {info['seed']}",
-        f"records     top-{info['k']} fp16 logits + {_tail_words(info['tail'])}; replay path {info['replay']['path']}",
+        f"records     top-{info['k']} fp16 logits + {tail_words(info['tail'])}; replay path {info['replay']['path']}",
         epochs,
         f"size        {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files; "
         + (f"{bpv:.1f} bytes per view ({info['views_committed']} views)" if bpv else "no views committed"),
@@ -164,6 +165,7 @@ def format_info(info: dict) -> str:
         lines.append(f"teacher {added['name']:<3} {added['source']}:{added['teacher']}  top-{added['k']} at {added['size']}px  "
                      f"mean {added['mean']} std {added['std']}; {added['units_held']}/{added['units_committed_by_root']} "
                      f"units held{stored}\n"
+                     f"            records top-{added['k']} fp16 logits + {tail_words(added['tail'])}\n"
                      f"            weights sha256 {added['weights_sha256']}")
     if info.get("teachers"):
         lines.append(f"records     teacher records: main, {', '.join(a['name'] for a in info['teachers'])} "

@@ -180,13 +180,14 @@ def copy_unit(name: str, cache: Cache, entry: LedgerEntry, out: Path) -> None:
 
 
 #: What an added teacher's records depend on, most telling first (not where its weights file was, nor the kdcache version).
+#: Its record's ``tail`` with the basis: codes fitted on another basis read as other logits.
 _TEACHER_RECIPE = ("teacher.weights_sha256", "teacher.num_classes", "k", "size", "mean", "std", "batch_size", "replay.path",
-                   "dtypes", "compression")
+                   "dtypes", "compression", "tail")
 
 
 def _teacher_recipe(group: TeacherGroup) -> list:
     return [group.teacher.weights_sha256, group.teacher.num_classes, group.k, group.size, group.mean, group.std,
-            group.batch_size, group.replay.get("path"), group.dtypes, group.compression]
+            group.batch_size, group.replay.get("path"), group.dtypes, group.compression, group.tail]
 
 
 def _plan_teachers(names: list[str], caches: list[Cache]) -> dict[str, tuple[TeacherGroup, list, dict]]:

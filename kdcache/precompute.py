@@ -112,29 +112,11 @@ class PrecomputeConfig:
             raise ConfigError(f"--lease {self.lease_seconds}; expected a positive number of seconds")
         if self.repair and not self.resume:
             raise ConfigError("--repair works on an existing cache; pass it together with --resume")
-        for name, value in (("--tail-rank", self.tail_rank), ("--tail-samples", self.tail_samples)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"{name} {value!r}; expected a whole number >= 0")
+        check_tail_options(self.tail_rank, self.tail_samples)
 
     def tail_spec(self, k: int, num_classes: int) -> TailSpec:
-        """The record this run asks for: the default's, with --tail-rank and --tail-samples applied.
-
-        The default code has rank 40 where the tail has over 80 classes, half the tail (rounded
-        down, less one) where it has 41 to 80, and none below.
-        """
-        if self.tail_rank == 0 and self.tail_samples in (None, 0):
-            return V1_TAIL
-        spec = dataclasses.replace(DEFAULT_TAIL, **{name: value for name, value in
-                                                    (("rank", self.tail_rank), ("samples", self.tail_samples)) if value is not None})
-        if self.tail_rank is None and MIN_CODED_TAIL < num_classes - k <= 2 * spec.rank:
-            spec = dataclasses.replace(spec, rank=(num_classes - k - 1) // 2)  # the default rank, fitted to a smaller tail
-        if self.tail_rank and num_classes - k <= 2 * self.tail_rank:
-            raise ConfigError(f"--tail-rank {self.tail_rank} needs more than {2 * self.tail_rank} classes outside the top {k}; "
-                              f"the teacher has {num_classes - k}: use --tail-rank 0 or --topk full")
-        if spec.samples and spec.samples >= num_classes - k:
-            raise ConfigError(f"--tail-samples {spec.samples}: the tail has only {num_classes - k} classes outside the "
-                              f"top {k}; use --topk full to keep every logit")
-        return spec.for_classes(k, num_classes)
+        """The record this run asks for: the default's, with --tail-rank and --tail-samples applied (:func:`record_tail_spec`)."""
+        return record_tail_spec(self.tail_rank, self.tail_samples, k, num_classes)
 
     @property
     def tail_asked(self) -> bool:
@@ -144,6 +126,35 @@ class PrecomputeConfig:
         """The command that finishes the cache: this one, with --resume."""
         command = self.command or "kdcache precompute-logits"
         return command if " --resume" in f"{command} " else f"{command} --resume"
+
+
+def check_tail_options(tail_rank: int | None, tail_samples: int | None) -> None:
+    """Refuse a --tail-rank or --tail-samples that is not a whole number >= 0 (None: not given)."""
+    for name, value in (("--tail-rank", tail_rank), ("--tail-samples", tail_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{name} {value!r}; expected a whole number >= 0")
+
+
+def record_tail_spec(tail_rank: int | None, tail_samples: int | None, k: int, num_classes: int) -> TailSpec:
+    """The record a run asks for with ``--tail-rank`` and ``--tail-samples`` (None: not given) for k of C classes:
+    the default record's, with those applied (precompute-logits and add-teacher alike).
+
+    The default code has rank 40 where the tail has over 80 classes, half the tail (rounded
+    down, less one) where it has 41 to 80, and none below.
+    """
+    if tail_rank == 0 and tail_samples in (None, 0):
+        return V1_TAIL
+    spec = dataclasses.replace(DEFAULT_TAIL, **{name: value for name, value in
+                                                (("rank", tail_rank), ("samples", tail_samples)) if value is not None})
+    if tail_rank is None and MIN_CODED_TAIL < num_classes - k <= 2 * spec.rank:
+        spec = dataclasses.replace(spec, rank=(num_classes - k - 1) // 2)  # the default rank, fitted to a smaller tail
+    if tail_rank and num_classes - k <= 2 * tail_rank:
+        raise ConfigError(f"--tail-rank {tail_rank} needs more than {2 * tail_rank} classes outside the top {k}; "
+                          f"the teacher has {num_classes - k}: use --tail-rank 0 or --topk full")
+    if spec.samples and spec.samples >= num_classes - k:
+        raise ConfigError(f"--tail-samples {spec.samples}: the tail has only {num_classes - k} classes outside the "
+                          f"top {k}; use --topk full to keep every logit")
+    return spec.for_classes(k, num_classes)
 
 
 @dataclass
@@ -243,25 +254,29 @@ def _recorded_teacher(config):
 CALIBRATION_VIEWS = 4096
 
 
-def calibrate_tail(config, source, teacher, manifest: Manifest, plan, device, log) -> Manifest:
+def calibrate_tail(config, source, teacher, manifest: Manifest, plan, device, log, *, size: int | None = None,
+                   finish=None) -> Manifest:
     """The manifest with its tail code's basis, fitted on the teacher's logits of the first views of epoch 0.
 
     The views are replayed and scored exactly as their units will be (they are scored again
     there), so the basis is a function of the teacher, the data, the seed and the spec alone.
+    ``manifest``: the cache's, or an added teacher's records manifest (kdcache add-teacher), whose
+    views are drawn from the same spec and seed and replayed at its ``size`` and normalised by
+    ``finish`` (default: the cache's spec).
     """
     spec = tail_spec_of(manifest.tail)
     if not spec.rank:
         return manifest
-    preparer = BlockPreparer(config, source, manifest, plan)
-    layout, aug = manifest.blocks, cache_spec(manifest)
+    preparer = BlockPreparer(config, source, manifest, plan, size=size)
+    layout, aug = manifest.blocks, finish if finish is not None else cache_spec(manifest)
     logits = []
     for block in range(layout.num_blocks):
         if sum(len(x) for x in logits) >= CALIBRATION_VIEWS:
             break
         pending, _ = preparer[(0, layout.unit_of(block), block)]
         views = pending.materialize(aug, device, counts=Counter())
-        logits += [teacher_logits(teacher, views[i : i + config.batch_size], device).cpu()
-                   for i in range(0, len(views), config.batch_size)]
+        logits += [teacher_logits(teacher, views[i : i + manifest.batch_size], device).cpu()
+                   for i in range(0, len(views), manifest.batch_size)]
     logits = torch.cat(logits)[:CALIBRATION_VIEWS]
     if len(logits) <= spec.rank:
         raise ConfigError(f"--tail-rank {spec.rank} needs more than {spec.rank} views to fit its basis; the data has "

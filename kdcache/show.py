@@ -34,6 +34,7 @@ from kdcache.format import format_selection
 from kdcache.format import Cache, Manifest, open_cache
 from kdcache.location import refuse_file_in_the_way
 from kdcache.plan import check_block, read_block
+from kdcache.info import tail_words
 from kdcache.record import stored_record
 from kdcache.replay import EncodedImages, replay_base, replay_block
 from kdcache.sources import decode_sample, open_source
@@ -460,7 +461,8 @@ def _figure(rows: list[ShownView], manifest: Manifest, config: ShowConfig, cache
     header.text(
         8 / _WIDTH_PX, 0.88,
         f"{cache.location}    epoch {config.epoch}    augmentation {spec.name}    replay path {manifest.replay['path']}\n"
-        f"teacher {t.name} (weights {t.weights_sha256[:12]}), top-{manifest.k} logits + tail stored per view",
+        f"teacher {t.name} (weights {t.weights_sha256[:12]}), top-{manifest.k} logits + {tail_words(manifest.tail)} "
+        "stored per view",
         fontsize=10, ha="left", va="top", linespacing=1.4,
     )
     legend = [Patch(color=_TRUE, label="true label"), Patch(color=_OTHER, label="other class")]

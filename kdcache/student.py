@@ -29,7 +29,7 @@ from kdcache import distributed
 from kdcache.augment import AugSpec, cache_spec, resolve_spec
 from kdcache.batches import check_all_samples, held_views, open_training_data, teacher_view
 from kdcache.errors import ConfigError, MismatchError, WriteError, describe_os_error
-from kdcache.fidelity import record_fidelity
+from kdcache.fidelity import record_fidelity, teachers_fidelity
 from kdcache.format import ALL, format_selection, open_cache
 from kdcache.format.digest import check_digest_option, recipe_digest, require_digest
 from kdcache.loader import LoaderConfig, ViewLoader, eval_batches
@@ -177,7 +177,11 @@ def train_student(config: StudentConfig, *, log=print) -> RunResult:
         source = open_training_data(cache, config.data, cache_name=config.cache)
         plan = cache.samples()
         cache_epochs, cache_blocks = _check_cache_against_data(cache, source, config)
-        fidelity = record_fidelity(cache.read_block(cache_epochs[0], cache_blocks[0]), m, config.loss)  # said when the run starts
+        block = cache.read_block(cache_epochs[0], cache_blocks[0])  # what the loss reads of it is said when the run starts
+        if config.teacher_record == ALL:  # each teacher's records, read with its own record's spec and basis
+            fidelity = teachers_fidelity(block, {name: view.manifest for name, view in zip(cache.names, cache.views)}, config.loss)
+        else:
+            fidelity = record_fidelity(block, m, config.loss)
         spec, layout, num_classes = cache_spec(m), m.blocks, m.teacher.num_classes
         if config.img_size is not None and config.img_size != spec.output_size:
             log(f"the student trains at {config.img_size}px on the teacher's {spec.output_size}px views, replayed at "

@@ -16,7 +16,7 @@ from typing import Any
 
 from kdcache.errors import ConfigError, FormatError
 from kdcache.location import Location
-from kdcache.format.manifest import Manifest, TeacherInfo, _build, _short, teacher_dict
+from kdcache.format.manifest import Manifest, TeacherInfo, _build, _short, record_format_version, teacher_dict
 
 TEACHERS_DIR = "teachers"
 TEACHER_KEY = "kdcache_teacher"  # the group attribute
@@ -59,10 +59,15 @@ class TeacherGroup:
     tool_version: str
     created: str
     command: str
+    #: Its record's tail, as the manifest's ``tail`` (with the basis of its own tail code); None, and no such field,
+    #: for the format-version-1 record (top k and a two-anchor summary), which every group made before holds.
+    tail: dict | None = None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["teacher"] = teacher_dict(self.teacher)
+        if self.tail is None:
+            data.pop("tail")
         return data
 
     def content(self) -> dict:
@@ -81,7 +86,7 @@ class TeacherGroup:
             fields["teacher"] = _build(TeacherInfo, fields["teacher"], f"{where}.teacher")
         except KeyError:
             raise FormatError(f"{where}: missing field 'teacher'") from None
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in fields]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in fields and f.default is dataclasses.MISSING]
         if missing:
             raise FormatError(f"{where}: missing field {missing[0]!r}")
         group = _build(cls, fields, where)
@@ -112,13 +117,22 @@ class TeacherGroup:
             bad("compression", self.compression, "a codec per record array")
         if not isinstance(self.replay, dict) or self.replay.get("path") != manifest.replay.get("path"):
             bad("replay", self.replay, f"the cache's replay path {manifest.replay.get('path')!r}")
+        if self.tail is not None:
+            if not isinstance(self.tail, dict) or not isinstance(self.tail.get("betas"), list):
+                bad("tail", self.tail, "an object with a list of 'betas'")
+            self.records_manifest(manifest)._validate_tail(bad)  # the manifest's rules, on this teacher's k and classes
 
     def records_manifest(self, manifest: Manifest) -> Manifest:
         """The root's manifest as this teacher's records see it: its teacher, k, dtypes, compression (the plan and views
-        the root's), and a format-version-1 record (top k and a two-anchor tail summary) whatever the root's record is."""
-        tail = {"betas": [1.0, 0.25], "temperature_range": manifest.tail.get("temperature_range", [0.5, 10.0])}
-        return dataclasses.replace(manifest, teacher=self.teacher, k=self.k, batch_size=self.batch_size, tail=tail,
-                                   dtypes={**manifest.dtypes, **self.dtypes},
+        the root's), and its own record's ``tail`` (with its own basis), whatever the root's record is; a group
+        without one (every group made before groups kept their own) has the format-version-1 record (top k and a
+        two-anchor tail summary). Its ``format_version`` is the one its record needs, at least the root's."""
+        tail = self.tail
+        if tail is None:
+            tail = {"betas": [1.0, 0.25], "temperature_range": manifest.tail.get("temperature_range", [0.5, 10.0])}
+        version = max(manifest.format_version, record_format_version(tail)) if isinstance(tail, dict) else manifest.format_version
+        return dataclasses.replace(manifest, format_version=version, teacher=self.teacher, k=self.k, batch_size=self.batch_size,
+                                   tail=tail, dtypes={**manifest.dtypes, **self.dtypes},
                                    compression={**manifest.compression, **self.compression})
 
 
