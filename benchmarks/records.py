@@ -261,6 +261,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=1024, help="views evaluated per data set (after the calibration half)")
     parser.add_argument("--draws", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="fewer kinds, 256 views, 4 draws, synthetic C = 100 only")
+    parser.add_argument("--only", help="measure only the kinds whose name holds one of these comma-separated words")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -280,7 +281,9 @@ def main() -> None:
     for name, logits, features in data:
         if len(logits) < 2 * views:
             sys.exit(f"records: {name} has {len(logits)} views; --views {views} needs {2 * views} (half calibrate the code)")
-        rows += evaluate(name, logits, features, kinds(logits.shape[1], args.quick), draws, views)
+        chosen = [k for k in kinds(logits.shape[1], args.quick)
+                  if not args.only or any(word in k.name for word in args.only.split(","))]
+        rows += evaluate(name, logits, features, chosen, draws, views)
     for student in ("init", "fitted"):
         print(f"\nBatch weight-gradient error, student {student} ({views} views, rms over {draws} draws):\n")
         print(table(rows, student))

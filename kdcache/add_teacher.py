@@ -159,9 +159,9 @@ def _check_same_record(config: AddTeacherConfig, existing: TeacherGroup) -> None
     """A run that asks for a record (--tail-rank, --tail-samples) joins a group only where it has that record."""
     if not config.tail_asked:  # the record the group was made with, whatever the default is now
         return
-    made = {n: v for n, v in (existing.tail or {"betas": [1.0, 0.25]}).items() if n not in ("basis", "temperature_range")}
+    made = {n: v for n, v in (existing.tail or {"betas": [1.0, 0.25]}).items() if n not in ("basis", "temperature_range", "code_check")}
     asked = {n: v for n, v in (config.tail(existing.k, existing.teacher.num_classes) or {"betas": [1.0, 0.25]}).items()
-             if n not in ("basis", "temperature_range")}
+             if n not in ("basis", "temperature_range", "code_check")}
     found = first_difference("tail", made, asked)
     if found is not None:
         name, old, new = found

@@ -70,6 +70,7 @@ def _record_fields(manifest: Manifest) -> list[tuple[str, Any]]:
         ("teacher.name", manifest.teacher.name),
         ("seed", manifest.seed),
         ("k", manifest.k),
+        ("tail", manifest.tail),  # the record's spec, and the tail code's basis: codes on two bases cannot be mixed
         ("batch_size", manifest.batch_size),
         ("augmentation", manifest.augmentation),
         ("replay.path", manifest.replay.get("path")),

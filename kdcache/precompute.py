@@ -64,7 +64,7 @@ from kdcache.format import (
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.location import Location
 from kdcache.plan import check_block, dataset_info, plan_layout, read_block, scan_plan
-from kdcache.record import DEFAULT_TAIL, MIN_CODED_TAIL, V1_TAIL, TailSpec, encode_basis, fit_tail_basis, make_records, record_basis, \
+from kdcache.record import DEFAULT_TAIL, MIN_CODED_TAIL, V1_TAIL, TailSpec, code_check, encode_basis, fit_tail_basis, make_records, record_basis, \
     tail_spec_of, view_uniforms
 from kdcache.replay import EncodedImages, PendingViews, replay_fingerprint, replay_pending
 from kdcache.sources import Source, decode_sample, open_source
@@ -281,8 +281,13 @@ def calibrate_tail(config, source, teacher, manifest: Manifest, plan, device, lo
     if len(logits) <= spec.rank:
         raise ConfigError(f"--tail-rank {spec.rank} needs more than {spec.rank} views to fit its basis; the data has "
                           f"{len(logits)}: use a smaller --tail-rank (or 0)")
-    log(f"tail code: rank {spec.rank}, basis fitted on the teacher's logits of {len(logits)} view(s) of epoch 0")
-    tail = dict(manifest.tail, basis=encode_basis(fit_tail_basis(logits, spec.rank, spec.code_levels)))
+    basis = fit_tail_basis(logits, spec.rank, spec.code_levels)
+    check = code_check(logits, manifest.k, spec, basis)
+    shape = dict(zip(check["temperatures"], check["shape_tv_median"]))
+    log(f"tail code: rank {spec.rank}, basis fitted on the teacher's logits of {len(logits)} view(s) of epoch 0; "
+        f"the code's shape of their tail is off by {100 * shape[1.0]:.1f}% at T = 1 and {100 * shape[4.0]:.1f}% at T = 4 "
+        "(total variation, median)")
+    tail = dict(manifest.tail, basis=encode_basis(basis), code_check=check)
     return dataclasses.replace(manifest, tail=tail)
 
 

@@ -37,6 +37,7 @@ All functions here are pure tensor functions (no I/O, no global RNG).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -364,7 +365,7 @@ def code_shape_error(logits: torch.Tensor, record: "TeacherRecord", temperatures
 def code_check(logits: torch.Tensor, k: int, spec: TailSpec, basis: torch.Tensor) -> dict:
     """The manifest's ``tail.code_check`` for calibration ``logits``: :func:`code_shape_error` at
     :data:`CODE_CHECK_TEMPERATURES`, rounded to 4 decimals, and the number of views it is over."""
-    record = TeacherRecord.from_logits(logits, k, spec, basis=basis)
+    record = TeacherRecord.from_logits(logits, k, dataclasses.replace(spec, samples=0), basis=basis)  # the code alone
     return {"temperatures": list(CODE_CHECK_TEMPERATURES), "shape_tv_median": [round(e, 4) for e in code_shape_error(logits, record)],
             "views": len(logits)}
 

@@ -278,3 +278,24 @@ def test_subsets_that_leave_a_hole_merge_into_a_partial_cache(tmp_path, subsets)
     # A plain (partial) input makes the output plain too, even when the subsets alone would be epochs x units.
     merge(tmp_path / "mixed", subsets / "e0-u0", subsets / "e1-u0", tmp_path / "out")
     assert open_cache(tmp_path / "mixed").subset is None
+
+
+def test_caches_whose_tail_codes_have_other_bases_are_refused(tmp_path, make_config, helpers):
+    """Two jobs that each fitted their own basis (another machine moves its last bits) hold codes that cannot be mixed."""
+    import json
+
+    from kdcache.record import encode_basis, tail_basis_of
+
+    first = tmp_path / "first"
+    helpers.run_precompute(make_config(first, epochs=1, max_units=1, tail_rank=2))
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    attributes = json.loads((second / "zarr.json").read_text())
+    tail = attributes["attributes"]["kdcache"]["tail"]
+    assert tail["rank"] == 2
+    tail["basis"] = encode_basis(tail_basis_of(tail, 10) * 1.001)
+    (second / "zarr.json").write_text(json.dumps(attributes))
+    with pytest.raises(MismatchError, match=r"tail\.basis differs"):
+        merge(tmp_path / "merged", first, second)
+    assert not (tmp_path / "merged").exists()
+    assert merge(tmp_path / "same", first, first).units_copied  # the same basis merges
