@@ -18,7 +18,7 @@ students. Every step is one of the project's own commands, run as a resumable su
    from the same initial weights, so a difference between two of them is the record's;
 5. a table of final val top-1 (all 10,000 val triples, centre crops) per loss and record, the mean
    and std over seeds, each record's paired difference from ``full`` by seed, and the bytes per
-   view of each cache (all in: the records and the augmentation parameters; ``kdcache info``).
+   view of each cache (its record and parameter arrays, compressed, over its views).
 
 Full size, about 70 minutes on 2 CPU cores (after tuples.py's 15)::
 
@@ -68,10 +68,15 @@ def shard_list(out: Path, split: str, count: int | None) -> str:
 
 
 def bytes_per_view(cache: Path) -> float:
-    """``kdcache info``'s bytes per view of a cache (every file of it over its committed views)."""
+    """Bytes per committed view of a cache's record and parameter arrays (``values``, ``indices``, ``tail``,
+    ``params``): what grows with the views, and what training reads; the manifest, plan and ledger are left out
+    (a run's reads may add epoch indexes to the ledger)."""
     done = subprocess.run([sys.executable, "-m", "kdcache_cli.main", "info", str(cache), "--json"],
                           capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)["bytes_per_view"]
+    views = json.loads(done.stdout)["views_committed"]
+    size = sum(f.stat().st_size for array in ("values", "indices", "tail", "params") for f in (cache / array).rglob("*")
+               if f.is_file())
+    return size / views
 
 
 def main() -> None:

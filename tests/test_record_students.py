@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kdcache.record import DEFAULT_TAIL
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,8 @@ def test_record_students_trains_every_record_and_pairs_them_by_seed(tmp_path):
     # the caches hold what their options asked for
     manifests = {name: json.loads((tmp_path / "students" / f"cache-{name}" / "zarr.json").read_text())["attributes"]
                  for name in sizes}
-    assert manifests["top10-code"]["kdcache"]["tail"]["rank"] == 20
+    coded = manifests["top10-code"]["kdcache"]["tail"]
+    assert coded["rank"] == DEFAULT_TAIL.rank and coded["code_beta"] == DEFAULT_TAIL.code_beta and "code_check" in coded
     assert "rank" not in manifests["top10-bucket"]["kdcache"]["tail"]
     # a second run finds every step done and prints the same table
     assert run("--quick", "--out", str(tmp_path)).splitlines()[-12:] == out.splitlines()[-12:]
