@@ -20,10 +20,11 @@ students. Every step is one of the project's own commands, run as a resumable su
    and std over seeds, each record's paired difference from ``full`` by seed, and the bytes per
    view of each cache (its record and parameter arrays, compressed, over its views).
 
-Full size, about 70 minutes on 2 CPU cores (after tuples.py's 15)::
+Full size, about 45 minutes on an idle 2-core machine, 70 beside other work (after tuples.py's 25);
+``--epochs 8`` or ``--shards 10`` makes it about 90::
 
     python benchmarks/tuples.py all --out data/tuples
-    python benchmarks/record_students.py --out data/tuples
+    python benchmarks/record_students.py --out data/tuples --no-ce --records full,top10-bucket,top10-code
 
 CI size (digits triples, tiny sizes, one seed; a few minutes)::
 
