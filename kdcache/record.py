@@ -64,7 +64,8 @@ class TailSpec:
     ``betas``: the inverse temperatures where the tail summary stores L exactly; ``samples``:
     the tail classes drawn per view (0: none, the format-v1 record); ``proposal_beta`` and
     ``uniform_share``: the draw's inclusion probabilities (module docstring); ``rank``: the tail
-    code's coordinates per view, each a whole number in ``[-code_levels, code_levels]``, fitted by
+    code's coordinates per view, whole numbers in steps that put the calibration views' largest at
+    ``code_levels``, fitted by
     least squares over the tail classes weighted by ``(1 - code_floor) * softmax(code_beta * v)``
     plus ``code_floor`` spread evenly (:func:`tail_code`; ``code_beta`` 0: the plain projection of
     all C logits, as the first version-2 caches were written). Manifests hold it as ``tail``:
@@ -270,16 +271,15 @@ def view_uniforms(seed: int, epoch: int, sample_ids) -> np.ndarray:
                      for i in sample_ids], dtype=np.float64)
 
 
-
-
 def fit_tail_basis(logits: torch.Tensor, rank: int, levels: int = CODE_FIT_V2_0[0]) -> torch.Tensor:
     """The tail code's basis from a calibration set of teacher logits ``[N, C]``: float32 ``[rank + 1, C]``.
 
     Row 0 is the mean of the views' centred logits (each view less its own mean). Rows 1 to rank
     are their principal directions (float64 SVD on the CPU, each direction's largest entry made
     positive), each scaled by its step: the largest coordinate seen along it, divided by
-    ``levels``. A view's code is then its coordinates in steps, rounded to whole numbers in
-    ``[-levels, levels]`` (:func:`tail_code`), and the basis is a function of the logits alone.
+    ``levels``. A view's code is then its coordinates in steps, rounded to whole numbers (within
+    ``[-levels, levels]`` on the calibration views; :func:`tail_code`), and the basis is a function
+    of the logits alone.
     """
     centred = logits.double().cpu()
     centred = centred - centred.mean(-1, keepdim=True)
