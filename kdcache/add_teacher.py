@@ -46,7 +46,7 @@ from kdcache.format import (
 )
 from kdcache.format.claims import DEFAULT_LEASE
 from kdcache.format.group import read_group, group_dir
-from kdcache.format.manifest import first_difference, record_format_version, _short
+from kdcache.format.manifest import asked_tail, first_difference, record_format_version, _short
 from kdcache.location import Location
 from kdcache.plan import check_block, read_block
 from kdcache.precompute import (
@@ -159,10 +159,10 @@ def _check_same_record(config: AddTeacherConfig, existing: TeacherGroup) -> None
     """A run that asks for a record (--tail-rank, --tail-samples) joins a group only where it has that record."""
     if not config.tail_asked:  # the record the group was made with, whatever the default is now
         return
-    made = {n: v for n, v in (existing.tail or {"betas": [1.0, 0.25]}).items() if n not in ("basis", "temperature_range", "code_check")}
-    asked = {n: v for n, v in (config.tail(existing.k, existing.teacher.num_classes) or {"betas": [1.0, 0.25]}).items()
-             if n not in ("basis", "temperature_range", "code_check")}
-    found = first_difference("tail", made, asked)
+    def record(tail):  # the version-1 record (no tail of its own) takes its temperature range from the root
+        return {n: v for n, v in asked_tail(tail or {"betas": [1.0, 0.25]}).items() if n != "temperature_range"}
+
+    found = first_difference("tail", record(existing.tail), record(config.tail(existing.k, existing.teacher.num_classes)))
     if found is not None:
         name, old, new = found
         raise MismatchError(f"{config.cache}: the teacher records {config.name!r} were made with {name} {_short(old)}, "

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import ConfigError, MismatchError
-from kdcache.record import TeacherRecord
+from kdcache.record import TeacherRecord, tail_mask
 
 #: The ways a partial (top-k + tail) record enters a KL divergence.
 TAIL_MODES: tuple[str, ...] = ("estimated", "bucket", "uniform")
@@ -216,7 +216,7 @@ def estimated_kl(student_logits: torch.Tensor, record: TeacherRecord, *, teacher
     k = record.k
     target = torch.zeros_like(scaled)
     if baseline != "none":
-        in_tail = torch.ones_like(scaled, dtype=torch.bool).scatter(-1, record.indices.long(), False)
+        in_tail = tail_mask(record.indices.to(scaled.device), record.num_classes)
         tail_mass = (1.0 - p[:, :k].sum(-1, keepdim=True)).clamp_min(0.0)
         if baseline == "uniform":
             log_shape = torch.where(in_tail, -math.log(record.num_classes - k), float("-inf"))

@@ -271,6 +271,11 @@ def view_uniforms(seed: int, epoch: int, sample_ids) -> np.ndarray:
                      for i in sample_ids], dtype=np.float64)
 
 
+def tail_mask(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, C]`` bool: True at each view's classes outside ``indices`` ``[B, k]`` (its tail), on their device."""
+    return torch.ones(indices.shape[0], num_classes, dtype=torch.bool, device=indices.device).scatter(-1, indices.long(), False)
+
+
 def fit_tail_basis(logits: torch.Tensor, rank: int, levels: int = CODE_FIT_V2_0[0]) -> torch.Tensor:
     """The tail code's basis from a calibration set of teacher logits ``[N, C]``: float32 ``[rank + 1, C]``.
 
@@ -324,7 +329,7 @@ def tail_code(logits: torch.Tensor, basis: torch.Tensor, spec: TailSpec | None =
         return steps.round().clamp(-levels, levels)
     if top is None:
         raise ValueError("a weighted tail code needs the view's top-k indices")
-    in_tail = torch.ones_like(centred, dtype=torch.bool).scatter(-1, top.long(), False)
+    in_tail = tail_mask(top.to(centred.device), centred.shape[-1])
     n = in_tail.sum(-1, keepdim=True).double()
     soft = torch.softmax((spec.code_beta * logits.double()).masked_fill(~in_tail, float("-inf")), dim=-1)
     weights = ((1.0 - spec.code_floor) * soft + spec.code_floor / n) * in_tail
@@ -352,7 +357,7 @@ def code_shape_error(logits: torch.Tensor, record: "TeacherRecord", temperatures
     ``logits`` are the float32 logits the coded ``record`` was made from. 0 is a perfect shape, 1 a
     disjoint one; the target the loss reads is off by about the tail's mass times this.
     """
-    in_tail = torch.ones_like(logits, dtype=torch.bool).scatter(-1, record.indices.long().to(logits.device), False)
+    in_tail = tail_mask(record.indices.to(logits.device), logits.shape[-1])
     shape = record.shape_logits().to(logits.device)
     errors = []
     for t in temperatures:
@@ -431,7 +436,7 @@ def _draw_tail(rounded: torch.Tensor, top: torch.Tensor, spec: TailSpec, uniform
     n = num_classes - top.shape[-1]
     s = spec.samples
     offsets = rounded.float() - rounded.gather(-1, top[:, :1]).float()
-    in_tail = torch.ones_like(offsets, dtype=torch.bool).scatter(-1, top, False)
+    in_tail = tail_mask(top, num_classes)
     floor = spec.uniform_share * s / n
     scaled = (spec.proposal_beta * offsets).double()
     lo = torch.full((batch,), -200.0, dtype=torch.float64)
@@ -525,7 +530,7 @@ def coded_tail_log_mass(record: "TeacherRecord", beta) -> torch.Tensor:
     beta = torch.as_tensor(beta, dtype=torch.float32, device=values.device)
     if beta.dim() == 2:
         beta = beta.squeeze(-1)
-    top = torch.zeros_like(values[:, :1].expand(-1, record.num_classes), dtype=torch.bool).scatter(-1, record.indices.long(), True)
+    top = ~tail_mask(record.indices.to(values.device), record.num_classes)
     shape = record.shape_logits().masked_fill(top, float("-inf"))
     shape = (shape - shape.max(-1, keepdim=True).values).masked_fill(top, 0.0)  # known up to a shift per view
     outside = torch.zeros_like(shape).masked_fill(top, float("-inf"))  # added after the product: finite gradients in beta

@@ -362,6 +362,15 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+#: The ``tail`` fields a cache fits on its teacher's logits when it is made, not ones a run asks for.
+FITTED_TAIL_FIELDS = ("basis", "code_check")
+
+
+def asked_tail(tail: dict) -> dict:
+    """A ``tail`` less its :data:`FITTED_TAIL_FIELDS`: the record a run asks for, to compare with the one a cache holds."""
+    return {name: value for name, value in tail.items() if name not in FITTED_TAIL_FIELDS}
+
+
 def check_compatible(existing: Manifest, wanted: Manifest) -> None:
     """Refuse to resume/extend a cache with anything that changes its records; names the field."""
     pairs = [
@@ -371,8 +380,7 @@ def check_compatible(existing: Manifest, wanted: Manifest) -> None:
         ("dataset.digest", existing.dataset.digest, wanted.dataset.digest),
         ("seed", existing.seed, wanted.seed),
         ("k", existing.k, wanted.k),
-        ("tail", {n: v for n, v in existing.tail.items() if n not in ("basis", "code_check")},
-         {n: v for n, v in wanted.tail.items() if n not in ("basis", "code_check")}),
+        ("tail", asked_tail(existing.tail), asked_tail(wanted.tail)),
         ("batch_size", existing.batch_size, wanted.batch_size),
         ("augmentation", existing.augmentation, wanted.augmentation),
         ("blocks", dataclasses.asdict(existing.blocks), dataclasses.asdict(wanted.blocks)),
